@@ -1,0 +1,84 @@
+"""SimCLR model: a ResNet encoder f with a CIFAR stem, a projection head g, and the NT-Xent loss.
+
+The saved `state_dict` has the encoder under `f.*` (torchvision ResNet names, no `fc`) and the
+head under `g.*`; `SimCLR(...).load_state_dict(torch.load(path, weights_only=True))` restores it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+STEMS = ("cifar", "imagenet")
+
+
+def resnet_encoder(arch: str, stem: str = "cifar") -> tuple[torchvision.models.ResNet, int]:
+    """A randomly initialised torchvision ResNet without its classifier; returns (encoder, feature width)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if stem == "cifar":
+        # 32x32 inputs: a 7x7 stride-2 conv plus max-pool would throw away 15/16 of the pixels
+        # before the first block, which costs several points of accuracy on CIFAR.
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    width = net.fc.in_features
+    del net.fc  # no classifier: keeps `f.fc.*` out of the saved weights
+    return net, width
+
+
+class SimCLR(nn.Module):
+    """Encoder f and projection head g; forward(x) returns (h, z)."""
+
+    def __init__(self, arch: str = "resnet50", feature_dim: int = 128, proj_hidden_dim: int = 512,
+                 stem: str = "cifar", grad_checkpoint: bool = False):
+        super().__init__()
+        self.f, self.feature_width = resnet_encoder(arch, stem)
+        self.g = nn.Sequential(
+            nn.Linear(self.feature_width, proj_hidden_dim, bias=False),  # bias is redundant before BN
+            nn.BatchNorm1d(proj_hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(proj_hidden_dim, feature_dim, bias=True),
+        )
+        self.grad_checkpoint = grad_checkpoint
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder features h: (N, 3, S, S) -> (N, feature_width)."""
+        f = self.f
+        x = f.maxpool(f.relu(f.bn1(f.conv1(x))))
+        for stage in (f.layer1, f.layer2, f.layer3, f.layer4):
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                # recompute each stage in backward: activations of one stage at a time in memory
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return torch.flatten(f.avgpool(x), 1)  # (N, feature_width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, S, S) -> h (N, feature_width), z (N, feature_dim)."""
+        h = self.encode(x)
+        return h, self.g(h)
+
+
+def nt_xent(z: torch.Tensor, temperature: float, anchors: torch.Tensor | None = None) -> torch.Tensor:
+    """NT-Xent (SimCLR Eq. 1) for z: (2N, d) where rows i and i+N are two views of one image.
+
+    Rows are L2-normalised, logits = z z^T / temperature in fp32 with the self-similarity masked
+    out, and each anchor's target is its partner view; returns the cross-entropy averaged over
+    the anchor rows (every row by default; a subset when each process owns part of the batch).
+    """
+    z = F.normalize(z.float(), dim=1)
+    n2 = z.shape[0]
+    if n2 % 2:
+        raise ValueError(f"nt_xent needs an even number of rows (two views per image), got {n2}")
+    rows = torch.arange(n2, device=z.device) if anchors is None else anchors
+    logits = z[rows] @ z.T / temperature  # (A, 2N)
+    # a row's similarity with itself is always the largest; it is not a negative
+    logits[torch.arange(rows.numel(), device=z.device), rows] = float("-inf")
+    partner = (rows + n2 // 2) % n2
+    return F.cross_entropy(logits, partner)
