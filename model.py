@@ -65,6 +65,11 @@ class SimCLR(nn.Module):
         return h, self.g(h)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 unchanged (the loss is never computed in half precision)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def nt_xent(z: torch.Tensor, temperature: float, anchors: torch.Tensor | None = None) -> torch.Tensor:
     """NT-Xent (SimCLR Eq. 1) for z: (2N, d) where rows i and i+N are two views of one image.
 
@@ -72,7 +77,7 @@ def nt_xent(z: torch.Tensor, temperature: float, anchors: torch.Tensor | None = 
     out, and each anchor's target is its partner view; returns the cross-entropy averaged over
     the anchor rows (every row by default; a subset when each process owns part of the batch).
     """
-    z = F.normalize(z.float(), dim=1)
+    z = F.normalize(at_least_fp32(z), dim=1)
     n2 = z.shape[0]
     if n2 % 2:
         raise ValueError(f"nt_xent needs an even number of rows (two views per image), got {n2}")

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import random
-import tempfile
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -145,13 +145,17 @@ def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], images: tor
 
 # ----------------------------------------------------------------------------- atomic files
 
-def _atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write through `write` into a temp file beside `path`, fsync, then rename over `path`."""
+def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write through `write` into a temp file beside `path`, fsync, then rename over `path`.
+
+    Readers (and a run killed at any moment) see the old file or the new one, never half of one.
+    The temp name is unique and opened with 'xb' rather than mkstemp, which would force mode 0600.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -164,7 +168,7 @@ def _atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Replace `path` with `data`, all or nothing."""
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -174,7 +178,7 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_save(obj, path: str) -> None:
     """torch.save to `path`, all or nothing."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_save_json(obj, path: str) -> None:

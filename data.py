@@ -1,0 +1,482 @@
+"""Data sets for SimCLR: CIFAR-10/100 and STL-10 via torchvision, or any ImageFolder-style tree.
+
+Every loader returns uint8 (N, H, W, 3) CPU tensors already resized to the training size, so the
+augmentation code never has to decode or resize per step. Folder trees are decoded once into a
+.npy cache that is memory-mapped on later runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import urllib.error
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from utils import atomic_write
+
+DEFAULT_IMAGE_SIZE = {'cifar10': 32, 'cifar100': 32, 'stl10': 96, 'folder': 32}
+DATASETS = ('cifar10', 'cifar100', 'stl10', 'folder')
+
+# Per-channel statistics of the [0, 1]-scaled training images (population std over all pixels).
+# These are the widely used figures for the torchvision training sets (the CIFAR-10 mean agrees to
+# ~2e-4 with the JPEG copy in data/cifar10-jpg; JPEG smoothing makes that copy's std ~0.002 lower).
+_STATS = {
+    'cifar10': ((0.49139968, 0.48215841, 0.44653091), (0.24703223, 0.24348513, 0.26158784)),
+    'cifar100': ((0.50707516, 0.48654887, 0.44091784), (0.26733429, 0.25643846, 0.27615047)),
+    'stl10': ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+}
+
+# (display name, torchvision class name, archive, url); the class is looked up lazily so that
+# importing this module does not import torchvision.datasets.
+_TORCHVISION_SETS = {
+    'cifar10': ('CIFAR-10', 'CIFAR10', 'cifar-10-python.tar.gz',
+                'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'),
+    'cifar100': ('CIFAR-100', 'CIFAR100', 'cifar-100-python.tar.gz',
+                 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'),
+    'stl10': ('STL-10', 'STL10', 'stl10_binary.tar.gz',
+              'http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz'),
+}
+
+# torchvision's STL10 only sets .classes when class_names.txt exists.
+_STL10_CLASSES = ['airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship', 'truck']
+
+# Same extensions torchvision's ImageFolder accepts.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+_CACHE_VERSION = 1
+_CACHE_DIRNAME = '.simclr_cache'
+_DEFAULT_CACHE_BASE = os.path.join('~', '.cache', 'simclr-cifar')
+# Below this many files a worker pool costs more to start than it saves.
+_POOL_MIN_FILES = 2000
+
+
+class DataError(Exception):
+    """A problem the user must fix (missing files offline, bad folder layout): str(e) is ONE line saying what is wrong and what to do."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 (N, H, W, 3), CPU; may be backed by a read-only np.memmap
+    labels: torch.Tensor  # int64 (N,); -1 for unlabeled images
+
+    def __len__(self) -> int:
+        """Number of images N."""
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class DataBundle:
+    name: str                  # 'cifar10' | 'cifar100' | 'stl10' | 'folder'
+    train: ImageSet            # images for self-supervised training
+    memory: ImageSet           # labeled kNN memory bank
+    test: ImageSet
+    classes: list[str]
+    mean: tuple[float, float, float]   # per-channel, of images scaled to [0,1]
+    std: tuple[float, float, float]
+    image_size: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------
+
+def load_dataset(name: str, root: str, image_size: int | None = None, download: bool = True,
+                 cache_dir: str | None = None, log: Callable[[str], Any] = print) -> DataBundle:
+    """Load a data set as uint8 (N, S, S, 3) tensors with S = image_size (default per data set)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
+    size = DEFAULT_IMAGE_SIZE[name] if image_size is None else int(image_size)
+    if size <= 0:
+        raise DataError(f"image size must be a positive number of pixels, got {image_size}")
+    if name in ('cifar10', 'cifar100'):
+        return _load_cifar(name, root, size, download, log)
+    if name == 'stl10':
+        return _load_stl10(root, size, download, log)
+    return _load_folder(root, size, cache_dir, log)
+
+
+def folder_images(split_dir: str, image_size: int, cache_dir: str | None = None,
+                  log: Callable[[str], Any] = print) -> tuple[ImageSet, list[str]]:
+    """Decode (or reuse the cache of) split_dir/<class>/* into uint8 (N, S, S, 3) images and sorted class names."""
+    images, classes, _, _ = _folder_split(split_dir, image_size, cache_dir, log)
+    return images, classes
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision data sets
+# ----------------------------------------------------------------------------------------------
+
+def _shown(root: str) -> str:
+    """root as the user typed it, with one trailing slash, for messages."""
+    return root.rstrip('/\\') + '/'
+
+
+def _open_torchvision(name: str, root: str, download: bool, log: Callable[[str], Any], **kwargs: Any) -> Any:
+    """Construct the torchvision data set, turning missing-files/offline failures into a one-line DataError."""
+    import torchvision.datasets as tvd
+    from torchvision.datasets.utils import check_integrity
+
+    title, cls_name, archive, url = _TORCHVISION_SETS[name]
+    cls = getattr(tvd, cls_name)
+    archive_path = os.path.join(root, archive)
+    extracted = os.path.isdir(os.path.join(root, cls.base_folder))
+    if not download and not extracted and os.path.isfile(archive_path) and check_integrity(archive_path, cls.tgz_md5):
+        # A verified archive is already local: torchvision's download() then only extracts it
+        # (download_url returns early when the md5 matches), so no network is touched.
+        download = True
+    if download and not extracted:
+        what = f'extracting {archive}' if os.path.isfile(archive_path) else f'downloading {archive} from {url}'
+        log(f'{title} not found in {_shown(root)}: {what} ...')
+    try:
+        return cls(root, download=download, **kwargs)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:160]
+        how = f'could not be downloaded (no internet? {reason})' if download else 'downloading is off'
+        raise DataError(f'{title} is not in {_shown(root)} and {how}: put {archive} ({url}) '
+                        f'in {_shown(root)} and run again') from e
+
+
+def _resize_images(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """Bilinear, antialiased resize of uint8 (N, H, W, 3) to uint8 (N, size, size, 3), in chunks to bound memory."""
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    out = torch.empty((images.shape[0], size, size, 3), dtype=torch.uint8)
+    for start in range(0, images.shape[0], chunk):
+        x = images[start:start + chunk].permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+        out[start:start + chunk] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return out
+
+
+def _load_cifar(name: str, root: str, size: int, download: bool, log: Callable[[str], Any]) -> DataBundle:
+    """CIFAR-10/100 with memory = train (same object); images uint8 (N, size, size, 3)."""
+    train_ds = _open_torchvision(name, root, download, log, train=True)
+    # The first call downloaded/extracted if needed; the test split must now be on disk.
+    test_ds = _open_torchvision(name, root, False, log, train=False)
+
+    def to_set(ds: Any) -> ImageSet:
+        """torchvision's HWC view (N, 32, 32, 3) -> contiguous ImageSet."""
+        images = torch.from_numpy(np.ascontiguousarray(ds.data))
+        return ImageSet(_resize_images(images, size), torch.as_tensor(ds.targets, dtype=torch.int64))
+
+    train = to_set(train_ds)
+    mean, std = _STATS[name]
+    return DataBundle(name, train, train, to_set(test_ds), list(train_ds.classes), mean, std, size)
+
+
+def _chw_to_hwc(data: np.ndarray) -> torch.Tensor:
+    """(N, 3, H, W) uint8 array (any strides) -> contiguous uint8 (N, H, W, 3) tensor."""
+    # torch's permute+contiguous copy is multi-threaded, numpy's ascontiguousarray is not.
+    return torch.from_numpy(data).permute(0, 2, 3, 1).contiguous()
+
+
+def _load_stl10(root: str, size: int, download: bool, log: Callable[[str], Any]) -> DataBundle:
+    """STL-10: train = train+unlabeled (105,000), memory = the 5,000 labeled train images, test = 8,000."""
+    train_ds = _open_torchvision('stl10', root, download, log, split='train+unlabeled')
+    test_ds = _open_torchvision('stl10', root, False, log, split='test')
+    # torchvision concatenates (train, unlabeled) in that order, so the labeled images are the
+    # first n_labeled rows; train_y.bin holds one byte per labeled image.
+    n_labeled = os.path.getsize(os.path.join(root, train_ds.base_folder, 'train_y.bin'))
+    train_images = _resize_images(_chw_to_hwc(train_ds.data), size)
+    labels = torch.from_numpy(np.asarray(train_ds.labels, dtype=np.int64).copy())
+    # torchvision already uses -1 for unlabeled rows; force it anyway so nothing else can leak into kNN.
+    labels[n_labeled:] = -1
+    del train_ds  # drop torchvision's CHW copy (several GB for the full unlabeled split)
+    train = ImageSet(train_images, labels)
+    # Views, not copies: the memory bank shares storage with the first n_labeled training rows.
+    memory = ImageSet(train_images[:n_labeled], labels[:n_labeled])
+    test = ImageSet(_resize_images(_chw_to_hwc(test_ds.data), size),
+                    torch.from_numpy(np.asarray(test_ds.labels, dtype=np.int64).copy()))
+    classes = list(getattr(test_ds, 'classes', _STL10_CLASSES))
+    mean, std = _STATS['stl10']
+    return DataBundle('stl10', train, memory, test, classes, mean, std, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder data sets: scanning
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _Scan:
+    paths: list[str]          # absolute image paths, class-major, sorted
+    labels: np.ndarray        # int64 (len(paths),)
+    not_images: list[str]     # files in class folders without an image extension (relative paths)
+    fingerprint: str          # hash of (relative path, size, mtime) of every file seen
+
+
+def _list_classes(split_dir: str) -> list[str]:
+    """Sorted class folder names directly under split_dir (hidden folders such as .ipynb_checkpoints skipped)."""
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.'))
+
+
+def _scan_split(split_dir: str, classes: list[str]) -> _Scan:
+    """List every file under split_dir/<class>/ (recursively) and fingerprint them; DataError on an image-less class."""
+    paths: list[str] = []
+    labels: list[int] = []
+    not_images: list[str] = []
+    digest = hashlib.sha256()
+    split_name = os.path.basename(os.path.normpath(split_dir))
+    prefix_len = len(os.path.join(split_dir, ''))  # os.path.relpath is slow over 50k files
+    for index, cls in enumerate(classes):
+        class_dir = os.path.join(split_dir, cls)
+        n_files = n_images = 0
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+            for fname in sorted(f for f in filenames if not f.startswith('.')):
+                full = os.path.join(dirpath, fname)
+                rel = full[prefix_len:]
+                st = os.stat(full)
+                digest.update(f'{rel}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+                n_files += 1
+                if fname.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(full)
+                    labels.append(index)
+                    n_images += 1
+                else:
+                    not_images.append(rel)
+        if n_files == 0:
+            raise DataError(f'class folder {split_name}/{cls} in {split_dir} is empty: add images or remove the folder')
+        if n_images == 0:
+            raise DataError(f'class folder {split_name}/{cls} in {split_dir} has no image files '
+                            f'({", ".join(IMAGE_EXTENSIONS)}): add images or remove the folder')
+    return _Scan(paths, np.asarray(labels, dtype=np.int64), not_images, digest.hexdigest())
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder data sets: decoding
+# ----------------------------------------------------------------------------------------------
+
+def _decode_image(path: str, size: int) -> np.ndarray:
+    """Decode one image file to RGB, shorter side resized to size, centre-cropped: uint8 (size, size, 3)."""
+    with Image.open(path) as img:
+        # JPEG only: lets libjpeg shrink by 1/2, 1/4 or 1/8 during decoding while staying >= size,
+        # which is far faster than decoding large photos at full resolution.
+        img.draft('RGB', (size, size))
+        rgb = img.convert('RGB')
+    w, h = rgb.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        # Pillow's BILINEAR widens its filter when shrinking, i.e. it is antialiased.
+        rgb = rgb.resize((nw, nh), Image.BILINEAR)
+        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+        rgb = rgb.crop((left, top, left + size, top + size))
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _decode_chunk(task: tuple[list[str], int]) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode a list of paths: (uint8 (n_ok, S, S, 3) in input order, [(index in chunk, reason)] of failures)."""
+    paths, size = task
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    failed: list[tuple[int, str]] = []
+    n_ok = 0
+    for i, path in enumerate(paths):
+        try:
+            out[n_ok] = _decode_image(path, size)
+            n_ok += 1
+        except Exception as e:  # any decoder failure just means "skip this file"
+            failed.append((i, ' '.join(f'{type(e).__name__}: {e}'.split())[:120]))
+    return out[:n_ok], failed
+
+
+def _n_workers() -> int:
+    """CPU cores this process may use (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _decode_all(paths: list[str], size: int) -> Iterator[tuple[np.ndarray, list[tuple[int, str]]]]:
+    """Yield _decode_chunk results in order over consecutive chunks of paths, in parallel when worthwhile."""
+    workers = min(_n_workers(), 16)
+    # Chunks of at most ~4 MB of pixels keep results cheap to ship back and bound memory; at least
+    # ~4 chunks per worker keep the workers evenly loaded.
+    chunk = max(1, min(512, (4 << 20) // (size * size * 3), -(-len(paths) // (4 * workers))))
+    tasks = [(paths[i:i + chunk], size) for i in range(0, len(paths), chunk)]
+    workers = min(workers, len(tasks))
+    if workers <= 1 or len(paths) < _POOL_MIN_FILES:
+        yield from map(_decode_chunk, tasks)
+        return
+    # fork avoids re-importing torch in every worker; workers only run PIL/numpy, which is fork-safe.
+    use_fork = sys.platform.startswith('linux') and 'fork' in multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context('fork' if use_fork else None)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(_decode_chunk, tasks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder data sets: cache
+# ----------------------------------------------------------------------------------------------
+
+def _dir_writable(path: str) -> bool:
+    """True when path exists or can be created and a file can be written in it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def _cache_candidates(split_dir: str, cache_dir: str | None) -> list[str]:
+    """Cache directories to look in, preferred first: cache_dir alone, else root/.simclr_cache then the home cache."""
+    if cache_dir is not None:
+        return [os.path.abspath(os.path.expanduser(cache_dir))]
+    root = os.path.dirname(os.path.abspath(split_dir))
+    home = os.path.join(os.path.expanduser(_DEFAULT_CACHE_BASE), hashlib.sha256(root.encode()).hexdigest()[:16])
+    return [os.path.join(root, _CACHE_DIRNAME), home]
+
+
+def _manifest_path(directory: str, stem: str) -> str:
+    """Path of the JSON manifest for one split at one size."""
+    return os.path.join(directory, stem + '.json')
+
+
+def _read_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Scan,
+                classes: list[str]) -> tuple[ImageSet, dict] | None:
+    """Load a valid cache (images memory-mapped, uint8 (N, S, S, 3)) or None if absent/stale/broken."""
+    try:
+        with open(_manifest_path(directory, stem)) as f:
+            man = json.load(f)
+        if (man.get('version') != _CACHE_VERSION or man.get('image_size') != size
+                or man.get('fingerprint') != scan.fingerprint or man.get('classes') != classes
+                or man.get('split_dir') != os.path.abspath(split_dir)):
+            return None
+        count = int(man['count'])
+        # mode='c' (copy-on-write) gives a writable array, so torch.from_numpy does not warn;
+        # nothing is ever written back to the file.
+        images = np.load(os.path.join(directory, man['images']), mmap_mode='c')
+        labels = np.load(os.path.join(directory, man['labels']))
+        if images.shape[0] < count or images.shape[1:] != (size, size, 3) or labels.shape != (count,):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # The image file may have a few unused rows at the end (files that failed to decode).
+    return ImageSet(torch.from_numpy(images[:count]), torch.from_numpy(labels.astype(np.int64))), man
+
+
+def _build_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Scan, classes: list[str],
+                 log: Callable[[str], Any]) -> dict:
+    """Decode every image of scan into directory/<stem>-<token>.npy (+ labels, manifest); return the manifest."""
+    token = uuid.uuid4().hex[:12]
+    images_name, labels_name = f'{stem}-{token}.npy', f'{stem}-{token}-labels.npy'
+    images_path = os.path.join(directory, images_name)
+    n = len(scan.paths)
+    tmp = os.path.join(directory, f'.tmp-{images_name}')
+    keep = np.ones(n, dtype=bool)
+    skipped = [f'{rel} (not an image file)' for rel in scan.not_images]
+    # Exact integer sums (255**2 fits uint16), converted to float64 at the end.
+    s1 = np.zeros(3, dtype=np.int64)
+    s2 = np.zeros(3, dtype=np.int64)
+    try:
+        # Rows are filled in order; failed files only shift later rows up, so n rows always suffice.
+        out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(n, size, size, 3))
+        start = cursor = 0
+        for chunk_images, failed in _decode_all(scan.paths, size):
+            k = len(chunk_images)
+            out[cursor:cursor + k] = chunk_images
+            flat = chunk_images.reshape(-1, 3)
+            s1 += flat.sum(axis=0, dtype=np.int64)
+            s2 += (flat.astype(np.uint16) ** 2).sum(axis=0, dtype=np.int64)
+            for i, reason in failed:
+                keep[start + i] = False
+                skipped.append(f'{os.path.relpath(scan.paths[start + i], split_dir)} ({reason})')
+            start += k + len(failed)
+            cursor += k
+        out.flush()
+        del out
+        os.replace(tmp, images_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    for line in skipped:
+        log(f'skipped {os.path.join(split_dir, line)}')
+    if cursor == 0:
+        raise DataError(f'no readable images in {split_dir}: every file failed to decode (see the lines above)')
+    labels = scan.labels[keep]
+    atomic_write(os.path.join(directory, labels_name), lambda f: np.save(f, labels))
+    pixels = cursor * size * size
+    mean = s1 / (pixels * 255.0)
+    std = np.sqrt(np.maximum(s2 / (pixels * 255.0 ** 2) - mean ** 2, 0.0))
+    man = {'version': _CACHE_VERSION, 'split_dir': os.path.abspath(split_dir), 'image_size': size,
+           'fingerprint': scan.fingerprint, 'classes': classes, 'count': int(cursor),
+           'images': images_name, 'labels': labels_name, 'mean': mean.tolist(), 'std': std.tolist(),
+           'skipped': skipped}
+    # The manifest is written last: until it is replaced, readers see the previous complete cache.
+    atomic_write(_manifest_path(directory, stem), lambda f: f.write(json.dumps(man, indent=1).encode()))
+    for name in os.listdir(directory):  # drop files of earlier builds of this split/size
+        if name.startswith(stem + '-') and name.endswith('.npy') and name not in (images_name, labels_name):
+            try:
+                os.remove(os.path.join(directory, name))
+            except OSError:
+                pass
+    return man
+
+
+def _folder_split(split_dir: str, size: int, cache_dir: str | None,
+                  log: Callable[[str], Any]) -> tuple[ImageSet, list[str], tuple[float, ...], tuple[float, ...]]:
+    """One split of a folder data set: (images uint8 (N, S, S, 3), classes, mean (3,), std (3,)), via the cache."""
+    if not os.path.isdir(split_dir):
+        raise DataError(f'{split_dir} is not a folder: expected {split_dir}/<class>/<images>')
+    classes = _list_classes(split_dir)
+    if not classes:
+        raise DataError(f'{split_dir} has no class folders: expected {split_dir}/<class>/<images>')
+    scan = _scan_split(split_dir, classes)
+    split_name = os.path.basename(os.path.normpath(split_dir))
+    stem = f'{split_name}-{size}px'
+    candidates = _cache_candidates(split_dir, cache_dir)
+    for directory in candidates:
+        found = _read_cache(directory, stem, split_dir, size, scan, classes)
+        if found is not None:
+            images, man = found
+            note = f', {len(man["skipped"])} files were skipped' if man['skipped'] else ''
+            log(f'using cached {split_dir} ({len(images)} images, {size}x{size}{note}) from {directory}')
+            return images, classes, tuple(man['mean']), tuple(man['std'])
+    directory = next((d for d in candidates if _dir_writable(d)), None)
+    if directory is None:
+        raise DataError(f'cannot write an image cache for {split_dir} in {" or ".join(candidates)}: '
+                        f'pass a writable cache_dir')
+    os.makedirs(directory, exist_ok=True)
+    log(f'decoding {len(scan.paths)} images of {split_dir} into cache {directory} ...')
+    man = _build_cache(directory, stem, split_dir, size, scan, classes, log)
+    found = _read_cache(directory, stem, split_dir, size, scan, classes)
+    if found is None:  # only if the folder changed while we were decoding it
+        raise DataError(f'{split_dir} changed while its cache was being built: run again')
+    return found[0], classes, tuple(man['mean']), tuple(man['std'])
+
+
+def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str], Any]) -> DataBundle:
+    """ImageFolder-style root/{train,test}/<class>/*; memory = train (same object), mean/std from train."""
+    if not os.path.isdir(root):
+        raise DataError(f'data folder {root} does not exist: create {_shown(root)}train/<class>/*.jpg '
+                        f'and {_shown(root)}test/<class>/*.jpg or pass the right path')
+    split_dirs = {s: os.path.join(root, s) for s in ('train', 'test')}
+    missing = [s + '/' for s, d in split_dirs.items() if not os.path.isdir(d)]
+    if missing:
+        raise DataError(f'{_shown(root)} has no {" or ".join(missing)} folder: expected '
+                        f'{_shown(root)}train/<class>/* and {_shown(root)}test/<class>/*')
+    train_classes, test_classes = (_list_classes(d) for d in split_dirs.values())
+    if train_classes != test_classes:
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
+        raise DataError(f'class folders differ between {_shown(root)}train/ and test/: '
+                        f'only in train: {", ".join(only_train) or "-"}; only in test: {", ".join(only_test) or "-"}; '
+                        f'make both hold the same class folders')
+    train, classes, mean, std = _folder_split(split_dirs['train'], size, cache_dir, log)
+    test, _, _, _ = _folder_split(split_dirs['test'], size, cache_dir, log)
+    as3 = lambda v: (float(v[0]), float(v[1]), float(v[2]))  # noqa: E731
+    return DataBundle('folder', train, train, test, classes, as3(mean), as3(std), size)

@@ -1,0 +1,152 @@
+"""Several processes (torchrun): process group set-up, global BatchNorm, gathered loss and features.
+
+Everything here is a no-op in a single process, so the training code has one path.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch import nn
+
+from model import at_least_fp32, nt_xent
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place: rank among world_size processes, local_rank on its machine."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_world(device_name: str) -> World:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and not device_name.startswith("cpu")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return World(rank, world_size, local_rank)
+
+
+def close_world(world: World) -> None:
+    """Leave the process group (if any)."""
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are taken over the batches of all processes.
+
+    Used on CPUs, where torch's SyncBatchNorm does not run. Sums and sums of squares are
+    all-reduced with a differentiable collective, so gradients flow across processes exactly as
+    through one BatchNorm over the global batch. Same parameters and buffers as BatchNorm.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-d input, got {x.dim()}-d")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        dims = [d for d in range(x.dim()) if d != 1]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = at_least_fp32(x)
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=xf.dtype)
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])        # (2C+1,)
+        stats = dist_nn.all_reduce(stats)
+        channels = x.shape[1]
+        n = stats[-1]
+        mean = stats[:channels] / n
+        var = (stats[channels:2 * channels] / n - mean * mean).clamp_min(0)   # biased, for normalising
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Make every BatchNorm compute global-batch statistics: SyncBatchNorm on GPUs, GlobalBatchNorm on CPUs."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            like = child.running_mean if child.running_mean is not None else child.weight
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats, device=like.device, dtype=like.dtype)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            convert_batchnorm(child, device)
+    return module
+
+
+def global_nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent of this process's z: (2b, d) = [view 1; view 2] against the whole global batch.
+
+    The projections of every process are gathered with a gradient-carrying all-gather, laid out
+    as [view 1 of all; view 2 of all] (the single-process layout), and the loss is averaged over
+    this process's own 2b anchors. DDP's gradient averaging over processes then gives exactly
+    the gradient of the single-process loss over the global batch.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return nt_xent(z, temperature)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    b = z.shape[0] // 2
+    parts = dist_nn.all_gather(z.contiguous())                                 # world x (2b, d)
+    z_all = torch.cat([p[:b] for p in parts] + [p[b:] for p in parts])        # (2bW, d)
+    mine = torch.arange(rank * b, (rank + 1) * b, device=z.device)
+    anchors = torch.cat([mine, mine + b * world])
+    return nt_xent(z_all, temperature, anchors)
+
+
+def shard(n: int, world: World) -> slice:
+    """This process's contiguous share of n items (ceil(n / world) each, the last may be short)."""
+    per = -(-n // world.world_size)
+    return slice(min(n, world.rank * per), min(n, (world.rank + 1) * per))
+
+
+def gather_rows(x: torch.Tensor, n: int, world: World) -> torch.Tensor:
+    """Reassemble the shards of an (n, d) tensor split with `shard`, on every process."""
+    if not world.distributed:
+        return x
+    per = -(-n // world.world_size)
+    padded = torch.zeros(per, *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in range(world.world_size)]
+    dist.all_gather(out, padded)
+    return torch.cat(out)[:n]
+
+
+def all_agree(flag: bool, world: World, device: torch.device) -> bool:
+    """True on every process when `flag` is true on any one (used for stop requests)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)

@@ -1,0 +1,723 @@
+"""Train SimCLR on CIFAR-scale images, with a weighted kNN evaluation after every epoch.
+
+    python main.py --batch_size 1024 --epochs 500                 # the seed's run: CIFAR-10, ResNet-50
+    python main.py --recipe paper                                  # LARS, warm-up + cosine (paper, B.9)
+    python main.py --dataset folder --data_root data/cifar10-jpg --arch resnet18 --epochs 5
+    python main.py --resume auto ...                               # continue a stopped run
+    torchrun --nproc_per_node=4 main.py --batch_size 4096          # several GPUs, global batch 4096
+
+Writes results/NAME_statistics.csv, NAME_model.pth (best kNN top-1), NAME_last.pth (resume
+checkpoint), NAME_config.json and NAME_curves.png; see README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from augment import AugmentConfig, normalize, pil_transform, two_views
+from data import DATASETS, DEFAULT_IMAGE_SIZE, DataBundle, DataError, ImageSet, load_dataset
+from distributed import (World, all_agree, close_world, convert_batchnorm, gather_rows, global_nt_xent,
+                         init_world, shard)
+from model import ARCHS, STEMS, SimCLR, at_least_fp32
+from optim import LR_SCALINGS, OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, scaled_lr, set_lr
+from utils import (Runtime, UserError, atomic_save, atomic_save_json, atomic_write_csv, extract_features,
+                   knn_accuracy, mix_seed, resolve_device, seed_everything)
+
+CSV_COLUMNS = ("epoch", "train_loss", "test_acc@1", "test_acc@5", "lr", "epoch_seconds",
+               "train_images_per_second", "knn_seconds")
+
+# The seed's defaults; every departure is a flag.
+DEFAULTS = dict(
+    arch="resnet50", stem="cifar", feature_dim=128, proj_hidden_dim=512, temperature=0.5,
+    k=200, knn_temperature=None, knn_every=1, batch_size=1024, epochs=500,
+    optimizer="adam", lr=1e-3, weight_decay=1e-6, momentum=0.9, lr_scaling="none", warmup_epochs=0,
+    schedule="constant", jitter_strength=0.5, blur=False, min_crop_scale=0.08,
+    dataset="cifar10", data_root="data", image_size=None, cache_dir=None, train_subset=None,
+    seed=0, device="auto", workers=min(8, os.cpu_count() or 1), results_dir="results", name=None,
+    aug_backend="tensor", precision="auto", channels_last=True, compile=False, grad_checkpoint=False,
+    eval_batch_size=1024, recipe="seed", resume=None,
+)
+
+# Named presets: applied over DEFAULTS, under flags given explicitly.
+RECIPES = {
+    "seed": {},
+    # SimCLR paper, appendix B.9 (CIFAR-10): LARS, lr 1.0 x batch/256, 10 warm-up epochs, cosine
+    "paper": dict(optimizer="lars", lr=1.0, lr_scaling="linear", weight_decay=1e-6, warmup_epochs=10,
+                  schedule="cosine", temperature=0.5, jitter_strength=0.5, blur=False, proj_hidden_dim=2048),
+}
+
+# Flags that define what a run computes: a resumed run must keep them.
+RUN_KEYS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "temperature", "batch_size", "optimizer", "lr",
+            "weight_decay", "momentum", "lr_scaling", "warmup_epochs", "schedule", "jitter_strength", "blur",
+            "min_crop_scale", "dataset", "image_size", "train_subset", "seed", "aug_backend")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every resolved flag of a run (see build_parser for their meaning)."""
+    arch: str
+    stem: str
+    feature_dim: int
+    proj_hidden_dim: int
+    temperature: float
+    k: int
+    knn_temperature: float | None
+    knn_every: int
+    batch_size: int
+    epochs: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    momentum: float
+    lr_scaling: str
+    warmup_epochs: int
+    schedule: str
+    jitter_strength: float
+    blur: bool
+    min_crop_scale: float
+    dataset: str
+    data_root: str
+    image_size: int | None
+    cache_dir: str | None
+    train_subset: int | None
+    seed: int
+    device: str
+    workers: int
+    results_dir: str
+    name: str | None
+    aug_backend: str
+    precision: str
+    channels_last: bool
+    compile: bool
+    grad_checkpoint: bool
+    eval_batch_size: int
+    recipe: str
+    resume: str | None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (not usage + error) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All flags; defaults are applied later (so that explicit flags can be told apart)."""
+    p = OneLineParser(description="SimCLR on CIFAR-scale images with weighted kNN evaluation.",
+                      argument_default=argparse.SUPPRESS,
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="Files: results/NAME_statistics.csv, NAME_model.pth, NAME_last.pth, "
+                             "NAME_config.json, NAME_curves.png (see README.md).")
+    d = DEFAULTS
+
+    g = p.add_argument_group("model and loss")
+    add_g = lambda flag, help, **kw: (g.add_argument(flag, help=f"{help} (default: {d[flag.lstrip('-')]})", **kw))
+    add_g("--arch", "encoder", choices=ARCHS)
+    add_g("--stem", "first layer: cifar (3x3 conv, no max-pool) or imagenet (7x7/2 conv + max-pool)", choices=STEMS)
+    add_g("--feature_dim", "projection output size", type=int)
+    add_g("--proj_hidden_dim", "projection head hidden width", type=int)
+    add_g("--temperature", "NT-Xent temperature", type=float)
+    add_g("--grad_checkpoint", "recompute encoder activations in backward: less memory, ~30%% slower",
+          action=argparse.BooleanOptionalAction)
+
+    g = p.add_argument_group("evaluation")
+    add_g("--k", "neighbours in the weighted kNN", type=int)
+    add_g("--knn_temperature", "kNN vote weight exp(sim / t); None means --temperature", type=float)
+    add_g("--knn_every", "evaluate every N epochs (and always after the last)", type=int)
+    add_g("--eval_batch_size", "batch size for feature extraction", type=int)
+
+    g = p.add_argument_group("optimisation")
+    add_g("--recipe", "preset: seed (Adam 1e-3, constant) or paper (LARS, lr 1.0 x B/256, 10 warm-up "
+          "epochs, cosine, head 2048); explicit flags override it", choices=tuple(RECIPES))
+    add_g("--batch_size", "images per step (global over all processes); two views each", type=int)
+    add_g("--epochs", "training epochs", type=int)
+    add_g("--optimizer", "optimizer", choices=OPTIMIZERS)
+    add_g("--lr", "learning rate before --lr_scaling", type=float)
+    add_g("--lr_scaling", "linear: lr x batch/256; sqrt: lr x sqrt(batch/256)", choices=LR_SCALINGS)
+    add_g("--weight_decay", "weight decay (LARS: not on biases and BatchNorm)", type=float)
+    add_g("--momentum", "momentum for sgd and lars", type=float)
+    add_g("--warmup_epochs", "linear warm-up epochs", type=int)
+    add_g("--schedule", "after warm-up: constant or cosine (stepped every batch)", choices=SCHEDULES)
+
+    g = p.add_argument_group("augmentation")
+    add_g("--jitter_strength", "colour jitter strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)", type=float)
+    add_g("--blur", "Gaussian blur with p=0.5 (kernel ~10%% of the image, sigma 0.1-2)",
+          action=argparse.BooleanOptionalAction)
+    add_g("--min_crop_scale", "smallest crop area fraction of RandomResizedCrop", type=float)
+    add_g("--aug_backend", "tensor: batched on the run's device; pil: torchvision per image in "
+          "DataLoader workers (the seed's way, the reference)", choices=("tensor", "pil"))
+
+    g = p.add_argument_group("data")
+    add_g("--dataset", "data set; folder reads DATA_ROOT/train/<class>/* and DATA_ROOT/test/<class>/*",
+          choices=DATASETS)
+    add_g("--data_root", "where the data set is (downloaded to, for torchvision sets)")
+    add_g("--image_size", "image side; None means the data set's (32; stl10: 96)", type=int)
+    add_g("--cache_dir", "folder data: where to keep the decoded-image cache when DATA_ROOT is read-only")
+    add_g("--train_subset", "train on a fixed random subset of N training images (quick runs)", type=int)
+    add_g("--workers", "DataLoader workers (pil backend, and folder decoding)", type=int)
+
+    g = p.add_argument_group("speed")
+    add_g("--device", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    add_g("--precision", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32; loss and kNN stay fp32",
+          choices=("auto", "bf16", "fp16", "fp32"))
+    add_g("--channels_last", "channels-last memory format for the network", action=argparse.BooleanOptionalAction)
+    add_g("--compile", "torch.compile the model (first steps are slow while it compiles)",
+          action=argparse.BooleanOptionalAction)
+
+    g = p.add_argument_group("run")
+    add_g("--seed", "seed of everything random", type=int)
+    add_g("--results_dir", "where results files go")
+    add_g("--name", "run name; None means DATASET_ARCH_FEATUREDIM_TEMPERATURE_K_BATCH_EPOCHS")
+    add_g("--resume", "continue from a NAME_last.pth checkpoint, or 'auto' for this run name's")
+    return p
+
+
+def default_name(values: dict) -> str:
+    """The seed's naming: data set, arch and the five seed flags in the seed's order."""
+    return "{dataset}_{arch}_{feature_dim}_{temperature:g}_{k}_{batch_size}_{epochs}".format(**values)
+
+
+def resolve_values(explicit: dict) -> dict:
+    """DEFAULTS, then the recipe's values, then the explicit flags."""
+    recipe = explicit.get("recipe", DEFAULTS["recipe"])
+    values = {**DEFAULTS, **RECIPES[recipe], **explicit}
+    if values["name"] is None:
+        values["name"] = default_name(values)
+    return values
+
+
+def validate(cfg: Config, world: World) -> None:
+    """Reject flag values that cannot run, with one line that says what to do."""
+    positive = ("batch_size", "epochs", "k", "temperature", "feature_dim", "lr", "knn_every", "proj_hidden_dim",
+                "eval_batch_size")
+    for key in positive:
+        if not getattr(cfg, key) > 0:
+            raise UserError(f"--{key} must be positive, got {getattr(cfg, key)}")
+    for key in ("image_size", "knn_temperature", "train_subset"):
+        value = getattr(cfg, key)
+        if value is not None and not value > 0:
+            raise UserError(f"--{key} must be positive, got {value}")
+    for key in ("weight_decay", "warmup_epochs", "jitter_strength", "workers", "momentum"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"--{key} must not be negative, got {getattr(cfg, key)}")
+    if not all(math.isfinite(getattr(cfg, key)) for key in ("lr", "temperature", "weight_decay")):
+        raise UserError("--lr, --temperature and --weight_decay must be finite numbers")
+    if not 0 < cfg.min_crop_scale <= 1:
+        raise UserError(f"--min_crop_scale must be in (0, 1], got {cfg.min_crop_scale}")
+    if cfg.warmup_epochs > cfg.epochs:
+        raise UserError(f"--warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}")
+    if cfg.image_size is not None and cfg.image_size < 8:
+        raise UserError(f"--image_size {cfg.image_size} is too small for a ResNet; use 8 or more")
+    if not cfg.name or os.sep in cfg.name or cfg.name.startswith("."):
+        raise UserError(f"--name {cfg.name!r} must be a plain file name (no '/', not starting with '.')")
+    if cfg.batch_size % world.world_size:
+        raise UserError(f"--batch_size {cfg.batch_size} (the global batch) must divide by the {world.world_size} "
+                        f"processes; use a multiple of {world.world_size}")
+
+
+def validate_data(cfg: Config, bundle: DataBundle) -> None:
+    """Checks that need the data: batch and k against the number of images."""
+    n_train, n_bank = len(bundle.train.labels), len(bundle.memory.labels)
+    if cfg.batch_size > n_train:
+        raise UserError(f"--batch_size {cfg.batch_size} is larger than the {n_train} training images; "
+                        f"use --batch_size {n_train} or less")
+    if cfg.k > n_bank:
+        raise UserError(f"--k {cfg.k} is larger than the {n_bank} images of the kNN bank; use --k {n_bank} or less")
+    if len(bundle.test.labels) == 0:
+        raise UserError(f"the test split of {cfg.data_root} has no images")
+
+
+# ----------------------------------------------------------------------------- resume
+
+def load_checkpoint(path: str) -> dict:
+    """A NAME_last.pth checkpoint, loaded without running code (weights_only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--resume {path}: no such file") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--resume {path} is not a readable checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "config", "epoch"} <= set(ckpt):
+        raise UserError(f"--resume {path} is not a NAME_last.pth training checkpoint of this project")
+    return ckpt
+
+
+def merge_resume(explicit: dict, saved: dict) -> tuple[dict, list[str]]:
+    """Flags for a resumed run: the saved ones, then explicit flags; error on run-altering changes."""
+    values = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
+    changed = [k for k in explicit if k in RUN_KEYS and explicit[k] != saved.get(k)]
+    if changed:
+        what = ", ".join(f"--{k} {saved.get(k)} -> {explicit[k]}" for k in changed)
+        raise UserError(f"cannot resume with changed flags that alter the run ({what}); "
+                        f"drop them, or start a new run with another --name")
+    notes = [f"--{k} {saved.get(k)} -> {v}" for k, v in explicit.items()
+             if k not in ("resume",) and k in saved and saved.get(k) != v]
+    values.update(explicit)
+    return values, notes
+
+
+# ----------------------------------------------------------------------------- data
+
+class PilViews(torch.utils.data.Dataset):
+    """The classic path: two torchvision PIL-transformed views per image, in DataLoader workers.
+
+    Each image's random stream is seeded from (run seed, epoch, index), so the views do not
+    depend on the number of workers and a resumed epoch sees the same views.
+    """
+
+    def __init__(self, images: torch.Tensor, aug: AugmentConfig, seed: int, epoch: int):
+        self.images, self.transform, self.seed, self.epoch = images, pil_transform(aug), seed, epoch
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+        image = Image.fromarray(self.images[index].numpy())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, self.epoch, index))
+            return self.transform(image), self.transform(image)
+
+
+def subset(images: ImageSet, n: int | None, seed: int) -> ImageSet:
+    """A fixed random subset of n images (all when n is None or not smaller)."""
+    if n is None or n >= len(images.labels):
+        return images
+    keep = torch.randperm(len(images.labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return ImageSet(images.images[keep], images.labels[keep])
+
+
+# ----------------------------------------------------------------------------- training
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one interrupts."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, views: torch.Tensor, temperature: float,
+               runtime: Runtime, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """One optimizer step on views (2b, 3, S, S) = [view 1; view 2]; returns the detached loss (no sync)."""
+    with runtime.autocast():
+        _, z = net(runtime.prepare(views))                        # z: (2b, feature_dim)
+    loss = global_nt_xent(at_least_fp32(z), temperature)          # fp32, over the global batch
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+def evaluate(model: SimCLR, encode, bundle: DataBundle, cfg: Config, runtime: Runtime, world: World,
+             knn_temperature: float) -> tuple[float, float]:
+    """Weighted kNN top-1/top-5 (%) of test images against the memory bank, on encoder features h."""
+    from tqdm import tqdm
+    was_training = model.training
+    model.eval()
+    to_input = lambda batch: normalize(batch, bundle.mean, bundle.std)
+
+    def features(split: ImageSet, what: str) -> torch.Tensor:
+        n = len(split.labels)
+        part = shard(n, world)
+        bar = (lambda it: tqdm(it, desc=f"  features of {what}", leave=False, disable=not world.is_main))
+        local = extract_features(encode, split.images[part], to_input, runtime, cfg.eval_batch_size, bar)
+        return gather_rows(local, n, world)
+
+    try:
+        bank = features(bundle.memory, "kNN bank")
+        test = features(bundle.test, "test set")
+        return knn_accuracy(test, bundle.test.labels, bank, bundle.memory.labels, len(bundle.classes), cfg.k,
+                            knn_temperature)
+    finally:
+        model.train(was_training)
+
+
+def count_macs(model: SimCLR, image_size: int) -> tuple[int, int]:
+    """(parameters, multiply-accumulates per image) with thop, on a throwaway copy."""
+    import thop
+    probe = copy.deepcopy(model).cpu().eval()  # thop attaches counters: never to the real model
+    with torch.no_grad():
+        macs, _ = thop.profile(probe, inputs=(torch.zeros(1, 3, image_size, image_size),), verbose=False)
+    params = sum(p.numel() for p in model.parameters())
+    return params, int(macs)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA (fp16 where bf16 is not supported), fp32 on CPU."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def run(cfg: Config, world: World, resume_ckpt: dict | None, notes: list[str]) -> int:
+    """The whole job; returns the exit code."""
+    from tqdm import tqdm
+    say = (lambda *a: tqdm.write(" ".join(str(x) for x in a))) if world.is_main else (lambda *a: None)
+    for note in notes:
+        say(note)
+
+    device, device_note = resolve_device(cfg.device)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if device_note:
+        say(device_note)
+    precision = resolve_precision(cfg.precision, device)
+    runtime = Runtime(device, precision, cfg.channels_last)
+
+    bundle = load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cache_dir=cfg.cache_dir, log=say)
+    train_set = subset(bundle.train, cfg.train_subset, cfg.seed)
+    if bundle.memory is bundle.train:
+        bundle = dataclasses.replace(bundle, train=train_set, memory=train_set)
+    else:
+        bundle = dataclasses.replace(bundle, train=train_set)
+    validate_data(cfg, bundle)
+    image_size = bundle.image_size
+    knn_temperature = cfg.knn_temperature if cfg.knn_temperature is not None else cfg.temperature
+
+    seed_everything(cfg.seed)
+    model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint)
+    params, macs = count_macs(model, image_size)
+    say(f"model: {cfg.arch} ({cfg.stem} stem) + head {model.feature_width}-{cfg.proj_hidden_dim}-{cfg.feature_dim}: "
+        f"{params / 1e6:.2f} M parameters, {macs / 1e9:.3f} G MACs per {image_size}x{image_size} image (thop)")
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    n_train = len(bundle.train.labels)
+    steps_per_epoch = n_train // cfg.batch_size  # the last incomplete batch is dropped
+    base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    optimizer = build_optimizer(model, cfg.optimizer, base_lr, cfg.weight_decay, cfg.momentum)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    start_epoch, start_step, carried = 0, 0, dict(loss_sum=0.0, seconds=0.0)
+    history: list[dict] = []
+    best_acc = -1.0
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["model"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        if scaler is not None and resume_ckpt.get("scaler"):
+            scaler.load_state_dict(resume_ckpt["scaler"])
+        start_epoch, start_step = resume_ckpt["epoch"], resume_ckpt.get("step_in_epoch", 0)
+        carried = dict(loss_sum=resume_ckpt.get("epoch_loss_sum", 0.0), seconds=resume_ckpt.get("epoch_seconds", 0.0))
+        history = [row for row in resume_ckpt.get("history", []) if row["epoch"] <= start_epoch]
+        best_acc = resume_ckpt.get("best_acc", -1.0)
+        restore_rng(resume_ckpt.get("rng", {}))
+        say(f"resuming {cfg.name} at epoch {start_epoch + 1}, step {start_step} of {steps_per_epoch}")
+
+    net: torch.nn.Module = model
+    if world.distributed:
+        net = convert_batchnorm(net, device)
+        model = net
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    encode = model.encode
+    if cfg.compile:
+        net = torch.compile(net)
+        encode = torch.compile(model.encode)
+
+    paths = {kind: os.path.join(cfg.results_dir, f"{cfg.name}_{kind}")
+             for kind in ("statistics.csv", "model.pth", "last.pth", "config.json", "curves.png")}
+    if world.is_main:
+        os.makedirs(cfg.results_dir, exist_ok=True)
+        atomic_save_json({**dataclasses.asdict(cfg), "image_size": image_size, "knn_temperature": knn_temperature,
+                          "precision": precision, "base_lr": base_lr, "world_size": world.world_size,
+                          "num_classes": len(bundle.classes), "classes": bundle.classes,
+                          "mean": list(bundle.mean), "std": list(bundle.std), "train_images": n_train,
+                          "parameters": params, "macs_per_image": macs,
+                          "torch_version": torch.__version__, "torchvision_version": _tv_version()},
+                         paths["config.json"])
+
+    aug = AugmentConfig(image_size=image_size, mean=bundle.mean, std=bundle.std, min_crop_scale=cfg.min_crop_scale,
+                        jitter_strength=cfg.jitter_strength, blur=cfg.blur)
+    train_images = bundle.train.images
+    if cfg.aug_backend == "tensor" and device.type == "cuda":
+        train_images = put_on_device(train_images, device, say)
+        if bundle.memory.images is bundle.train.images:
+            bundle = dataclasses.replace(bundle, memory=ImageSet(train_images, bundle.memory.labels))
+    generator = torch.Generator(device=train_images.device)
+    local_batch = cfg.batch_size // world.world_size
+
+    stop = StopRequest()
+    stop.install()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch)))
+            first = start_step if epoch == start_epoch else 0
+            loss_sum = torch.tensor(carried["loss_sum"] if epoch == start_epoch else 0.0, device=device)
+            seconds_before = carried["seconds"] if epoch == start_epoch else 0.0
+            first_bad = torch.tensor(-1, device=device)
+            model.train()
+            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not world.is_main, dynamic_ncols=True)
+            batches = epoch_batches(perm, first, steps_per_epoch, cfg, world, train_images, aug, epoch, device)
+            t0 = time.perf_counter()
+            last_refresh, step, done = t0, first, first
+            for step, views in enumerate(batches, start=first):
+                if views is None:  # tensor backend: augment here, on the device
+                    idx = perm_slice(perm, step, cfg.batch_size, local_batch, world).to(train_images.device)
+                    generator.manual_seed(mix_seed(cfg.seed, epoch, step, world.rank))
+                    views = two_views(train_images[idx].to(device, non_blocking=True), aug, generator)
+                else:
+                    views = views.to(device, non_blocking=True)
+                set_lr(optimizer, lr_at(epoch * steps_per_epoch + step, base_lr, total_steps, warmup_steps, cfg.schedule))
+                loss = train_step(net, optimizer, views, cfg.temperature, runtime, scaler)
+                loss_sum += loss
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+                done = step + 1
+                bar.update(1)
+                now = time.perf_counter()
+                if now - last_refresh > 0.5 or done == steps_per_epoch:
+                    last_refresh = now
+                    check_finite(first_bad, epoch, steps_per_epoch, paths)  # one sync, a few times a second
+                    bar.set_postfix(loss=f"{loss_sum.item() / (done):.4f}")
+                wants_stop = stop.signum is not None
+                if world.distributed:  # every rank must stop after the same step
+                    wants_stop = (done % 10 == 0 or done == steps_per_epoch) and all_agree(wants_stop, world, device)
+                if wants_stop and done < steps_per_epoch:
+                    break
+            bar.close()
+            check_finite(first_bad, epoch, steps_per_epoch, paths)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = seconds_before + time.perf_counter() - t0
+            lr_now = optimizer.param_groups[0]["lr"]
+            state = dict(model=model, optimizer=optimizer, scaler=scaler, cfg=cfg, history=history, best_acc=best_acc,
+                         schedule=dict(name=cfg.schedule, base_lr=base_lr, steps_per_epoch=steps_per_epoch,
+                                       warmup_steps=warmup_steps, total_steps=total_steps))
+            if done < steps_per_epoch:  # stopped mid-epoch: save exactly where we are
+                if world.is_main:
+                    save_last(paths, state, epoch, done, loss_sum.item(), seconds)
+                    atomic_write_csv(paths["statistics.csv"], CSV_COLUMNS, history)
+                return stopped(stop.signum, cfg, paths)
+
+            row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "test_acc@1": None,
+                   "test_acc@5": None, "lr": lr_now, "epoch_seconds": seconds,
+                   "train_images_per_second": steps_per_epoch * cfg.batch_size / seconds, "knn_seconds": None}
+            if (epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs:
+                t1 = time.perf_counter()
+                top1, top5 = evaluate(model, encode, bundle, cfg, runtime, world, knn_temperature)
+                row.update({"test_acc@1": top1, "test_acc@5": top5, "knn_seconds": time.perf_counter() - t1})
+                if top1 > best_acc and world.is_main:
+                    atomic_save(model.state_dict(), paths["model.pth"])
+                best_acc = max(best_acc, top1)
+            history.append(row)
+            state["best_acc"] = best_acc
+            if world.is_main:
+                atomic_write_csv(paths["statistics.csv"], CSV_COLUMNS, history)
+                write_curves(history, paths["curves.png"], cfg.name, say)
+                save_last(paths, state, epoch + 1, 0, 0.0, 0.0)
+            acc = (f"kNN top-1 {row['test_acc@1']:.2f}% top-5 {row['test_acc@5']:.2f}%"
+                   if row["test_acc@1"] is not None else "no kNN this epoch")
+            say(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, {acc}, "
+                f"{seconds:.1f} s, {row['train_images_per_second']:.0f} images/s")
+            if stop.signum is not None and epoch + 1 < cfg.epochs:
+                return stopped(stop.signum, cfg, paths)
+    finally:
+        stop.uninstall()
+    say(f"done: best kNN top-1 {best_acc:.2f}%; weights {paths['model.pth']}, statistics {paths['statistics.csv']}")
+    return 0
+
+
+def epoch_batches(perm, first, steps, cfg: Config, world: World, images: torch.Tensor, aug: AugmentConfig,
+                  epoch: int, device: torch.device):
+    """Per step: None (the tensor backend augments in the loop) or a (2b, 3, S, S) batch of PIL views."""
+    if cfg.aug_backend == "tensor":
+        return (None for _ in range(first, steps))
+    local = cfg.batch_size // world.world_size
+    sampler = [perm_slice(perm, s, cfg.batch_size, local, world).tolist() for s in range(first, steps)]
+    loader = torch.utils.data.DataLoader(PilViews(images, aug, cfg.seed, epoch), batch_sampler=sampler,
+                                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=False)
+    return (torch.cat([v1, v2]) for v1, v2 in loader)
+
+
+def perm_slice(perm: torch.Tensor, step: int, batch_size: int, local: int, world: World) -> torch.Tensor:
+    """This process's share of global batch `step` of the epoch's permutation."""
+    start = step * batch_size + world.rank * local
+    return perm[start:start + local]
+
+
+def put_on_device(images: torch.Tensor, device: torch.device, say) -> torch.Tensor:
+    """Keep the uint8 training images on the GPU when they fit comfortably; else stream batches."""
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.numel() < 0.3 * free:
+        return images.to(device)
+    say(f"note: the {images.numel() / 2**30:.1f} GiB of training images stay in host memory (GPU too small)")
+    return images
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite."""
+
+
+def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, paths: dict) -> None:
+    """Raise NonFiniteLoss naming the epoch and step of the first non-finite loss (one device sync)."""
+    bad = int(first_bad.item())
+    if bad >= 0:
+        raise NonFiniteLoss(
+            f"the loss became NaN/inf at epoch {epoch + 1}, step {bad + 1} of {steps}; the last good checkpoint "
+            f"is kept at {paths['last.pth']} (resume with --resume auto); try a lower --lr, more --warmup_epochs "
+            f"or --precision fp32")
+
+
+def rng_state() -> dict:
+    """Every global generator's state, as tensors and plain values (loadable with weights_only)."""
+    import random
+    import numpy as np
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Inverse of rng_state (missing parts are left as they are)."""
+    import random
+    import numpy as np
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        s = state["numpy"]
+        np.random.set_state(("MT19937", s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                             s["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_last(paths: dict, state: dict, epoch: int, step: int, loss_sum: float, seconds: float) -> None:
+    """Write NAME_last.pth: everything --resume needs to continue exactly."""
+    cfg: Config = state["cfg"]
+    scaler = state["scaler"]
+    atomic_save({
+        "model": state["model"].state_dict(), "optimizer": state["optimizer"].state_dict(),
+        # the learning rate is a pure function of the global step (optim.lr_at): this is its whole state
+        "scheduler": {**state["schedule"], "global_step": epoch * state["schedule"]["steps_per_epoch"] + step},
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "epoch": epoch, "step_in_epoch": step, "epoch_loss_sum": loss_sum, "epoch_seconds": seconds,
+        "best_acc": state["best_acc"], "history": list(state["history"]), "rng": rng_state(),
+        "config": dataclasses.asdict(cfg),
+    }, paths["last.pth"])
+
+
+def write_curves(history: list[dict], path: str, title: str, say) -> None:
+    """NAME_curves.png; a plotting failure is reported, never fatal to training."""
+    try:
+        from plot import plot_run
+        plot_run(history, path, title)
+    except ImportError:
+        pass
+    except Exception as e:  # matplotlib trouble must not kill a long run
+        say(f"warning: could not draw {path}: {e}")
+
+
+def stopped(signum: int | None, cfg: Config, paths: dict) -> int:
+    """Print how to continue after a signal; the exit code is 128 + signal number."""
+    args = [a for a in sys.argv[1:]]
+    if "--resume" in args:
+        i = args.index("--resume")
+        del args[i:i + 2]
+    args = [a for a in args if not a.startswith("--resume=")]
+    command = " ".join(["python", "main.py", *args, "--resume", "auto"])
+    print(f"stopped; checkpoint {paths['last.pth']}. Resume with:\n  {command}", file=sys.stderr, flush=True)
+    return 128 + (signum or signal.SIGINT)
+
+
+def _tv_version() -> str:
+    import torchvision
+    return torchvision.__version__
+
+
+def parse(explicit: dict, world: World) -> tuple[Config, dict | None, list[str]]:
+    """Explicit flags -> (config, checkpoint to resume or None, notes to print)."""
+    values = resolve_values(explicit)
+    ckpt, notes = None, []
+    if values["resume"] is not None:
+        path = values["resume"]
+        if path == "auto":
+            path = os.path.join(values["results_dir"], f"{values['name']}_last.pth")
+            if not os.path.exists(path):
+                notes.append(f"--resume auto: no checkpoint at {path}, starting from scratch")
+                path = None
+        if path is not None:
+            ckpt = load_checkpoint(path)
+            values, changes = merge_resume(explicit, ckpt["config"])
+            notes += [f"resume: changed {c}" for c in changes]
+    try:
+        cfg = Config(**{f.name: values[f.name] for f in dataclasses.fields(Config)})
+    except KeyError as e:
+        raise UserError(f"checkpoint config lacks {e}") from None
+    validate(cfg, world)
+    return cfg, ckpt, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    explicit = vars(build_parser().parse_args(argv))
+    world = World()
+    try:
+        world = init_world(explicit.get("device", DEFAULTS["device"]))
+        cfg, ckpt, notes = parse(explicit, world)
+        return run(cfg, world, ckpt, notes)
+    except (UserError, DataError) as e:
+        prefix = f"[rank {world.rank}] " if world.distributed else ""
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        batch = cfg.batch_size if "cfg" in locals() else "?"
+        print(f"error: out of GPU memory at --batch_size {batch} (global); try --grad_checkpoint, "
+              f"--precision bf16, a smaller --batch_size, or more GPUs with torchrun", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; files on disk are complete (each is written whole or not at all)", file=sys.stderr)
+        return 130
+    finally:
+        close_world(world)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

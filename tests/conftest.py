@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny image-folder data set made by the tests (never a download)."""
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("cat", "dog", "frog")
+
+
+def write_folder(root, train_per_class=16, test_per_class=6, size=16, seed=0):
+    """root/{train,test}/<class>/*.png: noisy images whose colour and stripes depend on the class."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = rng.integers(0, 60, (size, size, 3))
+                image[..., c] += 150
+                image[:, c::3] += 40  # a class-specific stripe pattern survives grayscale
+                Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A 3-class folder data set: 48 train and 18 test 16x16 images."""
+    return write_folder(tmp_path_factory.mktemp("tiny") / "data")

@@ -1,0 +1,131 @@
+"""Two CPU processes (gloo) compute exactly what one process computes with the whole batch."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distributed import World, convert_batchnorm, global_nt_xent
+from main import train_step
+from model import SimCLR, nt_xent
+from utils import Runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, SIZE = 8, 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def views_and_model():
+    """The same global batch of views [view 1 (B); view 2 (B)] and initial model in every process.
+
+    float64: at random init the first layers' gradients cancel so much that fp32 rounding alone
+    moves them by ~2% (measured: fp32 vs fp64 in one process), which would hide real errors.
+    """
+    g = torch.Generator().manual_seed(0)
+    views = torch.randn(2 * B, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
+    torch.manual_seed(1)
+    return views, SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32).double()
+
+
+def local_share(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank's rows of a global [view 1 (B); view 2 (B)] tensor, both views: (2b, ...)."""
+    b = B // world
+    return torch.cat([views[rank * b:(rank + 1) * b], views[B + rank * b:B + (rank + 1) * b]])
+
+
+def single_process_step():
+    views, model = views_and_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss = train_step(model, opt, views, 0.5, Runtime(torch.device("cpu")))
+    return loss.item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, mode: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        views, model = views_and_model()
+        mine = local_share(views, rank, world)
+        if mode == "step":
+            model = convert_batchnorm(model, torch.device("cpu"))
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+            loss = train_step(ddp, opt, mine, 0.5, Runtime(torch.device("cpu")))
+            torch.save({"loss": loss.item(), "state": model.state_dict()}, os.path.join(out_dir, f"{rank}.pt"))
+        else:  # gradient of the gathered loss with respect to this rank's projections
+            z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5))
+            z_local = local_share(z, rank, world).clone().requires_grad_(True)
+            global_nt_xent(z_local, 0.5).backward()
+            torch.save({"grad": z_local.grad}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two(tmp_path, mode):
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), mode), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_two_ranks_equal_one_process_step(tmp_path):
+    loss, state = single_process_step()
+    results = run_two(tmp_path, "step")
+    # each rank's loss is the mean over its own anchors; their mean is the global loss
+    assert sum(r["loss"] for r in results) / 2 == pytest.approx(loss, abs=1e-5)
+    for r in results:
+        assert set(r["state"]) == set(state)  # same keys as plain BatchNorm: checkpoints stay portable
+        for key, value in state.items():
+            if value.dtype.is_floating_point:
+                assert torch.allclose(r["state"][key], value, atol=1e-9, rtol=1e-7), key
+            else:
+                assert torch.equal(r["state"][key], value), key
+
+
+def test_gather_carries_the_other_ranks_gradient(tmp_path):
+    results = run_two(tmp_path, "grad")
+    z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    nt_xent(z, 0.5).backward()
+    for rank, r in enumerate(results):
+        # the gathered loss of one rank averages over half the anchors, and the all-gather's
+        # backward sums every rank's contribution: rank gradient = 2 x single-process gradient.
+        # A detached gather would keep only this rank's own anchors' term and fail here.
+        expected = 2 * local_share(z.grad, rank, 2)
+        assert torch.allclose(r["grad"], expected, atol=1e-6)
+
+
+def test_torchrun_two_processes_end_to_end(tiny_folder, tmp_path):
+    results = tmp_path / "results"
+    args = ["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16", "--arch", "resnet18",
+            "--batch_size", "8", "--epochs", "2", "--k", "5", "--feature_dim", "16", "--proj_hidden_dim", "32",
+            "--device", "cpu", "--workers", "0", "--results_dir", str(results), "--name", "ddp"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "main.py", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(results)) == ["ddp_config.json", "ddp_curves.png", "ddp_last.pth", "ddp_model.pth",
+                                           "ddp_statistics.csv"]
+    assert json.loads((results / "ddp_config.json").read_text())["world_size"] == 2
+    frame = pd.read_csv(results / "ddp_statistics.csv")
+    assert frame["epoch"].tolist() == [1, 2]
+
+    # the saved weights, evaluated in this single process, give the kNN accuracy the two ranks reported
+    import dataclasses
+    import main
+    from data import load_dataset
+    cfg, _, _ = main.parse(vars(main.build_parser().parse_args(args)), World())
+    bundle = load_dataset("folder", str(tiny_folder), 16, log=lambda *a: None)
+    model = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32)
+    model.load_state_dict(torch.load(results / "ddp_model.pth", weights_only=True))
+    top1, top5 = main.evaluate(model, model.encode, bundle, cfg, Runtime(torch.device("cpu")), World(), 0.5)
+    best = frame.loc[frame["test_acc@1"].idxmax()]
+    assert top1 == pytest.approx(best["test_acc@1"]) and top5 == pytest.approx(best["test_acc@5"])

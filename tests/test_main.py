@@ -1,0 +1,120 @@
+"""main.py end to end: a real (tiny) run, its files, and the errors a user can cause."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+import main
+from model import SimCLR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(data_root, results_dir, *extra):
+    """Flags for a tiny CPU run on the test folder data set."""
+    return ["--dataset", "folder", "--data_root", str(data_root), "--image_size", "16", "--arch", "resnet18",
+            "--batch_size", "8", "--epochs", "2", "--k", "5", "--feature_dim", "16", "--proj_hidden_dim", "32",
+            "--device", "cpu", "--workers", "0", "--results_dir", str(results_dir), *extra]
+
+
+def test_end_to_end_subprocess(tiny_folder, tmp_path):
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "main.py", *tiny_args(tiny_folder, results, "--name", "e2e")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "M parameters" in proc.stdout + proc.stderr and "MACs" in proc.stdout + proc.stderr
+
+    frame = pd.read_csv(results / "e2e_statistics.csv")
+    assert list(frame.columns[:4]) == ["epoch", "train_loss", "test_acc@1", "test_acc@5"]
+    assert {"lr", "epoch_seconds", "train_images_per_second"} <= set(frame.columns)
+    assert frame["epoch"].tolist() == [1, 2]
+    for column in ("train_loss", "test_acc@1", "test_acc@5", "lr", "epoch_seconds", "train_images_per_second"):
+        assert frame[column].map(math.isfinite).all(), column
+    assert ((frame["test_acc@1"] >= 0) & (frame["test_acc@5"] <= 100)).all()
+
+    config = json.loads((results / "e2e_config.json").read_text())
+    assert config["arch"] == "resnet18" and config["batch_size"] == 8 and config["k"] == 5
+    assert config["knn_temperature"] == 0.5 and config["torch_version"] == torch.__version__
+    assert "torchvision_version" in config and len(config["mean"]) == 3
+
+    state = torch.load(results / "e2e_model.pth", weights_only=True)
+    fresh = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32)
+    fresh.load_state_dict(state, strict=True)  # no thop counters, no _orig_mod. prefix
+    assert not any("total_ops" in k or "_orig_mod" in k for k in state)
+    assert (results / "e2e_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in os.listdir(results) if p.endswith(".tmp")]
+
+
+def test_default_name_follows_the_seed():
+    values = main.resolve_values({})
+    assert values["name"] == "cifar10_resnet50_128_0.5_200_1024_500"
+    assert (values["feature_dim"], values["temperature"], values["k"], values["batch_size"], values["epochs"]) == \
+        (128, 0.5, 200, 1024, 500)
+    assert (values["lr"], values["weight_decay"], values["optimizer"]) == (1e-3, 1e-6, "adam")
+
+
+def test_help_exits_zero():
+    proc = subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0
+    for flag in ("--feature_dim", "--temperature", "--k", "--batch_size", "--epochs", "--arch", "--dataset",
+                 "--data_root", "--image_size", "--lr", "--weight_decay", "--knn_temperature", "--knn_every",
+                 "--seed", "--device", "--workers", "--results_dir", "--name"):
+        assert flag in proc.stdout
+
+
+BAD_FLAGS = [
+    (["--batch_size", "0"], "batch_size"), (["--batch_size", "-4"], "batch_size"), (["--epochs", "0"], "epochs"),
+    (["--k", "0"], "--k"), (["--temperature", "0"], "temperature"), (["--temperature", "-1"], "temperature"),
+    (["--feature_dim", "0"], "feature_dim"), (["--lr", "0"], "--lr"), (["--image_size", "0"], "image_size"),
+    (["--k", "1000"], "kNN bank"), (["--batch_size", "1000"], "training images"),
+    (["--arch", "resnet99"], "arch"), (["--dataset", "imagenet"], "dataset"), (["--epochs", "two"], "epochs"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD_FLAGS)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_folder, tmp_path, capsys, extra, needle):
+    results = tmp_path / "results"
+    try:
+        code = main.main(tiny_args(tiny_folder, results, *extra))
+    except SystemExit as e:  # argparse's own errors (unknown choice, not a number)
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not results.exists()
+
+
+def test_bad_folders_exit_2(tmp_path, tiny_folder, capsys):
+    import shutil
+    no_test = tmp_path / "no_test"
+    shutil.copytree(tiny_folder / "train", no_test / "train")
+    other_classes = tmp_path / "other"
+    shutil.copytree(tiny_folder, other_classes)
+    os.rename(other_classes / "test" / "cat", other_classes / "test" / "cow")
+    for root in (no_test, other_classes, tmp_path / "missing"):
+        results = tmp_path / f"results_{root.name}"
+        assert main.main(tiny_args(root, results)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+        assert not results.exists()
+
+
+def test_offline_cifar10_says_which_file_to_put_where(tmp_path, monkeypatch, capsys):
+    # never touch the network: make any download attempt fail as it does offline
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in tests")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    code = main.main(["--data_root", str(tmp_path / "data"), "--results_dir", str(tmp_path / "r"), "--device", "cpu",
+                      "--arch", "resnet18", "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "cifar-10-python.tar.gz" in err and str(tmp_path / "data") in err, err
+    assert not (tmp_path / "r").exists()
