@@ -1,0 +1,188 @@
+"""Runs that survive: exact resume, kills between write and rename, signals, non-finite losses."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DETERMINISTIC = ["epoch", "train_loss", "test_acc@1", "test_acc@5", "lr"]  # timings differ run to run
+
+
+def args(data, results, name, *extra):
+    return ["--dataset", "folder", "--data_root", str(data), "--image_size", "16", "--arch", "resnet18",
+            "--batch_size", "8", "--k", "5", "--feature_dim", "16", "--proj_hidden_dim", "32", "--device", "cpu",
+            "--workers", "0", "--results_dir", str(results), "--name", name, *extra]
+
+
+def weights(results, name, kind="model"):
+    return torch.load(results / f"{name}_{kind}.pth", weights_only=True)
+
+
+def assert_same_run(results, a, b):
+    fa, fb = (pd.read_csv(results / f"{n}_statistics.csv") for n in (a, b))
+    pd.testing.assert_frame_equal(fa[DETERMINISTIC], fb[DETERMINISTIC], check_exact=True)
+    for kind in ("model", "last"):
+        wa, wb = weights(results, a, kind), weights(results, b, kind)
+        wa, wb = (w if kind == "model" else w["model"] for w in (wa, wb))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), (kind, key)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_folder, tmp_path_factory):
+    """Two epochs in one go (the reference), with a schedule and LARS so that their state matters."""
+    results = tmp_path_factory.mktemp("straight")
+    extra = ["--optimizer", "lars", "--lr", "0.5", "--warmup_epochs", "1", "--schedule", "cosine"]
+    assert main.main(args(tiny_folder, results, "run", "--epochs", "2", *extra)) == 0
+    return results, extra
+
+
+def copy_reference(straight, tmp_path):
+    import shutil
+    results, extra = straight
+    for suffix in ("statistics.csv", "model.pth", "last.pth"):
+        shutil.copy(results / f"run_{suffix}", tmp_path / f"ref_{suffix}")
+    return extra
+
+
+def test_resume_after_one_epoch_is_exact(tiny_folder, tmp_path, straight):
+    extra = copy_reference(straight, tmp_path)
+    real_save_last = main.save_last
+    calls = []
+
+    def stop_after_first_epoch(paths, state, epoch, step, *rest):
+        real_save_last(paths, state, epoch, step, *rest)
+        calls.append(epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt  # the process dies right after epoch 1 was saved
+    main.save_last = stop_after_first_epoch
+    try:
+        assert main.main(args(tiny_folder, tmp_path, "r", "--epochs", "2", *extra)) == 130
+    finally:
+        main.save_last = real_save_last
+    assert calls == [1]
+    assert main.main(args(tiny_folder, tmp_path, "r", "--epochs", "2", "--resume", "auto", *extra)) == 0
+    assert_same_run(tmp_path, "ref", "r")
+
+
+def test_resume_mid_epoch_after_sigint_is_exact(tiny_folder, tmp_path, straight, capsys):
+    extra = copy_reference(straight, tmp_path)
+    real_step = main.train_step
+    count = [0]
+
+    def step_then_interrupt(*a, **kw):
+        loss = real_step(*a, **kw)
+        count[0] += 1
+        if count[0] == 9:  # epoch 2 (6 steps per epoch), step 3
+            signal.raise_signal(signal.SIGINT)
+        return loss
+    main.train_step = step_then_interrupt
+    try:
+        code = main.main(args(tiny_folder, tmp_path, "r", "--epochs", "2", *extra))
+    finally:
+        main.train_step = real_step
+    err = capsys.readouterr().err
+    assert code == 130 and "--resume auto" in err
+    ckpt = torch.load(tmp_path / "r_last.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 3)
+    assert len(pd.read_csv(tmp_path / "r_statistics.csv")) == 1
+    assert main.main(args(tiny_folder, tmp_path, "r", "--epochs", "2", "--resume", "auto", *extra)) == 0
+    assert_same_run(tmp_path, "ref", "r")
+
+
+class Killed(BaseException):
+    """Stands for kill -9 at the worst moment."""
+
+
+def test_kill_between_temp_write_and_rename_keeps_previous_checkpoint(tiny_folder, tmp_path, straight, monkeypatch):
+    extra = copy_reference(straight, tmp_path)
+    real_replace = os.replace
+    seen = []
+
+    def dying_replace(src, dst):
+        if str(dst).endswith("r_last.pth"):
+            seen.append(dst)
+            if len(seen) == 2:  # epoch 2's checkpoint is fully written to its temp file, not yet renamed
+                raise Killed
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(Killed):
+        main.main(args(tiny_folder, tmp_path, "r", "--epochs", "2", *extra))
+    monkeypatch.setattr(os, "replace", real_replace)
+    ckpt = torch.load(tmp_path / "r_last.pth", weights_only=True)  # the old file, whole
+    assert ckpt["epoch"] == 1
+    (tmp_path / ".r_last.pth.deadbeef.tmp").write_bytes(b"half a file")  # what a real kill -9 leaves
+    assert main.main(args(tiny_folder, tmp_path, "r", "--epochs", "2", "--resume", "auto", *extra)) == 0
+    assert_same_run(tmp_path, "ref", "r")
+
+
+def test_resume_refuses_changed_run_flags_and_notes_allowed_ones(tiny_folder, tmp_path, straight, capsys):
+    results, extra = straight
+    code = main.main(args(tiny_folder, results, "run", "--epochs", "2", "--feature_dim", "32", "--resume", "auto",
+                          *extra))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "feature_dim" in err and len(err.splitlines()) == 1
+    before = (results / "run_statistics.csv").read_bytes()
+    code = main.main(["--resume", str(results / "run_last.pth"), "--epochs", "3", "--knn_every", "2",
+                      "--results_dir", str(tmp_path)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "--knn_every 1 -> 2" in out.out and "--epochs 2 -> 3" in out.out
+    # continued under the checkpoint's own name, in the new results dir, with its earlier rows
+    frame = pd.read_csv(tmp_path / "run_statistics.csv")
+    assert frame["epoch"].tolist() == [1, 2, 3]
+    assert (results / "run_statistics.csv").read_bytes() == before
+
+
+def test_resume_of_a_bad_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "x_last.pth"
+    bad.write_bytes(b"not a checkpoint")
+    assert main.main(["--resume", str(bad)]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert main.main(["--resume", str(tmp_path / "missing.pth")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(tiny_folder, tmp_path, monkeypatch, capsys):
+    real = main.global_nt_xent
+    count = [0]
+
+    def poisoned(z, temperature):
+        count[0] += 1
+        loss = real(z, temperature)
+        return loss * float("nan") if count[0] == 8 else loss  # epoch 2, step 2
+    monkeypatch.setattr(main, "global_nt_xent", poisoned)
+    code = main.main(args(tiny_folder, tmp_path, "nan", "--epochs", "3"))
+    err = capsys.readouterr().err
+    assert code == 1 and "epoch 2, step 2 of 6" in err
+    assert torch.load(tmp_path / "nan_last.pth", weights_only=True)["epoch"] == 1  # last good one kept
+
+
+def test_sigint_subprocess_then_resume_auto_completes(tiny_folder, tmp_path):
+    base = args(tiny_folder, tmp_path, "sig", "--epochs", "40")
+    proc = subprocess.Popen([sys.executable, "main.py", *base], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    csv = tmp_path / "sig_statistics.csv"
+    deadline = time.time() + 120
+    while not csv.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Resume with:" in err and "--resume auto" in err
+    command = err.split("Resume with:")[1].strip().splitlines()[0].split()
+    assert command[:2] == ["python", "main.py"]
+    done = len(pd.read_csv(csv))
+    epochs = str(done + 1)
+    resumed = subprocess.run([sys.executable, *command[1:], "--epochs", epochs], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert pd.read_csv(csv)["epoch"].tolist() == list(range(1, done + 2))
