@@ -45,7 +45,7 @@ DEFAULTS = dict(
     dataset="cifar10", data_root="data", image_size=None, cache_dir=None, train_subset=None,
     seed=0, device="auto", workers=min(8, os.cpu_count() or 1), results_dir="results", name=None,
     aug_backend="tensor", precision="auto", channels_last=True, compile=False, grad_checkpoint=False,
-    eval_batch_size=1024, recipe="seed", resume=None,
+    eval_batch_size=1024, knn_at_start=False, recipe="seed", resume=None,
 )
 
 # Named presets: applied over DEFAULTS, under flags given explicitly.
@@ -101,6 +101,7 @@ class Config:
     compile: bool
     grad_checkpoint: bool
     eval_batch_size: int
+    knn_at_start: bool
     recipe: str
     resume: str | None
 
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_g("--knn_temperature", "kNN vote weight exp(sim / t); None means --temperature", type=float)
     add_g("--knn_every", "evaluate every N epochs (and always after the last)", type=int)
     add_g("--eval_batch_size", "batch size for feature extraction", type=int)
+    add_g("--knn_at_start", "also evaluate the untrained encoder, as an epoch-0 row of the CSV",
+          action=argparse.BooleanOptionalAction)
 
     g = p.add_argument_group("optimisation")
     add_g("--recipe", "preset: seed (Adam 1e-3, constant) or paper (LARS, lr 1.0 x B/256, 10 warm-up "
@@ -473,6 +476,12 @@ def run(cfg: Config, world: World, resume_ckpt: dict | None, notes: list[str]) -
     generator = torch.Generator(device=train_images.device)
     local_batch = cfg.batch_size // world.world_size
 
+    if cfg.knn_at_start and not history and start_step == 0:
+        t1 = time.perf_counter()
+        top1, top5 = evaluate(model, encode, bundle, cfg, runtime, world, knn_temperature)
+        history.append({"epoch": 0, "test_acc@1": top1, "test_acc@5": top5, "knn_seconds": time.perf_counter() - t1})
+        say(f"untrained encoder: kNN top-1 {top1:.2f}% top-5 {top5:.2f}%")
+
     stop = StopRequest()
     stop.install()
     try:
@@ -646,8 +655,6 @@ def write_curves(history: list[dict], path: str, title: str, say) -> None:
     try:
         from plot import plot_run
         plot_run(history, path, title)
-    except ImportError:
-        pass
     except Exception as e:  # matplotlib trouble must not kill a long run
         say(f"warning: could not draw {path}: {e}")
 

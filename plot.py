@@ -26,8 +26,10 @@ def _pyplot():
 def _save(fig, path: str) -> None:
     """Render to PNG in memory, then replace `path` whole."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    _pyplot().close(fig)
+    try:
+        fig.savefig(buf, format="png", dpi=100)
+    finally:
+        _pyplot().close(fig)  # pyplot keeps every open figure alive: one leak per epoch otherwise
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -35,6 +37,14 @@ def _series(rows: Sequence[dict], key: str) -> tuple[list, list]:
     """(epochs, values) of the rows where `key` has a value."""
     pairs = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None and r[key] == r[key]]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _epoch_axes(*axes) -> None:
+    """Grid, and whole-number epoch ticks (a 2-epoch run would otherwise show 1.2, 1.4, ...)."""
+    from matplotlib.ticker import MaxNLocator
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_run(rows: Sequence[dict], path: str, title: str, loss_key: str = "train_loss",
@@ -54,8 +64,7 @@ def plot_run(rows: Sequence[dict], path: str, title: str, loss_key: str = "train
     right.set_xlabel("epoch")
     right.set_ylabel(acc_label)
     right.legend()
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
+    _epoch_axes(left, right)
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)
@@ -68,8 +77,9 @@ def read_statistics(path: str) -> list[dict]:
         frame = pd.read_csv(path)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except Exception as e:
-        raise UserError(f"{path} is not a readable CSV ({str(e).splitlines()[0][:120]})") from None
+    except Exception as e:  # pandas raises many types for a file that is not a CSV; some have no message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable CSV ({first[:120]})") from None
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise UserError(f"{path} lacks the columns {', '.join(missing)}: pass NAME_statistics.csv files of main.py")
@@ -85,16 +95,19 @@ def run_name(path: str) -> str:
 
 def plot_compare(paths: Sequence[str], out: str) -> None:
     """Loss and kNN top-1 of several runs on one figure, a legend entry per run."""
-    runs = [(run_name(p), read_statistics(p)) for p in paths]
+    names = [run_name(p) for p in paths]
+    # the same NAME from two results folders would give two identical legend entries
+    names = [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), name) if names.count(name) > 1
+             else name for p, name in zip(paths, names)]
+    runs = [(name, read_statistics(p)) for p, name in zip(paths, names)]
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, rows in runs:
-        line, = left.plot(*_series(rows, "train_loss"), label=name)
+        line, = left.plot(*_series(rows, "train_loss"), marker=".", label=name)  # a 1-epoch run is a dot
         right.plot(*_series(rows, "test_acc@1"), marker=".", color=line.get_color(), label=name)
     left.set(xlabel="epoch", ylabel="train loss")
     right.set(xlabel="epoch", ylabel="kNN top-1 (%)")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
+    _epoch_axes(left, right)
     right.legend(fontsize="small")
     fig.suptitle(f"{len(runs)} run{'s' if len(runs) != 1 else ''}")
     fig.tight_layout()
@@ -111,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         plot_compare(args.csv, args.out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out in a folder that cannot be written, or a directory
+        print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")
     return 0

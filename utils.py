@@ -65,7 +65,7 @@ def resolve_device(name: str) -> tuple[torch.device, str | None]:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda"), None
-        return torch.device("cpu"), "note: no CUDA GPU found, training on the CPU (slow; fine for tests and tiny runs)"
+        return torch.device("cpu"), "note: no CUDA GPU found, running on the CPU (slow: fine for tests and small runs)"
     try:
         device = torch.device(name)
     except RuntimeError:

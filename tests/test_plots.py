@@ -1,0 +1,303 @@
+"""Result pictures: the per-run curves, the comparison of several runs, and the nearest-neighbour grid."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import main
+import neighbors
+import plot
+from data import load_dataset
+from utils import Runtime
+
+ROWS = [{"epoch": 1, "train_loss": 5.1, "test_acc@1": 30.0, "test_acc@5": 70.0},
+        {"epoch": 2, "train_loss": 4.8, "test_acc@1": None, "test_acc@5": None},  # an epoch without kNN
+        {"epoch": 3, "train_loss": 4.6, "test_acc@1": 41.5, "test_acc@5": 80.0}]
+CSV_HEADER = "epoch,train_loss,test_acc@1,test_acc@5,lr,epoch_seconds,train_images_per_second,knn_seconds\n"
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) of a PNG, after PIL has fully decoded it."""
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()  # a truncated file fails here, not at open
+        return image.size
+
+
+def no_temp_files(folder) -> bool:
+    return not [p for p in os.listdir(folder) if p.endswith(".tmp")]
+
+
+def write_csv(path, rows) -> str:
+    lines = [f"{r['epoch']},{r['train_loss']},{'' if r['test_acc@1'] is None else r['test_acc@1']},"
+             f"{'' if r['test_acc@5'] is None else r['test_acc@5']},0.001,1.0,100.0,0.5\n" for r in rows]
+    path.write_text(CSV_HEADER + "".join(lines))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- plot_run
+
+def test_plot_run_writes_a_png_of_the_figure_size(tmp_path):
+    path = tmp_path / "run_curves.png"
+    plot.plot_run(ROWS, str(path), "run")
+    assert png_size(path) == (1000, 400)  # figsize (10, 4) at 100 dpi
+    assert no_temp_files(tmp_path)
+
+
+def test_plot_run_second_write_replaces_the_file(tmp_path):
+    path = tmp_path / "run_curves.png"
+    plot.plot_run(ROWS[:1], str(path), "run")
+    first = path.read_bytes()
+    plot.plot_run(ROWS, str(path), "run")
+    assert path.read_bytes() != first
+    assert png_size(path) == (1000, 400) and no_temp_files(tmp_path)
+
+
+def test_plot_run_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "run_curves.png"
+    plot.plot_run(ROWS, str(path), "run")
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", crash)  # dies at the very last moment of the second write
+    with pytest.raises(OSError, match="disk full"):
+        plot.plot_run(ROWS[:1], str(path), "other title")
+    assert path.read_bytes() == before
+    assert no_temp_files(tmp_path)
+
+
+def test_plot_run_with_linear_keys(tmp_path):
+    rows = [{"epoch": e, "train_loss": 2.0 / e, "test_loss": 2.2 / e, "test_acc@1": 10.0 * e, "test_acc@5": 20.0 * e}
+            for e in (1, 2)]
+    path = tmp_path / "lin.png"
+    plot.plot_run(rows, str(path), "linear", acc_label="linear accuracy (%)")
+    assert png_size(path) == (1000, 400)
+
+
+# ----------------------------------------------------------------------------- plot.py
+
+def test_compare_one_and_several_runs(tmp_path, capsys):
+    a = write_csv(tmp_path / "a_statistics.csv", ROWS)
+    b = write_csv(tmp_path / "b_statistics.csv", ROWS[:2])
+    for paths, out in (([a], tmp_path / "one.png"), ([a, b], tmp_path / "two.png")):
+        assert plot.main([*paths, "--out", str(out)]) == 0
+        assert png_size(out) == (1100, 450)  # figsize (11, 4.5) at 100 dpi
+        assert f"wrote {out}" in capsys.readouterr().out
+    assert no_temp_files(tmp_path)
+
+
+def test_compare_reads_main_py_statistics(tmp_path):
+    from utils import atomic_write_csv
+    path = tmp_path / "r_statistics.csv"
+    atomic_write_csv(str(path), main.CSV_COLUMNS, ROWS)
+    rows = plot.read_statistics(str(path))
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[1]["test_acc@1"] is None
+    assert plot.run_name(str(path)) == "r"
+
+
+def test_compare_default_out_in_cwd(tmp_path, monkeypatch):
+    a = write_csv(tmp_path / "a_statistics.csv", ROWS)
+    monkeypatch.chdir(tmp_path)
+    assert plot.main([a]) == 0
+    assert png_size(tmp_path / "compare.png") == (1100, 450)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("epoch,loss\n1,2.0\n", "lacks the columns train_loss, test_acc@1, test_acc@5"),
+    ("", "not a readable CSV"),
+])
+def test_compare_rejects_a_csv_without_the_columns(tmp_path, capsys, content, needle):
+    good = write_csv(tmp_path / "a_statistics.csv", ROWS)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(content)
+    out = tmp_path / "c.png"
+    assert plot.main([good, str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and needle in err and str(bad) in err, err
+    assert not out.exists()
+
+
+def test_compare_missing_file_exits_2(tmp_path, capsys):
+    out = tmp_path / "c.png"
+    assert plot.main([str(tmp_path / "nope_statistics.csv"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no such file" in err, err
+    assert not out.exists()
+
+
+def test_compare_unwritable_out_exits_2(tmp_path, capsys):
+    a = write_csv(tmp_path / "a_statistics.csv", ROWS)
+    assert plot.main([a, "--out", str(tmp_path)]) == 2  # a directory cannot be replaced by a file
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: cannot write"), err
+    assert no_temp_files(tmp_path)
+
+
+# ----------------------------------------------------------------------------- neighbors: the search
+
+def brute_force(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference top-k by cosine, one pair at a time in float64: (n, d), (N, d) -> (n, k), (n, k)."""
+    indices, similarities = [], []
+    for q in query.double():
+        sims = [float(q @ b / (q.norm() * b.norm())) for b in bank.double()]
+        order = sorted(range(len(sims)), key=lambda j: -sims[j])[:k]
+        indices.append(order)
+        similarities.append([sims[j] for j in order])
+    return torch.tensor(indices), torch.tensor(similarities, dtype=torch.float64)
+
+
+def assert_same_neighbors(query, bank, indices, similarities, k):
+    """indices/similarities are a correct cosine top-k of query against bank (ties may be ordered either way)."""
+    ref_idx, ref_sim = brute_force(query, bank, k)
+    assert indices.shape == similarities.shape == (query.shape[0], k)
+    assert indices.dtype == torch.long and similarities.dtype == torch.float32
+    # the chosen similarities are the k largest ...
+    torch.testing.assert_close(similarities.double(), ref_sim, atol=1e-5, rtol=0)
+    # ... and really belong to the chosen bank rows
+    actual = F.cosine_similarity(query.double()[:, None], bank.double()[indices], dim=2)
+    torch.testing.assert_close(actual, ref_sim, atol=1e-5, rtol=0)
+    gaps = (ref_sim[:, :-1] - ref_sim[:, 1:]).abs().min() if k > 1 else torch.tensor(1.0)
+    if gaps > 1e-4:  # no near-ties: the order must be exactly the reference's
+        assert torch.equal(indices, ref_idx)
+
+
+def test_nearest_neighbors_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(50, 7, generator=g) * torch.rand(50, 1, generator=g) * 5  # norms vary: cosine, not dot
+    query = torch.randn(9, 7, generator=g)
+    indices, similarities = neighbors.nearest_neighbors(query, bank, 6, chunk_size=4)  # several chunks
+    assert_same_neighbors(query, bank, indices, similarities, 6)
+
+
+def test_nearest_neighbors_finds_itself_and_checks_k():
+    bank = torch.randn(20, 5, generator=torch.Generator().manual_seed(1))
+    indices, similarities = neighbors.nearest_neighbors(bank[[3, 11]] * 7, bank, 1)
+    assert indices.flatten().tolist() == [3, 11]
+    torch.testing.assert_close(similarities, torch.ones(2, 1))
+    with pytest.raises(ValueError):
+        neighbors.nearest_neighbors(bank[:1], bank, 21)
+
+
+def test_pick_queries_is_seeded_and_distinct():
+    a, b = neighbors.pick_queries(100, 8, 0), neighbors.pick_queries(100, 8, 0)
+    assert torch.equal(a, b) and len(set(a.tolist())) == 8
+    assert not torch.equal(a, neighbors.pick_queries(100, 8, 1))
+
+
+# ----------------------------------------------------------------------------- neighbors: a tiny run
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_folder, tmp_path_factory):
+    """results dir of a 1-epoch tiny CPU run named 'tiny'."""
+    results = tmp_path_factory.mktemp("neighbors") / "results"
+    args = ["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16", "--arch", "resnet18",
+            "--batch_size", "8", "--epochs", "1", "--k", "5", "--feature_dim", "16", "--proj_hidden_dim", "32",
+            "--device", "cpu", "--workers", "0", "--results_dir", str(results), "--name", "tiny",
+            "--train_subset", "16"]  # 2 steps: the weights only need to exist
+    assert main.main(args) == 0
+    return results
+
+
+def test_find_neighbors_matches_brute_force_on_a_trained_model(tiny_run, tiny_folder):
+    config = neighbors.load_config(str(tiny_run / "tiny_config.json"))
+    model = neighbors.load_model(str(tiny_run / "tiny_model.pth"), config)
+    bundle = load_dataset("folder", str(tiny_folder), 16, log=lambda *a: None)
+    result = neighbors.find_neighbors(model, bundle, 5, 4, seed=3, runtime=Runtime(torch.device("cpu")), batch_size=7)
+    assert torch.equal(result.queries, neighbors.pick_queries(len(bundle.test.labels), 5, 3))
+
+    # features computed here independently: normalised float input, encoder in eval mode, no batching
+    mean, std = torch.tensor(bundle.mean)[:, None, None], torch.tensor(bundle.std)[:, None, None]
+    to_input = lambda u8: (u8.permute(0, 3, 1, 2).float() / 255 - mean) / std  # noqa: E731
+    model.eval()
+    with torch.no_grad():
+        query = model.encode(to_input(bundle.test.images[result.queries]))
+        bank = model.encode(to_input(bundle.memory.images))
+    assert_same_neighbors(query, bank, result.indices, result.similarities, 4)
+
+
+def test_neighbors_script_writes_the_grid(tiny_run, capsys):
+    out = tiny_run / "grid.png"
+    argv = ["--model_path", str(tiny_run / "tiny_model.pth"), "--n", "4", "--k", "5", "--device", "cpu",
+            "--out", str(out)]
+    assert neighbors.main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    # 16-px images are shown 6x (96 px) in a 4-px frame: 104-px cells, 30 px of text under each
+    assert neighbors.grid_size(4, 5, 16) == (686, 610)
+    assert png_size(out) == (686, 610)
+    first = out.read_bytes()
+    assert neighbors.main([*argv, "--seed", "1"]) == 0  # other test images replace the file
+    assert out.read_bytes() != first and png_size(out) == (686, 610)
+    assert no_temp_files(tiny_run)
+
+
+def test_grid_borders_show_whether_the_class_matches(tiny_folder, tmp_path):
+    bundle = load_dataset("folder", str(tiny_folder), 16, log=lambda *a: None)  # 16 per class: cat, dog, frog
+    result = neighbors.Neighbors(queries=torch.tensor([0, 6]), indices=torch.tensor([[1, 20], [17, 40]]),
+                                 similarities=torch.tensor([[0.9, 0.5], [0.8, -0.1]]))
+    path = tmp_path / "grid.png"
+    path.write_bytes(neighbors.draw_neighbors(bundle, result, "borders"))
+    assert png_size(path) == neighbors.grid_size(2, 2, 16)
+    image = Image.open(path).convert("RGB")
+    cell = neighbors.tile_side(16) + 2 * neighbors.BORDER
+    top = lambda row: neighbors.HEADER + row * (cell + neighbors.LABEL + neighbors.PAD)  # noqa: E731
+    left = lambda col: neighbors.MARGIN + cell + neighbors.GAP + col * (cell + neighbors.PAD)  # noqa: E731
+    q_labels = bundle.test.labels[result.queries]
+    for row in range(2):
+        assert image.getpixel((neighbors.MARGIN + 1, top(row) + 1)) == neighbors.QUERY_COLOUR
+        # the query's pixels are shown as stored (top-left pixel of the upscaled image)
+        q = int(result.queries[row])
+        assert image.getpixel((neighbors.MARGIN + neighbors.BORDER, top(row) + neighbors.BORDER)) == \
+            tuple(bundle.test.images[q, 0, 0].tolist())
+        for col in range(2):
+            same = int(bundle.memory.labels[result.indices[row, col]]) == int(q_labels[row])
+            expected = neighbors.MATCH_COLOUR if same else neighbors.MISMATCH_COLOUR
+            assert image.getpixel((left(col) + 1, top(row) + 1)) == expected, (row, col)
+    assert neighbors.same_class_fraction(bundle, result) == pytest.approx(0.5)  # (0,1) and (1,17) match
+
+
+def test_neighbors_default_out_is_beside_the_weights(tiny_run):
+    assert neighbors.main(["--model_path", str(tiny_run / "tiny_model.pth"), "--n", "2", "--k", "3",
+                           "--device", "cpu"]) == 0
+    assert png_size(tiny_run / "tiny_neighbors.png") == neighbors.grid_size(2, 3, 16)
+
+
+def test_neighbors_bad_input_exits_2_and_writes_nothing(tiny_run, tmp_path, capsys):
+    model = str(tiny_run / "tiny_model.pth")
+    garbage = tmp_path / "garbage_model.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other_model.pth"  # the head of another run: does not fit the config
+    state = torch.load(model, weights_only=True)
+    torch.save({k: v for k, v in state.items() if not k.startswith("g.")}, other)
+    out = tmp_path / "n.png"
+    cases = [
+        (["--model_path", str(tmp_path / "missing_model.pth"), "--config", str(tiny_run / "tiny_config.json")],
+         "no such file"),
+        (["--model_path", str(tmp_path / "missing_model.pth")], "no such config file"),
+        (["--model_path", str(garbage), "--config", str(tiny_run / "tiny_config.json")], "not a readable weights"),
+        (["--model_path", str(other), "--config", str(tiny_run / "tiny_config.json")], "missing"),
+        (["--model_path", str(tiny_run / "tiny_last.pth"), "--config", str(tiny_run / "tiny_config.json")],
+         "training checkpoint"),
+        (["--model_path", model, "--n", "1000"], "--n 1000"),
+        (["--model_path", model, "--k", "0"], "must be positive"),
+        (["--model_path", model, "--data_root", str(tmp_path / "nowhere")], "does not exist"),
+    ]
+    for extra, needle in cases:
+        assert neighbors.main([*extra, "--device", "cpu", "--out", str(out)]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith("error:") and needle in err[-1], (extra, err)
+        assert not out.exists()
+    with pytest.raises(SystemExit) as e:  # argparse: the weights are required
+        neighbors.main([])
+    assert e.value.code == 2
+
+
+def test_importing_does_nothing(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", "import neighbors, plot"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
