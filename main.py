@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -246,7 +247,9 @@ def validate_data(cfg: Config, bundle: DataBundle) -> None:
 def load_checkpoint(path: str) -> dict:
     """A NAME_last.pth checkpoint, loaded without running code (weights_only)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own advice (weights_only=False) is not for us
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"--resume {path}: no such file") from None
     except Exception as e:

@@ -1,0 +1,647 @@
+"""Linear evaluation of a SimCLR encoder: a frozen encoder, a trained Linear(d -> classes) on top.
+
+    python linear.py --model_path results/NAME_model.pth                 # features once, 100 epochs
+    python linear.py --model_path results/NAME_model.pth --augment       # crop + flip through the encoder
+    python linear.py --model_path results/NAME_model.pth --untrained     # the same probe on a random encoder
+
+The encoder is rebuilt from NAME_config.json next to the weights (flags override it) and loaded
+with weights_only=True. Writes RESULTS/NAME_linear_statistics.csv, NAME_linear_model.pth (the
+classifier's state_dict, acting on raw encoder features h), NAME_linear_config.json and
+NAME_linear_curves.png; RESULTS is the folder of the weights unless --results_dir is given.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pickle
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import UserError
+
+CSV_COLUMNS = ("epoch", "train_loss", "train_acc@1", "train_acc@5", "test_loss", "test_acc@1", "test_acc@5",
+               "lr", "epoch_seconds")
+
+# Default learning rate per optimizer: SGD on standardised features tolerates a large step
+# (the loss is convex); Adam's usual 1e-3 is its robust default.
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
+
+# Seconds between two redraws of the curves PNG: on cached features an epoch takes milliseconds,
+# and redrawing after each of them would make plotting most of the run time.
+PLOT_INTERVAL_S = 2.0
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Every resolved flag of a linear evaluation (see build_parser for their meaning)."""
+    model_path: str | None
+    config: str | None
+    untrained: bool
+    arch: str | None
+    stem: str | None
+    dataset: str | None
+    data_root: str | None
+    image_size: int | None
+    cache_dir: str | None
+    train_subset: int | None
+    batch_size: int
+    epochs: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    standardize: bool
+    augment: bool
+    feature_batch_size: int
+    device: str
+    precision: str
+    channels_last: bool
+    workers: int
+    seed: int
+    results_dir: str | None
+    name: str | None
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """What the encoder is and where its data is: the saved run config with the flags applied."""
+    arch: str
+    stem: str
+    dataset: str
+    data_root: str
+    image_size: int | None
+    cache_dir: str | None
+    mean: tuple[float, float, float] | None  # normalisation the encoder was trained with (None: the data set's)
+    std: tuple[float, float, float] | None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (not usage + error) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All flags with their defaults; encoder/data flags default to None, meaning 'from the run config'."""
+    from data import DATASETS
+    from model import ARCHS, STEMS
+    p = OneLineParser(description="Linear evaluation of a SimCLR encoder (frozen encoder, trained linear layer).",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      epilog="Files: RESULTS/NAME_linear_statistics.csv (epoch, train_loss, train_acc@1, "
+                             "train_acc@5, test_loss, test_acc@1, test_acc@5, lr, epoch_seconds), "
+                             "NAME_linear_model.pth, NAME_linear_config.json, NAME_linear_curves.png.")
+    g = p.add_argument_group("encoder")
+    g.add_argument("--model_path", help="weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)")
+    g.add_argument("--config", help="run config JSON; None means NAME_config.json next to --model_path")
+    g.add_argument("--untrained", action="store_true",
+                   help="probe a randomly initialised encoder of the same architecture (the baseline); "
+                        "the weights are not read, only the config is needed")
+    g.add_argument("--arch", choices=ARCHS, help="override the config's encoder")
+    g.add_argument("--stem", choices=STEMS, help="override the config's first layer")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, help="override the config's data set")
+    g.add_argument("--data_root", help="override the config's data folder")
+    g.add_argument("--image_size", type=int, help="override the config's image side")
+    g.add_argument("--cache_dir", help="override the config's folder-data cache folder")
+    g.add_argument("--train_subset", type=int,
+                   help="train the probe on a fixed random subset of N labeled images (quick runs)")
+
+    g = p.add_argument_group("probe training")
+    g.add_argument("--batch_size", type=int, default=512, help="examples per step")
+    g.add_argument("--epochs", type=int, default=100, help="epochs over the labeled train split")
+    g.add_argument("--optimizer", choices=tuple(DEFAULT_LR), default="sgd",
+                   help="sgd (with --momentum) or adam; cosine decay to 0 over all steps either way")
+    g.add_argument("--lr", type=float, help="learning rate; None means 0.1 for sgd, 1e-3 for adam")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight_decay", type=float, default=0.0,
+                   help="L2 penalty on the linear layer (the paper uses none on CIFAR)")
+    g.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
+                   help="scale each feature to zero mean, unit variance with train-split statistics only "
+                        "(folded into the saved layer, which stays linear in raw features)")
+    g.add_argument("--augment", action="store_true",
+                   help="train through the frozen encoder with random crop (padding size/8) and flip on "
+                        "every batch instead of on features computed once")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--feature_batch_size", type=int, default=1024, help="images per encoder forward pass")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="encoder autocast: auto is bf16 on CUDA, fp32 on CPU; the linear layer is fp32")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format for the encoder")
+    g.add_argument("--workers", type=int, default=0, help="CPU threads for PyTorch; 0 keeps PyTorch's default")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of the probe (and of --untrained's encoder)")
+    g.add_argument("--results_dir", help="where the files go; None means the folder of --model_path "
+                                         "(or of --config, else results)")
+    g.add_argument("--name", help="file prefix; None means NAME of NAME_model.pth (+ _untrained)")
+    return p
+
+
+def build_config(argv: list[str] | None = None) -> LinearConfig:
+    """Flags -> validated LinearConfig (reads no file)."""
+    values = vars(build_parser().parse_args(argv))
+    if values["lr"] is None:
+        values["lr"] = DEFAULT_LR[values["optimizer"]]
+    cfg = LinearConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: LinearConfig) -> None:
+    """Reject flag values that cannot run, with one line that says what to do."""
+    for key in ("batch_size", "epochs", "feature_batch_size"):
+        if not getattr(cfg, key) > 0:
+            raise UserError(f"--{key} must be positive, got {getattr(cfg, key)}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UserError(f"--lr must be a positive finite number, got {cfg.lr}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise UserError(f"--weight_decay must be a finite number >= 0, got {cfg.weight_decay}")
+    if not 0 <= cfg.momentum < 1:
+        raise UserError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.workers < 0:
+        raise UserError(f"--workers must not be negative, got {cfg.workers}")
+    if cfg.image_size is not None and cfg.image_size < 8:
+        raise UserError(f"--image_size {cfg.image_size} is too small for a ResNet; use 8 or more")
+    if cfg.train_subset is not None and cfg.train_subset <= 0:
+        raise UserError(f"--train_subset must be positive, got {cfg.train_subset}")
+    if cfg.model_path is None and not cfg.untrained:
+        raise UserError("--model_path is required (or --untrained with --config or --arch and --dataset)")
+    if cfg.name is not None and (not cfg.name or os.sep in cfg.name or cfg.name.startswith(".")):
+        raise UserError(f"--name {cfg.name!r} must be a plain file name (no '/', not starting with '.')")
+
+
+# ----------------------------------------------------------------------------- config and names
+
+def run_stem(path: str, suffix: str) -> str:
+    """results/NAME_model.pth -> NAME (suffix '_model.pth'); any other file -> its name without extension."""
+    base = os.path.basename(path)
+    return base[:-len(suffix)] if base.endswith(suffix) and len(base) > len(suffix) else os.path.splitext(base)[0]
+
+
+def config_path_for(model_path: str) -> str:
+    """The run config main.py writes beside NAME_model.pth / NAME_last.pth: NAME_config.json."""
+    base = os.path.basename(model_path)
+    for suffix in ("_model.pth", "_last.pth"):
+        if base.endswith(suffix):
+            base = base[:-len(suffix)]
+            break
+    else:
+        base = os.path.splitext(base)[0]
+    return os.path.join(os.path.dirname(model_path), f"{base}_config.json")
+
+
+def read_run_config(cfg: LinearConfig) -> dict:
+    """The saved run config as a dict ({} when none is found and the flags name arch and data set)."""
+    path = cfg.config
+    if path is None and cfg.model_path is not None:
+        path = config_path_for(cfg.model_path)
+        if not os.path.isfile(path):
+            if cfg.arch is not None and cfg.dataset is not None:
+                return {}
+            raise UserError(f"no run config {path} next to the weights: pass --config, or --arch and --dataset "
+                            f"(and --data_root, --image_size, --stem as trained)")
+    if path is None:
+        if cfg.arch is None or cfg.dataset is None:
+            raise UserError("--untrained without --model_path needs --config, or --arch and --dataset")
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable JSON run config ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is not a run config of main.py (not a JSON object)")
+    return saved
+
+
+def resolve_encoder(cfg: LinearConfig, saved: dict) -> Encoder:
+    """Flags over the saved run config; the training normalisation is kept only for the same data set."""
+    def pick(key: str, default=None):
+        flag = getattr(cfg, key)
+        return flag if flag is not None else saved.get(key, default)
+
+    arch, dataset = pick("arch"), pick("dataset")
+    if arch is None or dataset is None:
+        raise UserError("the run config names no arch or dataset: pass --arch and --dataset")
+    from data import DATASETS
+    from model import ARCHS, STEMS
+    stem = pick("stem", "cifar")
+    if arch not in ARCHS or stem not in STEMS or dataset not in DATASETS:
+        raise UserError(f"the run config has arch {arch!r}, stem {stem!r}, dataset {dataset!r}; "
+                        f"override them with --arch, --stem, --dataset")
+    same_data = dataset == saved.get("dataset") and cfg.data_root in (None, saved.get("data_root"))
+    mean, std = saved.get("mean"), saved.get("std")
+    usable = same_data and isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3
+    return Encoder(arch=arch, stem=stem, dataset=dataset, data_root=pick("data_root", "data"),
+                   image_size=pick("image_size"), cache_dir=pick("cache_dir"),
+                   mean=tuple(float(v) for v in mean) if usable else None,
+                   std=tuple(float(v) for v in std) if usable else None)
+
+
+def output_name(cfg: LinearConfig, enc: Encoder) -> str:
+    """--name, else NAME of NAME_model.pth (NAME_last for NAME_last.pth); '_untrained' added for the baseline."""
+    if cfg.name is not None:
+        return cfg.name
+    if cfg.model_path is not None:
+        name = run_stem(cfg.model_path, "_model.pth")
+    elif cfg.config is not None:
+        name = run_stem(cfg.config, "_config.json")
+    else:
+        name = f"{enc.dataset}_{enc.arch}"
+    return f"{name}_untrained" if cfg.untrained else name
+
+
+def output_dir(cfg: LinearConfig) -> str:
+    """--results_dir, else the folder of the weights (or of the config), else results."""
+    if cfg.results_dir is not None:
+        return cfg.results_dir
+    source = cfg.model_path if cfg.model_path is not None else cfg.config
+    return (os.path.dirname(source) or ".") if source is not None else "results"
+
+
+def source_id(cfg: LinearConfig) -> str:
+    """Which encoder a set of output files belongs to: the weights' absolute path, or the untrained baseline."""
+    where = os.path.abspath(cfg.model_path or cfg.config or "")
+    return f"untrained:{where}" if cfg.untrained else where
+
+
+def check_not_taken(paths: dict[str, str], source: str) -> None:
+    """Refuse to overwrite the files of a linear evaluation of another checkpoint."""
+    try:
+        with open(paths["config"]) as f:
+            previous = json.load(f).get("source")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if os.path.exists(paths["config"]):
+        taken = previous != source
+    else:  # files of unknown origin: keep them too
+        taken = any(os.path.exists(p) for p in paths.values())
+    if taken:
+        raise UserError(f"{paths['statistics']} already holds the linear evaluation of "
+                        f"{previous or 'another run'}; pass another --name or --results_dir")
+
+
+# ----------------------------------------------------------------------------- loading the encoder
+
+def _load_error(path: str, e: Exception) -> UserError:
+    """A one-line reason why torch.load(weights_only=True) refused or failed on `path`."""
+    text = str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    code = next((line for line in lines if "GLOBAL" in line), None)
+    if isinstance(e, pickle.UnpicklingError) and code is not None:
+        return UserError(f"{path} refused: unpickling it would run code ({code}); nothing in it was run "
+                         f"(weights_only=True accepts only tensors and plain containers)")
+    if isinstance(e, EOFError) or "zip archive" in text or "central directory" in text:
+        return UserError(f"{path} is truncated or corrupted (not a complete PyTorch file); save or copy it again")
+    # torch's message wraps the reason in advice about weights_only=False, which must not be followed here
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch")
+    reasons = [line for line in lines if not line.startswith(boilerplate)]
+    detail = reasons[0] if reasons else type(e).__name__
+    return UserError(f"{path} is not a PyTorch weights file that can be loaded safely ({detail[:160]})")
+
+
+def load_encoder_state(path: str) -> dict[str, torch.Tensor]:
+    """The encoder's tensors ('f.' stripped) of a main.py NAME_model.pth or NAME_last.pth, loaded without code."""
+    if not os.path.isfile(path):
+        raise UserError(f"--model_path {path}: no such file")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols: keep the error to one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure of an untrusted file is the user's to fix
+        raise _load_error(path, e) from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "optimizer" in obj:
+        obj = obj["model"]  # a NAME_last.pth training checkpoint
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise UserError(f"{path} is not a state_dict (a dict of tensors) of main.py's SimCLR model")
+    state = {k[2:]: v for k, v in obj.items() if k.startswith("f.")}
+    if not state:
+        raise UserError(f"{path} is not a SimCLR state_dict: it has no encoder keys 'f.*'")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{path} is not a SimCLR state_dict: f.{bad[0]} is not a tensor")
+    return state
+
+
+def load_into(encoder: nn.Module, state: dict[str, torch.Tensor], path: str, what: str) -> None:
+    """Strict load of the encoder tensors, with a one-line UserError naming what does not fit."""
+    expected = encoder.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. f.{missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. f.{unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} shape mismatches (e.g. f.{k} {tuple(state[k].shape)} in the file, "
+                         f"{tuple(expected[k].shape)} expected)")
+        raise UserError(f"{path} does not fit a {what} encoder: {', '.join(parts)}; "
+                        f"was it trained with another --arch or --stem?")
+    encoder.load_state_dict(state, strict=True)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every parameter and buffer (BatchNorm running statistics included)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def changed_tensors(module: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors of `module` that are not bit-identical to `before`."""
+    now = module.state_dict()
+    return [k for k in before if k not in now or not torch.equal(now[k].detach().cpu(), before[k])] + \
+           [k for k in now if k not in before]
+
+
+# ----------------------------------------------------------------------------- augmentation and features
+
+def crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding size//8 and horizontal flip: uint8 (B, S, S, 3) -> float (B, 3, S, S) in [0, 1]."""
+    b, s = images.shape[0], images.shape[1]
+    pad = s // 8
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    # zero padding on [0, 1] pixels is black, as torchvision's RandomCrop(padding) on the raw image
+    x = F.pad(x, (pad, pad, pad, pad))
+    dev = images.device
+    top = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+    flip = torch.rand(b, device=dev, generator=generator) < 0.5
+    steps = torch.arange(s, device=dev)
+    rows = (top[:, None] + steps)[:, :, None]                                  # (B, S, 1)
+    cols = left[:, None] + steps                                               # (B, S)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]          # (B, 1, S)
+    out = x[torch.arange(b, device=dev)[:, None, None], :, rows, cols]         # (B, S, S, 3)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def standardizer(train_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std of the train features (N, d) -> ((d,), (d,)); constant features get std 1."""
+    mean = train_x.mean(dim=0)
+    std = train_x.std(dim=0, unbiased=False)
+    # a feature that is constant on the train split carries nothing: leave it at 0 rather than divide by 0
+    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
+def fold(linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
+    """Linear on standardised features -> the equal Linear on raw features: W' = W / std, b' = b - W' mean."""
+    out = nn.Linear(linear.in_features, linear.out_features)
+    with torch.no_grad():
+        weight = linear.weight / std
+        out.weight.copy_(weight)
+        out.bias.copy_(linear.bias - weight @ mean)
+    return out
+
+
+# ----------------------------------------------------------------------------- training the probe
+
+BatchFn = Callable[[torch.Tensor, int, int], torch.Tensor]  # (indices (B,), epoch, step) -> features (B, d)
+
+
+@torch.no_grad()
+def evaluate(linear: nn.Linear, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float, float]:
+    """(loss, top-1 %, top-5 %) of the probe on features (N, d) with labels (N,)."""
+    from utils import topk_accuracy
+    if x.shape[0] == 0:
+        return float("nan"), float("nan"), float("nan")
+    logits = torch.cat([linear(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])  # (N, C)
+    loss = F.cross_entropy(logits, y, reduction="mean").item()
+    top1, top5 = topk_accuracy(logits, y, (1, 5))
+    return loss, top1, top5
+
+
+def fit(batch_features: BatchFn, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+        num_classes: int, cfg: LinearConfig, on_epoch: Callable[[list[dict]], None] | None = None,
+        progress: bool = False) -> tuple[nn.Linear, list[dict]]:
+    """Train Linear(d -> num_classes) on batches of train features; one CSV row per epoch (train/test metrics)."""
+    from tqdm import tqdm
+    from optim import lr_at, set_lr
+    from utils import mix_seed, topk_accuracy
+    device = test_x.device
+    n = train_y.shape[0]
+    batch = min(cfg.batch_size, n)  # keeps every example, one batch when the split is smaller
+    steps_per_epoch = math.ceil(n / batch)
+    total_steps = cfg.epochs * steps_per_epoch
+    linear = nn.Linear(test_x.shape[1], num_classes).to(device)
+    # softmax regression is convex with no symmetry to break: zero start makes runs independent of init
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(linear.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(linear.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rows: list[dict] = []
+    epochs = tqdm(range(cfg.epochs), desc="linear probe", disable=not progress, dynamic_ncols=True)
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch))).to(device)
+        loss_sum, hits1, hits5 = 0.0, 0.0, 0.0
+        for step in range(steps_per_epoch):
+            idx = perm[step * batch:(step + 1) * batch]
+            set_lr(optimizer, lr_at(epoch * steps_per_epoch + step, cfg.lr, total_steps, 0, "cosine"))
+            x = batch_features(idx, epoch, step)                            # (B, d), fp32
+            y = train_y[idx]
+            logits = linear(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # train metrics are running averages over the epoch's batches (no second pass over the data)
+            acc1, acc5 = topk_accuracy(logits.detach(), y, (1, 5))
+            loss_sum += loss.item() * len(idx)
+            hits1 += acc1 * len(idx)
+            hits5 += acc5 * len(idx)
+        test_loss, test1, test5 = evaluate(linear, test_x, test_y)
+        rows.append({"epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc@1": hits1 / n,
+                     "train_acc@5": hits5 / n, "test_loss": test_loss, "test_acc@1": test1, "test_acc@5": test5,
+                     "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0})
+        epochs.set_postfix(loss=f"{rows[-1]['train_loss']:.3f}", test_top1=f"{test1:.2f}")
+        if on_epoch is not None:
+            on_epoch(rows)
+    return linear, rows
+
+
+def train_on_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                      num_classes: int, cfg: LinearConfig, on_epoch: Callable[[list[dict]], None] | None = None,
+                      progress: bool = False) -> tuple[nn.Linear, list[dict]]:
+    """The default protocol on fixed features (N, d) / (T, d); returns the probe on raw features and the rows."""
+    mean, std = standardizer(train_x) if cfg.standardize else (torch.zeros(train_x.shape[1], device=train_x.device),
+                                                                torch.ones(train_x.shape[1], device=train_x.device))
+    train_z, test_z = (train_x - mean) / std, (test_x - mean) / std  # train statistics only, also for test
+    linear, rows = fit(lambda idx, epoch, step: train_z[idx], train_y, test_z, test_y, num_classes, cfg,
+                       on_epoch, progress)
+    return fold(linear, mean, std), rows
+
+
+# ----------------------------------------------------------------------------- the run
+
+class EncoderChanged(Exception):
+    """The frozen encoder's parameters or buffers moved during the run."""
+
+
+def write_curves(rows: list[dict], path: str, title: str, say: Callable[[str], None]) -> None:
+    """NAME_linear_curves.png: loss panel (train, test), accuracy panel (train, test top-1); never fatal."""
+    try:
+        from plot import plot_run
+        plot_run(rows, path, title, loss_key="train_loss", acc_keys=("train_acc@1", "test_acc@1"),
+                 acc_label="linear probe top-1 (%)")
+    except Exception as e:  # noqa: BLE001 - matplotlib trouble must not lose the evaluation
+        say(f"warning: could not draw {path}: {e}")
+
+
+def run(cfg: LinearConfig) -> int:
+    """The whole linear evaluation; returns the exit code."""
+    from tqdm import tqdm
+    from augment import normalize, normalize_float
+    from data import load_dataset
+    from main import resolve_precision, subset
+    from model import SimCLR
+    from utils import (Runtime, atomic_save, atomic_save_json, atomic_write_csv, extract_features, mix_seed,
+                       resolve_device, seed_everything)
+
+    def say(message: str) -> None:
+        tqdm.write(message)
+
+    # Everything that can fail on the user's input is checked before any file is written.
+    saved = read_run_config(cfg)
+    enc = resolve_encoder(cfg, saved)
+    state = None if cfg.untrained else load_encoder_state(cfg.model_path)
+    name = output_name(cfg, enc)
+    results_dir = output_dir(cfg)
+    paths = {kind: os.path.join(results_dir, f"{name}_linear_{kind}.{ext}")
+             for kind, ext in (("statistics", "csv"), ("model", "pth"), ("config", "json"), ("curves", "png"))}
+    check_not_taken(paths, source_id(cfg))
+    device, note = resolve_device(cfg.device)
+    if note:
+        say(note)
+    if cfg.workers > 0:
+        torch.set_num_threads(cfg.workers)
+    runtime = Runtime(device, resolve_precision(cfg.precision, device), cfg.channels_last)
+
+    seed_everything(cfg.seed)  # the --untrained encoder's initialisation
+    model = SimCLR(enc.arch, stem=enc.stem)
+    what = f"{enc.arch} ({enc.stem} stem)"
+    if state is not None:
+        load_into(model.f, state, cfg.model_path, what)
+    model.requires_grad_(False)
+    model.eval()  # BatchNorm uses its running statistics and never updates them
+    frozen = snapshot(model.f)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    bundle = load_dataset(enc.dataset, enc.data_root, enc.image_size, cache_dir=enc.cache_dir, log=say)
+    train, test = subset(bundle.memory, cfg.train_subset, cfg.seed), bundle.test
+    if len(train) == 0 or len(test) == 0:
+        raise UserError(f"{enc.data_root} has no labeled train or no test images for the linear probe")
+    mean, std = (enc.mean, enc.std) if enc.mean is not None else (bundle.mean, bundle.std)
+    num_classes = len(bundle.classes)
+    source = "untrained (random init, seed %d)" % cfg.seed if cfg.untrained else cfg.model_path
+    say(f"linear probe on {what} features ({model.feature_width}-d) of {source}: {len(train)} train, "
+        f"{len(test)} test images, {num_classes} classes, {bundle.image_size}x{bundle.image_size}")
+
+    os.makedirs(results_dir, exist_ok=True)
+    atomic_save_json({**dataclasses.asdict(cfg), "source": source_id(cfg), "name": name, "results_dir": results_dir,
+                      "encoder": dataclasses.asdict(enc), "image_size": bundle.image_size, "mean": list(mean),
+                      "std": list(std), "num_classes": num_classes, "classes": bundle.classes,
+                      "feature_width": model.feature_width, "precision": runtime.precision,
+                      "torch_version": torch.__version__}, paths["config"])
+
+    to_input = lambda batch: normalize(batch, mean, std)  # noqa: E731
+    bar = lambda what: (lambda it: tqdm(it, desc=f"features of {what}", leave=False, dynamic_ncols=True))  # noqa: E731
+    train_y, test_y = train.labels.to(device), test.labels.to(device)
+    last_plot = [0.0]
+
+    def on_epoch(rows: list[dict]) -> None:
+        atomic_write_csv(paths["statistics"], CSV_COLUMNS, rows)
+        now = time.perf_counter()
+        if now - last_plot[0] >= PLOT_INTERVAL_S or rows[-1]["epoch"] == cfg.epochs:
+            write_curves(rows, paths["curves"], f"{name}: linear probe", say)
+            last_plot[0] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    test_x = extract_features(model.encode, test.images, to_input, runtime, cfg.feature_batch_size, bar("test set"))
+    if not cfg.augment:
+        train_x = extract_features(model.encode, train.images, to_input, runtime, cfg.feature_batch_size,
+                                   bar("train set"))
+        say(f"features extracted in {time.perf_counter() - t0:.1f} s; training the linear layer")
+        linear, rows = train_on_features(train_x, train_y, test_x, test_y, num_classes, cfg, on_epoch, True)
+    else:
+        if cfg.standardize:  # statistics of the un-augmented train features, as without --augment
+            f_mean, f_std = standardizer(extract_features(model.encode, train.images, to_input, runtime,
+                                                          cfg.feature_batch_size, bar("train set")))
+        else:
+            f_mean = torch.zeros(model.feature_width, device=device)
+            f_std = torch.ones(model.feature_width, device=device)
+        images = train.images
+        generator = torch.Generator(device=device)
+
+        @torch.no_grad()
+        def augmented(idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+            generator.manual_seed(mix_seed(cfg.seed, epoch, step))
+            batch = images[idx.cpu()].to(device, non_blocking=True)
+            x = normalize_float(crop_flip(batch, generator), mean, std)
+            with runtime.autocast():
+                h = model.encode(runtime.prepare(x))
+            return (h.float() - f_mean) / f_std
+
+        test_z = (test_x - f_mean) / f_std
+        linear, rows = fit(augmented, train_y, test_z, test_y, num_classes, cfg, on_epoch, True)
+        linear = fold(linear, f_mean, f_std)
+
+    moved = changed_tensors(model.f, frozen)
+    if moved or model.training:
+        raise EncoderChanged(f"the frozen encoder changed during the run ({len(moved)} tensors, e.g. "
+                             f"{moved[0] if moved else 'train mode'}); the linear result is not valid")
+    atomic_save(linear.cpu().state_dict(), paths["model"])
+    last = rows[-1]
+    best = max(rows, key=lambda r: r["test_acc@1"])
+    say(f"encoder unchanged: {len(frozen)} parameters and buffers bit-identical to the loaded ones")
+    say(f"files: {paths['statistics']}, {paths['model']}, {paths['curves']}")
+    print(f"linear probe: test top-1 {last['test_acc@1']:.2f}% top-5 {last['test_acc@5']:.2f}% "
+          f"(last epoch {last['epoch']}); best test top-1 {best['test_acc@1']:.2f}% at epoch {best['epoch']} "
+          f"(chosen on the test set, for reference only)", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    from data import DataError
+    try:
+        return run(build_config(argv))
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except EncoderChanged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print("error: out of GPU memory; try a smaller --feature_batch_size or --batch_size, or --precision bf16",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; files on disk are complete (each is written whole or not at all)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
