@@ -51,18 +51,46 @@ class SimCLR(nn.Module):
         """Encoder features h: (N, 3, S, S) -> (N, feature_width)."""
         f = self.f
         x = f.maxpool(f.relu(f.bn1(f.conv1(x))))
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for stage in (f.layer1, f.layer2, f.layer3, f.layer4):
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                # recompute each stage in backward: activations of one stage at a time in memory
-                x = checkpoint(stage, x, use_reentrant=False)
-            else:
+            if not recompute:
                 x = stage(x)
+                continue
+            for block in stage:
+                # keep only each residual block's input; its inner activations are recomputed in backward
+                x = checkpoint(_once_updating_bn(block), x, use_reentrant=False)
         return torch.flatten(f.avgpool(x), 1)  # (N, feature_width)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, S, S) -> h (N, feature_width), z (N, feature_dim)."""
         h = self.encode(x)
         return h, self.g(h)
+
+
+def _once_updating_bn(block: nn.Module):
+    """`block` for checkpoint(): the backward-time recomputation must not update BatchNorm's
+    running statistics a second time (it still normalises with the same batch statistics)."""
+    calls = 0
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return block(x)
+        norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                 for m in norms]
+        for m in norms:
+            m.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
+        try:
+            return block(x)
+        finally:
+            for m, (momentum, tracked) in zip(norms, saved):
+                m.momentum = momentum
+                if tracked is not None:
+                    m.num_batches_tracked.copy_(tracked)
+
+    return run
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

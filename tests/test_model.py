@@ -105,6 +105,9 @@ def test_grad_checkpoint_gives_same_loss_and_gradients():
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+    # the recomputation in backward must not update BatchNorm's running statistics again
+    for (name, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
 
 
 # ----------------------------------------------------------------------------- kNN
