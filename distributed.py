@@ -143,6 +143,32 @@ def gather_rows(x: torch.Tensor, n: int, world: World) -> torch.Tensor:
     return torch.cat(out)[:n]
 
 
+def in_turn(fn, world: World):
+    """Run fn() on rank 0 first, then on each machine's first process, then on the rest.
+
+    For work that fills a shared cache (a download, the decoded-image cache): the first process
+    builds it, later ones find it, whether the ranks share one file system or not.
+    """
+    if not world.distributed:
+        return fn()
+    result = None
+    for turn in range(3):
+        mine = 0 if world.rank == 0 else (1 if world.local_rank == 0 else 2)
+        if mine == turn:
+            result = fn()
+        dist.barrier()
+    return result
+
+
+def mean_over_ranks(x: torch.Tensor, world: World) -> torch.Tensor:
+    """Average of a tensor over all processes (itself in a single process)."""
+    if not world.distributed:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world.world_size
+
+
 def all_agree(flag: bool, world: World, device: torch.device) -> bool:
     """True on every process when `flag` is true on any one (used for stop requests)."""
     if not world.distributed:

@@ -28,7 +28,7 @@ import torch
 from augment import AugmentConfig, normalize, pil_transform, two_views
 from data import DATASETS, DEFAULT_IMAGE_SIZE, DataBundle, DataError, ImageSet, load_dataset
 from distributed import (World, all_agree, close_world, convert_batchnorm, gather_rows, global_nt_xent,
-                         init_world, shard)
+                         in_turn, init_world, mean_over_ranks, shard)
 from model import ARCHS, STEMS, SimCLR, at_least_fp32
 from optim import LR_SCALINGS, OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, scaled_lr, set_lr
 from utils import (Runtime, UserError, atomic_save, atomic_save_json, atomic_write_csv, extract_features,
@@ -405,7 +405,8 @@ def run(cfg: Config, world: World, resume_ckpt: dict | None, notes: list[str]) -
     precision = resolve_precision(cfg.precision, device)
     runtime = Runtime(device, precision, cfg.channels_last)
 
-    bundle = load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cache_dir=cfg.cache_dir, log=say)
+    bundle = in_turn(lambda: load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cache_dir=cfg.cache_dir,
+                                          log=say), world)
     train_set = subset(bundle.train, cfg.train_subset, cfg.seed)
     if bundle.memory is bundle.train:
         bundle = dataclasses.replace(bundle, train=train_set, memory=train_set)
@@ -489,7 +490,10 @@ def run(cfg: Config, world: World, resume_ckpt: dict | None, notes: list[str]) -
     stop.install()
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            # the same permutation on every rank (seeded by epoch); kept where the images are
             perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch)))
+            if cfg.aug_backend == "tensor":
+                perm = perm.to(train_images.device)
             first = start_step if epoch == start_epoch else 0
             loss_sum = torch.tensor(carried["loss_sum"] if epoch == start_epoch else 0.0, device=device)
             seconds_before = carried["seconds"] if epoch == start_epoch else 0.0
@@ -502,7 +506,7 @@ def run(cfg: Config, world: World, resume_ckpt: dict | None, notes: list[str]) -
             last_refresh, step, done = t0, first, first
             for step, views in enumerate(batches, start=first):
                 if views is None:  # tensor backend: augment here, on the device
-                    idx = perm_slice(perm, step, cfg.batch_size, local_batch, world).to(train_images.device)
+                    idx = perm_slice(perm, step, cfg.batch_size, local_batch, world)
                     generator.manual_seed(mix_seed(cfg.seed, epoch, step, world.rank))
                     views = two_views(train_images[idx].to(device, non_blocking=True), aug, generator)
                 else:
@@ -525,6 +529,7 @@ def run(cfg: Config, world: World, resume_ckpt: dict | None, notes: list[str]) -
                     break
             bar.close()
             check_finite(first_bad, epoch, steps_per_epoch, paths)
+            loss_sum = mean_over_ranks(loss_sum, world)  # each rank's loss covers its own anchors
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = seconds_before + time.perf_counter() - t0
