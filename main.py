@@ -404,6 +404,8 @@ def run(cfg: Config, world: World, resume_ckpt: dict | None, notes: list[str]) -
         say(device_note)
     precision = resolve_precision(cfg.precision, device)
     runtime = Runtime(device, precision, cfg.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # input shapes never change: let cuDNN pick its fastest kernels
 
     bundle = in_turn(lambda: load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cache_dir=cfg.cache_dir,
                                           log=say), world)
