@@ -16,10 +16,8 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import UserError
+from checkpoint import config_path_for, encoder_state, load_strict
+from checkpoint import read_run_config as load_run_config
+from utils import OneLineParser, UserError
 
 CSV_COLUMNS = ("epoch", "train_loss", "train_acc@1", "train_acc@5", "test_loss", "test_acc@1", "test_acc@5",
                "lr", "epoch_seconds")
@@ -83,13 +83,6 @@ class Encoder:
     cache_dir: str | None
     mean: tuple[float, float, float] | None  # normalisation the encoder was trained with (None: the data set's)
     std: tuple[float, float, float] | None
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (not usage + error) and exits 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,18 +185,6 @@ def run_stem(path: str, suffix: str) -> str:
     return base[:-len(suffix)] if base.endswith(suffix) and len(base) > len(suffix) else os.path.splitext(base)[0]
 
 
-def config_path_for(model_path: str) -> str:
-    """The run config main.py writes beside NAME_model.pth / NAME_last.pth: NAME_config.json."""
-    base = os.path.basename(model_path)
-    for suffix in ("_model.pth", "_last.pth"):
-        if base.endswith(suffix):
-            base = base[:-len(suffix)]
-            break
-    else:
-        base = os.path.splitext(base)[0]
-    return os.path.join(os.path.dirname(model_path), f"{base}_config.json")
-
-
 def read_run_config(cfg: LinearConfig) -> dict:
     """The saved run config as a dict ({} when none is found and the flags name arch and data set)."""
     path = cfg.config
@@ -218,16 +199,7 @@ def read_run_config(cfg: LinearConfig) -> dict:
         if cfg.arch is None or cfg.dataset is None:
             raise UserError("--untrained without --model_path needs --config, or --arch and --dataset")
         return {}
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"--config {path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable JSON run config ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"{path} is not a run config of main.py (not a JSON object)")
-    return saved
+    return load_run_config(path)
 
 
 def resolve_encoder(cfg: LinearConfig, saved: dict) -> Encoder:
@@ -298,67 +270,6 @@ def check_not_taken(paths: dict[str, str], source: str) -> None:
 
 
 # ----------------------------------------------------------------------------- loading the encoder
-
-def _load_error(path: str, e: Exception) -> UserError:
-    """A one-line reason why torch.load(weights_only=True) refused or failed on `path`."""
-    text = str(e)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    code = next((line for line in lines if "GLOBAL" in line), None)
-    if isinstance(e, pickle.UnpicklingError) and code is not None:
-        return UserError(f"{path} refused: unpickling it would run code ({code}); nothing in it was run "
-                         f"(weights_only=True accepts only tensors and plain containers)")
-    if isinstance(e, EOFError) or "zip archive" in text or "central directory" in text:
-        return UserError(f"{path} is truncated or corrupted (not a complete PyTorch file); save or copy it again")
-    # torch's message wraps the reason in advice about weights_only=False, which must not be followed here
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch")
-    reasons = [line for line in lines if not line.startswith(boilerplate)]
-    detail = reasons[0] if reasons else type(e).__name__
-    return UserError(f"{path} is not a PyTorch weights file that can be loaded safely ({detail[:160]})")
-
-
-def load_encoder_state(path: str) -> dict[str, torch.Tensor]:
-    """The encoder's tensors ('f.' stripped) of a main.py NAME_model.pth or NAME_last.pth, loaded without code."""
-    if not os.path.isfile(path):
-        raise UserError(f"--model_path {path}: no such file")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols: keep the error to one line
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure of an untrusted file is the user's to fix
-        raise _load_error(path, e) from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "optimizer" in obj:
-        obj = obj["model"]  # a NAME_last.pth training checkpoint
-    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise UserError(f"{path} is not a state_dict (a dict of tensors) of main.py's SimCLR model")
-    state = {k[2:]: v for k, v in obj.items() if k.startswith("f.")}
-    if not state:
-        raise UserError(f"{path} is not a SimCLR state_dict: it has no encoder keys 'f.*'")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise UserError(f"{path} is not a SimCLR state_dict: f.{bad[0]} is not a tensor")
-    return state
-
-
-def load_into(encoder: nn.Module, state: dict[str, torch.Tensor], path: str, what: str) -> None:
-    """Strict load of the encoder tensors, with a one-line UserError naming what does not fit."""
-    expected = encoder.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. f.{missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. f.{unexpected[0]})")
-        if shapes:
-            k = shapes[0]
-            parts.append(f"{len(shapes)} shape mismatches (e.g. f.{k} {tuple(state[k].shape)} in the file, "
-                         f"{tuple(expected[k].shape)} expected)")
-        raise UserError(f"{path} does not fit a {what} encoder: {', '.join(parts)}; "
-                        f"was it trained with another --arch or --stem?")
-    encoder.load_state_dict(state, strict=True)
-
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of every parameter and buffer (BatchNorm running statistics included)."""
@@ -524,7 +435,7 @@ def run(cfg: LinearConfig) -> int:
     # Everything that can fail on the user's input is checked before any file is written.
     saved = read_run_config(cfg)
     enc = resolve_encoder(cfg, saved)
-    state = None if cfg.untrained else load_encoder_state(cfg.model_path)
+    state = None if cfg.untrained else encoder_state(cfg.model_path)
     name = output_name(cfg, enc)
     results_dir = output_dir(cfg)
     paths = {kind: os.path.join(results_dir, f"{name}_linear_{kind}.{ext}")
@@ -541,7 +452,7 @@ def run(cfg: LinearConfig) -> int:
     model = SimCLR(enc.arch, stem=enc.stem)
     what = f"{enc.arch} ({enc.stem} stem)"
     if state is not None:
-        load_into(model.f, state, cfg.model_path, what)
+        load_strict(model.f, state, cfg.model_path, f"{what} encoder")
     model.requires_grad_(False)
     model.eval()  # BatchNorm uses its running statistics and never updates them
     frozen = snapshot(model.f)

@@ -14,24 +14,23 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import os
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
 
+from checkpoint import is_training_checkpoint, load_untrusted
 from augment import AugmentConfig, normalize, pil_transform, two_views
-from data import DATASETS, DEFAULT_IMAGE_SIZE, DataBundle, DataError, ImageSet, load_dataset
+from data import DATASETS, DataBundle, DataError, ImageSet, load_dataset
 from distributed import (World, all_agree, close_world, convert_batchnorm, gather_rows, global_nt_xent,
                          in_turn, init_world, mean_over_ranks, shard)
 from model import ARCHS, STEMS, SimCLR, at_least_fp32
 from optim import LR_SCALINGS, OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, scaled_lr, set_lr
-from utils import (Runtime, UserError, atomic_save, atomic_save_json, atomic_write_csv, extract_features,
+from utils import (OneLineParser, Runtime, UserError, atomic_save, atomic_save_json, atomic_write_csv, extract_features,
                    knn_accuracy, mix_seed, resolve_device, seed_everything)
 
 CSV_COLUMNS = ("epoch", "train_loss", "test_acc@1", "test_acc@5", "lr", "epoch_seconds",
@@ -105,13 +104,6 @@ class Config:
     knn_at_start: bool
     recipe: str
     resume: str | None
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (not usage + error) and exits 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,16 +238,8 @@ def validate_data(cfg: Config, bundle: DataBundle) -> None:
 
 def load_checkpoint(path: str) -> dict:
     """A NAME_last.pth checkpoint, loaded without running code (weights_only)."""
-    try:
-        with warnings.catch_warnings():  # torch's own advice (weights_only=False) is not for us
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"--resume {path}: no such file") from None
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--resume {path} is not a readable checkpoint ({first[:200]})") from None
-    if not isinstance(ckpt, dict) or not {"model", "optimizer", "config", "epoch"} <= set(ckpt):
+    ckpt = load_untrusted(path, "--resume")
+    if not is_training_checkpoint(ckpt) or not {"config", "epoch"} <= set(ckpt):
         raise UserError(f"--resume {path} is not a NAME_last.pth training checkpoint of this project")
     return ckpt
 

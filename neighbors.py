@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ import torch.nn.functional as F
 from augment import normalize
 from data import DataBundle, DataError, load_dataset
 from model import SimCLR
-from utils import Runtime, UserError, atomic_write_bytes, extract_features, resolve_device
+from checkpoint import config_path_for, encoder_state, first_line, load_strict, read_run_config, run_base
+from utils import OneLineParser, Runtime, UserError, atomic_write_bytes, extract_features, resolve_device
 
 # Keys of NAME_config.json needed to rebuild the model and reload its data.
 CONFIG_KEYS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "dataset", "data_root", "image_size")
@@ -100,22 +100,9 @@ def find_neighbors(model: SimCLR, bundle: DataBundle, n: int, k: int, seed: int,
 
 # ----------------------------------------------------------------------------- loading
 
-def run_base(model_path: str) -> str:
-    """results/NAME_model.pth -> results/NAME, the stem of the run's other files."""
-    return model_path[: -len("_model.pth")] if model_path.endswith("_model.pth") else os.path.splitext(model_path)[0]
-
-
 def load_config(path: str) -> dict:
     """The flat NAME_config.json of a run; UserError when it is missing or lacks CONFIG_KEYS."""
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such config file; pass --config results/NAME_config.json") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable JSON config ({_first_line(e)})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a NAME_config.json of main.py")
+    config = read_run_config(path)
     missing = [key for key in CONFIG_KEYS if key not in config]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: pass the NAME_config.json written by main.py")
@@ -123,38 +110,14 @@ def load_config(path: str) -> dict:
 
 
 def load_model(model_path: str, config: dict) -> SimCLR:
-    """SimCLR rebuilt from the config with every weight of NAME_model.pth loaded (strict), on the CPU."""
-    try:
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"--model_path {model_path}: no such file") from None
-    except Exception as e:  # unpickling errors come in many types; all mean "not our weights file"
-        raise UserError(f"--model_path {model_path} is not a readable weights file ({_first_line(e)})") from None
-    if isinstance(state, dict) and "model" in state and "optimizer" in state:
-        raise UserError(f"--model_path {model_path} is a training checkpoint (NAME_last.pth); pass NAME_model.pth")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"--model_path {model_path} is not a state_dict of model.SimCLR")
+    """SimCLR rebuilt from the config with the encoder of NAME_model.pth (or NAME_last.pth) loaded strictly."""
+    state = encoder_state(model_path)
     try:
         model = SimCLR(config["arch"], int(config["feature_dim"]), int(config["proj_hidden_dim"]), config["stem"])
     except (ValueError, TypeError) as e:
-        raise UserError(f"the config does not describe a model ({_first_line(e)})") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or mismatched:
-        example = (missing or unexpected or mismatched)[0]
-        raise UserError(f"--model_path {model_path} does not fit a {config['arch']} ({config['stem']} stem, head "
-                        f"{config['proj_hidden_dim']}-{config['feature_dim']}) as its config says: {len(missing)} "
-                        f"missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped weights (e.g. {example})")
-    model.load_state_dict(state, strict=True)
+        raise UserError(f"the config does not describe a model ({first_line(e)})") from None
+    load_strict(model.f, state, model_path, f"{config['arch']} ({config['stem']} stem) encoder")
     return model.eval()
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type name when empty), at most 200 characters."""
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 # ----------------------------------------------------------------------------- picture
@@ -230,13 +193,6 @@ def same_class_fraction(bundle: DataBundle, result: Neighbors) -> float:
 
 # ----------------------------------------------------------------------------- command line
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line and exits 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The flags of neighbors.py."""
     p = OneLineParser(description="Show test images and their nearest labeled training images by encoder feature.")
@@ -262,7 +218,7 @@ def run(args: argparse.Namespace) -> tuple[DataBundle, Neighbors, str]:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
     if args.image_size is not None and args.image_size < 8:
         raise UserError(f"--image_size {args.image_size} is too small for a ResNet; use 8 or more")
-    config = load_config(args.config or run_base(args.model_path) + "_config.json")
+    config = load_config(args.config or config_path_for(args.model_path))
     model = load_model(args.model_path, config)
     device, note = resolve_device(args.device)
     if note:
@@ -288,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         atomic_write_bytes(out, draw_neighbors(bundle, result, title))
     except OSError as e:  # e.g. --out in a folder that cannot be written
-        print(f"error: cannot write {out}: {_first_line(e)}", file=sys.stderr)
+        print(f"error: cannot write {out}: {first_line(e)}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({100 * same_class_fraction(bundle, result):.1f}% of the neighbours share the query's class)")
     return 0

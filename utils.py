@@ -1,6 +1,7 @@
 """Shared pieces: user errors, seeding, the speed settings, kNN evaluation and atomic results files."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import io
@@ -19,6 +20,13 @@ import torch.nn.functional as F
 
 class UserError(Exception):
     """Something the user can fix (a flag, a file): printed as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (not usage + error) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # ----------------------------------------------------------------------------- seeding

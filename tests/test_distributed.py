@@ -119,7 +119,6 @@ def test_torchrun_two_processes_end_to_end(tiny_folder, tmp_path):
     assert frame["epoch"].tolist() == [1, 2]
 
     # the saved weights, evaluated in this single process, give the kNN accuracy the two ranks reported
-    import dataclasses
     import main
     from data import load_dataset
     cfg, _, _ = main.parse(vars(main.build_parser().parse_args(args)), World())

@@ -58,8 +58,8 @@ def quick(model_path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("augment", [False, True])
 def test_encoder_params_and_batchnorm_buffers_are_bit_identical(trained, tmp_path, monkeypatch, augment):
     captured = []
-    load_into = linear.load_into
-    monkeypatch.setattr(linear, "load_into", lambda enc, *a: (captured.append(enc), load_into(enc, *a))[1])
+    load_strict = linear.load_strict
+    monkeypatch.setattr(linear, "load_strict", lambda enc, *a: (captured.append(enc), load_strict(enc, *a))[1])
     extra = ["--augment"] if augment else []
     assert linear.main(quick(trained / "run_model.pth", "--results_dir", str(tmp_path), *extra)) == 0
 
@@ -77,8 +77,8 @@ def test_encoder_params_and_batchnorm_buffers_are_bit_identical(trained, tmp_pat
 
 def test_the_script_itself_refuses_a_moved_encoder(trained, tmp_path, monkeypatch, capsys):
     captured = []
-    load_into = linear.load_into
-    monkeypatch.setattr(linear, "load_into", lambda enc, *a: (captured.append(enc), load_into(enc, *a))[1])
+    load_strict = linear.load_strict
+    monkeypatch.setattr(linear, "load_strict", lambda enc, *a: (captured.append(enc), load_strict(enc, *a))[1])
     train_on_features = linear.train_on_features
 
     def buggy(*args, **kwargs):  # a bug that touches a BatchNorm buffer while the probe trains

@@ -34,7 +34,6 @@ def test_lars_matches_reference_for_several_steps():
     weights, excluded = split_decay_groups(model)
     params = weights + excluded
     flags = [False] * len(weights) + [True] * len(excluded)
-    ref = [p.detach().clone() for p in params]
     bufs = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     for step in range(4):
         x = torch.randn(16, 5)

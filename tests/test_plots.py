@@ -10,6 +10,7 @@ import main
 import neighbors
 import plot
 from data import load_dataset
+from model import SimCLR
 from utils import Runtime
 
 ROWS = [{"epoch": 1, "train_loss": 5.1, "test_acc@1": 30.0, "test_acc@5": 70.0},
@@ -268,18 +269,15 @@ def test_neighbors_bad_input_exits_2_and_writes_nothing(tiny_run, tmp_path, caps
     model = str(tiny_run / "tiny_model.pth")
     garbage = tmp_path / "garbage_model.pth"
     garbage.write_bytes(b"not a checkpoint")
-    other = tmp_path / "other_model.pth"  # the head of another run: does not fit the config
-    state = torch.load(model, weights_only=True)
-    torch.save({k: v for k, v in state.items() if not k.startswith("g.")}, other)
+    other = tmp_path / "other_model.pth"  # another architecture than the config says
+    torch.save(SimCLR("resnet34", feature_dim=16, proj_hidden_dim=32).state_dict(), other)
     out = tmp_path / "n.png"
     cases = [
         (["--model_path", str(tmp_path / "missing_model.pth"), "--config", str(tiny_run / "tiny_config.json")],
          "no such file"),
-        (["--model_path", str(tmp_path / "missing_model.pth")], "no such config file"),
-        (["--model_path", str(garbage), "--config", str(tiny_run / "tiny_config.json")], "not a readable weights"),
-        (["--model_path", str(other), "--config", str(tiny_run / "tiny_config.json")], "missing"),
-        (["--model_path", str(tiny_run / "tiny_last.pth"), "--config", str(tiny_run / "tiny_config.json")],
-         "training checkpoint"),
+        (["--model_path", str(tmp_path / "missing_model.pth")], "no such file; pass --config"),
+        (["--model_path", str(garbage), "--config", str(tiny_run / "tiny_config.json")], "not a PyTorch weights"),
+        (["--model_path", str(other), "--config", str(tiny_run / "tiny_config.json")], "does not fit a resnet18"),
         (["--model_path", model, "--n", "1000"], "--n 1000"),
         (["--model_path", model, "--k", "0"], "must be positive"),
         (["--model_path", model, "--data_root", str(tmp_path / "nowhere")], "does not exist"),

@@ -146,7 +146,7 @@ def test_resume_of_a_bad_file_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "x_last.pth"
     bad.write_bytes(b"not a checkpoint")
     assert main.main(["--resume", str(bad)]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert "not a PyTorch weights file" in capsys.readouterr().err
     assert main.main(["--resume", str(tmp_path / "missing.pth")]) == 2
     assert "no such file" in capsys.readouterr().err
 
