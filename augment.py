@@ -202,21 +202,6 @@ def _axis_taps(
     return i0 + off, i1 + off, frac
 
 
-def _resample_rows(
-    images: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor, frac: torch.Tensor
-) -> torch.Tensor:
-    """Linear interpolation along dim 2 of (B, C, H, W): taps (B, S) -> (B, C, S, W)."""
-    b, c, h, w = images.shape
-    s = i0.shape[1]
-    # Whole source rows are copied with index_select, which is much faster than an
-    # element-wise gather on CPU; flat row index = (b * C + c) * H + y.
-    base = (torch.arange(b * c, device=images.device) * h).view(b, c, 1)  # (B, C, 1)
-    flat = images.reshape(b * c * h, w)
-    r0 = flat.index_select(0, (base + i0.unsqueeze(1)).reshape(-1)).view(b, c, s, w)
-    r1 = flat.index_select(0, (base + i1.unsqueeze(1)).reshape(-1)).view(b, c, s, w)
-    return r0.lerp_(r1, frac.view(b, 1, s, 1))  # (B, C, S, W)
-
-
 def _tap_matrix(i0: torch.Tensor, i1: torch.Tensor, frac: torch.Tensor, n_in: int, scale: float) -> torch.Tensor:
     """Dense interpolation matrix (B, S, n_in) with (1-frac, frac) * scale at columns (i0, i1)."""
     b, s = i0.shape
