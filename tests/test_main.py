@@ -118,3 +118,15 @@ def test_offline_cifar10_says_which_file_to_put_where(tmp_path, monkeypatch, cap
     assert code == 2
     assert len(err.splitlines()) == 1 and "cifar-10-python.tar.gz" in err and str(tmp_path / "data") in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_recipes_set_flags_and_explicit_flags_win():
+    paper = main.resolve_values({"recipe": "paper"})
+    assert (paper["optimizer"], paper["lr"], paper["lr_scaling"], paper["warmup_epochs"], paper["schedule"]) == \
+        ("lars", 1.0, "linear", 10, "cosine")
+    assert (paper["proj_hidden_dim"], paper["temperature"], paper["jitter_strength"], paper["blur"]) == \
+        (2048, 0.5, 0.5, False)
+    assert paper["weight_decay"] == 1e-6
+    overridden = main.resolve_values({"recipe": "paper", "lr": 0.3, "blur": True})
+    assert overridden["lr"] == 0.3 and overridden["blur"] is True and overridden["optimizer"] == "lars"
+    assert main.resolve_values({"recipe": "seed"}) == main.resolve_values({})

@@ -186,3 +186,23 @@ def test_sigint_subprocess_then_resume_auto_completes(tiny_folder, tmp_path):
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert pd.read_csv(csv)["epoch"].tolist() == list(range(1, done + 2))
+
+
+def test_sigterm_stops_after_the_step_with_exit_143(tiny_folder, tmp_path, capsys):
+    real_step = main.train_step
+    count = [0]
+
+    def step_then_term(*a, **kw):
+        loss = real_step(*a, **kw)
+        count[0] += 1
+        if count[0] == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return loss
+    main.train_step = step_then_term
+    try:
+        code = main.main(args(tiny_folder, tmp_path, "term", "--epochs", "1"))
+    finally:
+        main.train_step = real_step
+    assert code == 143 and count[0] == 2  # no step after the one that was running
+    assert "--resume auto" in capsys.readouterr().err
+    assert torch.load(tmp_path / "term_last.pth", weights_only=True)["step_in_epoch"] == 2

@@ -1,0 +1,53 @@
+"""Checks that need a CUDA GPU (skipped without one): no host sync in the step, device augmentation."""
+import pytest
+import torch
+
+import main
+from augment import AugmentConfig, apply_params, sample_params, two_views
+from model import SimCLR
+from optim import build_optimizer
+from utils import Runtime
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CFG = AugmentConfig(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def test_training_step_never_waits_for_the_gpu():
+    device = torch.device("cuda")
+    images = torch.randint(0, 256, (512, 32, 32, 3), dtype=torch.uint8, device=device)
+    perm = torch.randperm(512, device=device)
+    model = SimCLR("resnet18").to(device).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, "lars", 0.1, 1e-6)
+    runtime = Runtime(device, "bf16", True)
+    generator = torch.Generator(device=device)
+    loss_sum = torch.zeros((), device=device)
+    for warm in range(2):  # cuDNN and allocator warm-up may sync; the steady state must not
+        main.train_step(model, optimizer, two_views(images[perm[:64]], CFG, generator), 0.5, runtime)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3):
+            generator.manual_seed(step)
+            views = two_views(images[perm[step * 64:(step + 1) * 64]], CFG, generator)
+            loss_sum += main.train_step(model, optimizer, views, 0.5, runtime)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss_sum).item()
+
+
+def test_device_augmentation_equals_cpu_given_the_same_parameters():
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+    params = sample_params(64, 32, 32, CFG, torch.Generator().manual_seed(0))
+    on_cpu = apply_params(images, params, CFG)
+    on_gpu = apply_params(images.cuda(), {k: v.cuda() for k, v in params.items()}, CFG).cpu()
+    assert torch.allclose(on_cpu, on_gpu, atol=1e-4)
+
+
+def test_compiled_run_saves_plain_weights(tiny_folder, tmp_path):
+    args = ["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16", "--arch", "resnet18",
+            "--batch_size", "8", "--epochs", "1", "--k", "5", "--device", "cuda", "--compile",
+            "--results_dir", str(tmp_path), "--name", "c"]
+    assert main.main(args) == 0
+    state = torch.load(tmp_path / "c_model.pth", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in state)
+    SimCLR("resnet18").load_state_dict(state)
