@@ -374,186 +374,233 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+@dataclass
+class EpochResult:
+    """What one pass over (part of) an epoch produced."""
+    done: int               # steps finished in this epoch (from its first step, resumed or not)
+    loss_sum: torch.Tensor  # sum of the step losses, averaged over processes
+    seconds: float          # training time of the epoch so far
+
+
+class Trainer:
+    """One run's state: data, model, optimizer, files; built once, then driven epoch by epoch."""
+
+    def __init__(self, cfg: Config, world: World, resume_ckpt: dict | None, say):
+        self.cfg, self.world, self.say = cfg, world, say
+        device, device_note = resolve_device(cfg.device)
+        if world.distributed and device.type == "cuda":
+            device = torch.device("cuda", world.local_rank)
+        if device_note:
+            say(device_note)
+        self.device = device
+        self.precision = resolve_precision(cfg.precision, device)
+        self.runtime = Runtime(device, self.precision, cfg.channels_last)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # input shapes never change: let cuDNN pick its fastest kernels
+
+        bundle = in_turn(lambda: load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cache_dir=cfg.cache_dir,
+                                              log=say), world)
+        train_set = subset(bundle.train, cfg.train_subset, cfg.seed)
+        shared_bank = bundle.memory is bundle.train
+        bundle = dataclasses.replace(bundle, train=train_set, memory=train_set if shared_bank else bundle.memory)
+        validate_data(cfg, bundle)
+        self.knn_temperature = cfg.knn_temperature if cfg.knn_temperature is not None else cfg.temperature
+
+        seed_everything(cfg.seed)
+        model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint)
+        self.params, self.macs = count_macs(model, bundle.image_size)
+        say(f"model: {cfg.arch} ({cfg.stem} stem) + head {model.feature_width}-{cfg.proj_hidden_dim}-"
+            f"{cfg.feature_dim}: {self.params / 1e6:.2f} M parameters, {self.macs / 1e9:.3f} G MACs per "
+            f"{bundle.image_size}x{bundle.image_size} image (thop)")
+        model = model.to(device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+
+        self.steps_per_epoch = len(train_set.labels) // cfg.batch_size  # the last incomplete batch is dropped
+        self.base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(model, cfg.optimizer, self.base_lr, cfg.weight_decay, cfg.momentum)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+
+        self.start_epoch, self.start_step = 0, 0
+        self.carried = dict(loss_sum=0.0, seconds=0.0)  # of a checkpoint written mid-epoch
+        self.history: list[dict] = []
+        self.best_acc = -1.0
+        if resume_ckpt is not None:
+            self._restore(model, resume_ckpt)
+
+        self.model, self.net = model, model
+        if world.distributed:
+            self.model = convert_batchnorm(model, device)
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.encode = self.model.encode
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+            self.encode = torch.compile(self.model.encode)
+
+        self.paths = {kind: os.path.join(cfg.results_dir, f"{cfg.name}_{kind}")
+                      for kind in ("statistics.csv", "model.pth", "last.pth", "config.json", "curves.png")}
+        self.aug = AugmentConfig(image_size=bundle.image_size, mean=bundle.mean, std=bundle.std,
+                                 min_crop_scale=cfg.min_crop_scale, jitter_strength=cfg.jitter_strength, blur=cfg.blur)
+        self.train_images = train_set.images
+        if cfg.aug_backend == "tensor" and device.type == "cuda":
+            self.train_images = put_on_device(train_set.images, device, say)
+            if shared_bank:
+                bundle = dataclasses.replace(bundle, memory=ImageSet(self.train_images, bundle.memory.labels))
+        self.bundle = bundle
+        self.generator = torch.Generator(device=self.train_images.device)
+
+    def _restore(self, model: SimCLR, ckpt: dict) -> None:
+        """Continue from a NAME_last.pth checkpoint."""
+        model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch, self.start_step = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
+        self.carried = dict(loss_sum=ckpt.get("epoch_loss_sum", 0.0), seconds=ckpt.get("epoch_seconds", 0.0))
+        self.history = [row for row in ckpt.get("history", []) if row["epoch"] <= self.start_epoch]
+        self.best_acc = ckpt.get("best_acc", -1.0)
+        restore_rng(ckpt.get("rng", {}))
+        self.say(f"resuming {self.cfg.name} at epoch {self.start_epoch + 1}, step {self.start_step} "
+                 f"of {self.steps_per_epoch}")
+
+    def write_config(self) -> None:
+        """NAME_config.json: every resolved flag, plus data, model and versions."""
+        cfg, bundle = self.cfg, self.bundle
+        atomic_save_json({**dataclasses.asdict(cfg), "image_size": bundle.image_size,
+                          "knn_temperature": self.knn_temperature, "precision": self.precision,
+                          "base_lr": self.base_lr, "world_size": self.world.world_size,
+                          "num_classes": len(bundle.classes), "classes": bundle.classes,
+                          "mean": list(bundle.mean), "std": list(bundle.std), "train_images": len(bundle.train.labels),
+                          "parameters": self.params, "macs_per_image": self.macs,
+                          "torch_version": torch.__version__, "torchvision_version": _tv_version()},
+                         self.paths["config.json"])
+
+    def evaluate(self) -> tuple[float, float, float]:
+        """kNN top-1, top-5 (%) and the seconds it took."""
+        t0 = time.perf_counter()
+        top1, top5 = evaluate(self.model, self.encode, self.bundle, self.cfg, self.runtime, self.world,
+                              self.knn_temperature)
+        return top1, top5, time.perf_counter() - t0
+
+    def train_epoch(self, epoch: int, stop: StopRequest) -> EpochResult:
+        """Steps of one epoch from its first unfinished one, until its end or a stop request."""
+        from tqdm import tqdm
+        cfg, world, device, steps = self.cfg, self.world, self.device, self.steps_per_epoch
+        resumed = epoch == self.start_epoch
+        first = self.start_step if resumed else 0
+        # the same permutation on every rank (seeded by epoch), kept where the images are
+        perm = torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch)))
+        if cfg.aug_backend == "tensor":
+            perm = perm.to(self.train_images.device)
+        loss_sum = torch.tensor(self.carried["loss_sum"] if resumed else 0.0, device=device)
+        first_bad = torch.tensor(-1, device=device)  # step of the first non-finite loss, kept on the device
+        local_batch = cfg.batch_size // world.world_size
+        self.model.train()
+        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not world.is_main,
+                   dynamic_ncols=True)
+        batches = epoch_batches(perm, first, steps, cfg, world, self.train_images, self.aug, epoch, device)
+        t0 = time.perf_counter()
+        last_refresh, done = t0, first
+        for step, views in enumerate(batches, start=first):
+            if views is None:  # tensor backend: augment here, on the device
+                idx = perm_slice(perm, step, cfg.batch_size, local_batch, world)
+                self.generator.manual_seed(mix_seed(cfg.seed, epoch, step, world.rank))
+                views = two_views(self.train_images[idx].to(device, non_blocking=True), self.aug, self.generator)
+            else:
+                views = views.to(device, non_blocking=True)
+            set_lr(self.optimizer, lr_at(epoch * steps + step, self.base_lr, self.total_steps, self.warmup_steps,
+                                         cfg.schedule))
+            loss = train_step(self.net, self.optimizer, views, cfg.temperature, self.runtime, self.scaler)
+            loss_sum += loss
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            done = step + 1
+            bar.update(1)
+            now = time.perf_counter()
+            if now - last_refresh > 0.5 or done == steps:
+                last_refresh = now
+                check_finite(first_bad, epoch, steps, self.paths)  # one sync, a few times a second
+                bar.set_postfix(loss=f"{loss_sum.item() / done:.4f}")
+            wants_stop = stop.signum is not None
+            if world.distributed:  # every rank must stop after the same step
+                wants_stop = (done % 10 == 0 or done == steps) and all_agree(wants_stop, world, device)
+            if wants_stop and done < steps:
+                break
+        bar.close()
+        check_finite(first_bad, epoch, steps, self.paths)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = (self.carried["seconds"] if resumed else 0.0) + time.perf_counter() - t0
+        return EpochResult(done, mean_over_ranks(loss_sum, world), seconds)
+
+    def save_last(self, epoch: int, step: int, loss_sum: float, seconds: float) -> None:
+        """NAME_last.pth: everything --resume needs to continue exactly (epoch = completed epochs)."""
+        save_last(self.paths, dict(model=self.model, optimizer=self.optimizer, scaler=self.scaler, cfg=self.cfg,
+                                   history=self.history, best_acc=self.best_acc,
+                                   schedule=dict(name=self.cfg.schedule, base_lr=self.base_lr,
+                                                 steps_per_epoch=self.steps_per_epoch,
+                                                 warmup_steps=self.warmup_steps, total_steps=self.total_steps)),
+                  epoch, step, loss_sum, seconds)
+
+    def end_epoch(self, epoch: int, result: EpochResult) -> dict:
+        """Evaluate if due, then write the CSV, curves, best weights and checkpoint; returns the CSV row."""
+        cfg = self.cfg
+        row = {"epoch": epoch + 1, "train_loss": result.loss_sum.item() / self.steps_per_epoch, "test_acc@1": None,
+               "test_acc@5": None, "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": result.seconds,
+               "train_images_per_second": self.steps_per_epoch * cfg.batch_size / result.seconds, "knn_seconds": None}
+        if (epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs:
+            top1, top5, seconds = self.evaluate()
+            row.update({"test_acc@1": top1, "test_acc@5": top5, "knn_seconds": seconds})
+            if top1 > self.best_acc and self.world.is_main:
+                atomic_save(self.model.state_dict(), self.paths["model.pth"])
+            self.best_acc = max(self.best_acc, top1)
+        self.history.append(row)
+        if self.world.is_main:
+            atomic_write_csv(self.paths["statistics.csv"], CSV_COLUMNS, self.history)
+            write_curves(self.history, self.paths["curves.png"], cfg.name, self.say)
+            self.save_last(epoch + 1, 0, 0.0, 0.0)
+        return row
+
+
 def run(cfg: Config, world: World, resume_ckpt: dict | None, notes: list[str]) -> int:
     """The whole job; returns the exit code."""
     from tqdm import tqdm
     say = (lambda *a: tqdm.write(" ".join(str(x) for x in a))) if world.is_main else (lambda *a: None)
     for note in notes:
         say(note)
-
-    device, device_note = resolve_device(cfg.device)
-    if world.distributed and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
-    if device_note:
-        say(device_note)
-    precision = resolve_precision(cfg.precision, device)
-    runtime = Runtime(device, precision, cfg.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # input shapes never change: let cuDNN pick its fastest kernels
-
-    bundle = in_turn(lambda: load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cache_dir=cfg.cache_dir,
-                                          log=say), world)
-    train_set = subset(bundle.train, cfg.train_subset, cfg.seed)
-    if bundle.memory is bundle.train:
-        bundle = dataclasses.replace(bundle, train=train_set, memory=train_set)
-    else:
-        bundle = dataclasses.replace(bundle, train=train_set)
-    validate_data(cfg, bundle)
-    image_size = bundle.image_size
-    knn_temperature = cfg.knn_temperature if cfg.knn_temperature is not None else cfg.temperature
-
-    seed_everything(cfg.seed)
-    model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint)
-    params, macs = count_macs(model, image_size)
-    say(f"model: {cfg.arch} ({cfg.stem} stem) + head {model.feature_width}-{cfg.proj_hidden_dim}-{cfg.feature_dim}: "
-        f"{params / 1e6:.2f} M parameters, {macs / 1e9:.3f} G MACs per {image_size}x{image_size} image (thop)")
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
-    n_train = len(bundle.train.labels)
-    steps_per_epoch = n_train // cfg.batch_size  # the last incomplete batch is dropped
-    base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    optimizer = build_optimizer(model, cfg.optimizer, base_lr, cfg.weight_decay, cfg.momentum)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-    start_epoch, start_step, carried = 0, 0, dict(loss_sum=0.0, seconds=0.0)
-    history: list[dict] = []
-    best_acc = -1.0
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        if scaler is not None and resume_ckpt.get("scaler"):
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        start_epoch, start_step = resume_ckpt["epoch"], resume_ckpt.get("step_in_epoch", 0)
-        carried = dict(loss_sum=resume_ckpt.get("epoch_loss_sum", 0.0), seconds=resume_ckpt.get("epoch_seconds", 0.0))
-        history = [row for row in resume_ckpt.get("history", []) if row["epoch"] <= start_epoch]
-        best_acc = resume_ckpt.get("best_acc", -1.0)
-        restore_rng(resume_ckpt.get("rng", {}))
-        say(f"resuming {cfg.name} at epoch {start_epoch + 1}, step {start_step} of {steps_per_epoch}")
-
-    net: torch.nn.Module = model
-    if world.distributed:
-        net = convert_batchnorm(net, device)
-        model = net
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    encode = model.encode
-    if cfg.compile:
-        net = torch.compile(net)
-        encode = torch.compile(model.encode)
-
-    paths = {kind: os.path.join(cfg.results_dir, f"{cfg.name}_{kind}")
-             for kind in ("statistics.csv", "model.pth", "last.pth", "config.json", "curves.png")}
+    trainer = Trainer(cfg, world, resume_ckpt, say)
+    paths = trainer.paths
     if world.is_main:
         os.makedirs(cfg.results_dir, exist_ok=True)
-        atomic_save_json({**dataclasses.asdict(cfg), "image_size": image_size, "knn_temperature": knn_temperature,
-                          "precision": precision, "base_lr": base_lr, "world_size": world.world_size,
-                          "num_classes": len(bundle.classes), "classes": bundle.classes,
-                          "mean": list(bundle.mean), "std": list(bundle.std), "train_images": n_train,
-                          "parameters": params, "macs_per_image": macs,
-                          "torch_version": torch.__version__, "torchvision_version": _tv_version()},
-                         paths["config.json"])
-
-    aug = AugmentConfig(image_size=image_size, mean=bundle.mean, std=bundle.std, min_crop_scale=cfg.min_crop_scale,
-                        jitter_strength=cfg.jitter_strength, blur=cfg.blur)
-    train_images = bundle.train.images
-    if cfg.aug_backend == "tensor" and device.type == "cuda":
-        train_images = put_on_device(train_images, device, say)
-        if bundle.memory.images is bundle.train.images:
-            bundle = dataclasses.replace(bundle, memory=ImageSet(train_images, bundle.memory.labels))
-    generator = torch.Generator(device=train_images.device)
-    local_batch = cfg.batch_size // world.world_size
-
-    if cfg.knn_at_start and not history and start_step == 0:
-        t1 = time.perf_counter()
-        top1, top5 = evaluate(model, encode, bundle, cfg, runtime, world, knn_temperature)
-        history.append({"epoch": 0, "test_acc@1": top1, "test_acc@5": top5, "knn_seconds": time.perf_counter() - t1})
+        trainer.write_config()
+    if cfg.knn_at_start and not trainer.history and trainer.start_step == 0:
+        top1, top5, seconds = trainer.evaluate()
+        trainer.history.append({"epoch": 0, "test_acc@1": top1, "test_acc@5": top5, "knn_seconds": seconds})
         say(f"untrained encoder: kNN top-1 {top1:.2f}% top-5 {top5:.2f}%")
 
     stop = StopRequest()
     stop.install()
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            # the same permutation on every rank (seeded by epoch); kept where the images are
-            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch)))
-            if cfg.aug_backend == "tensor":
-                perm = perm.to(train_images.device)
-            first = start_step if epoch == start_epoch else 0
-            loss_sum = torch.tensor(carried["loss_sum"] if epoch == start_epoch else 0.0, device=device)
-            seconds_before = carried["seconds"] if epoch == start_epoch else 0.0
-            first_bad = torch.tensor(-1, device=device)
-            model.train()
-            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not world.is_main, dynamic_ncols=True)
-            batches = epoch_batches(perm, first, steps_per_epoch, cfg, world, train_images, aug, epoch, device)
-            t0 = time.perf_counter()
-            last_refresh, step, done = t0, first, first
-            for step, views in enumerate(batches, start=first):
-                if views is None:  # tensor backend: augment here, on the device
-                    idx = perm_slice(perm, step, cfg.batch_size, local_batch, world)
-                    generator.manual_seed(mix_seed(cfg.seed, epoch, step, world.rank))
-                    views = two_views(train_images[idx].to(device, non_blocking=True), aug, generator)
-                else:
-                    views = views.to(device, non_blocking=True)
-                set_lr(optimizer, lr_at(epoch * steps_per_epoch + step, base_lr, total_steps, warmup_steps, cfg.schedule))
-                loss = train_step(net, optimizer, views, cfg.temperature, runtime, scaler)
-                loss_sum += loss
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-                done = step + 1
-                bar.update(1)
-                now = time.perf_counter()
-                if now - last_refresh > 0.5 or done == steps_per_epoch:
-                    last_refresh = now
-                    check_finite(first_bad, epoch, steps_per_epoch, paths)  # one sync, a few times a second
-                    bar.set_postfix(loss=f"{loss_sum.item() / (done):.4f}")
-                wants_stop = stop.signum is not None
-                if world.distributed:  # every rank must stop after the same step
-                    wants_stop = (done % 10 == 0 or done == steps_per_epoch) and all_agree(wants_stop, world, device)
-                if wants_stop and done < steps_per_epoch:
-                    break
-            bar.close()
-            check_finite(first_bad, epoch, steps_per_epoch, paths)
-            loss_sum = mean_over_ranks(loss_sum, world)  # each rank's loss covers its own anchors
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = seconds_before + time.perf_counter() - t0
-            lr_now = optimizer.param_groups[0]["lr"]
-            state = dict(model=model, optimizer=optimizer, scaler=scaler, cfg=cfg, history=history, best_acc=best_acc,
-                         schedule=dict(name=cfg.schedule, base_lr=base_lr, steps_per_epoch=steps_per_epoch,
-                                       warmup_steps=warmup_steps, total_steps=total_steps))
-            if done < steps_per_epoch:  # stopped mid-epoch: save exactly where we are
+        for epoch in range(trainer.start_epoch, cfg.epochs):
+            result = trainer.train_epoch(epoch, stop)
+            if result.done < trainer.steps_per_epoch:  # stopped mid-epoch: save exactly where we are
                 if world.is_main:
-                    save_last(paths, state, epoch, done, loss_sum.item(), seconds)
-                    atomic_write_csv(paths["statistics.csv"], CSV_COLUMNS, history)
+                    trainer.save_last(epoch, result.done, result.loss_sum.item(), result.seconds)
+                    atomic_write_csv(paths["statistics.csv"], CSV_COLUMNS, trainer.history)
                 return stopped(stop.signum, cfg, paths)
-
-            row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "test_acc@1": None,
-                   "test_acc@5": None, "lr": lr_now, "epoch_seconds": seconds,
-                   "train_images_per_second": steps_per_epoch * cfg.batch_size / seconds, "knn_seconds": None}
-            if (epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs:
-                t1 = time.perf_counter()
-                top1, top5 = evaluate(model, encode, bundle, cfg, runtime, world, knn_temperature)
-                row.update({"test_acc@1": top1, "test_acc@5": top5, "knn_seconds": time.perf_counter() - t1})
-                if top1 > best_acc and world.is_main:
-                    atomic_save(model.state_dict(), paths["model.pth"])
-                best_acc = max(best_acc, top1)
-            history.append(row)
-            state["best_acc"] = best_acc
-            if world.is_main:
-                atomic_write_csv(paths["statistics.csv"], CSV_COLUMNS, history)
-                write_curves(history, paths["curves.png"], cfg.name, say)
-                save_last(paths, state, epoch + 1, 0, 0.0, 0.0)
+            row = trainer.end_epoch(epoch, result)
             acc = (f"kNN top-1 {row['test_acc@1']:.2f}% top-5 {row['test_acc@5']:.2f}%"
                    if row["test_acc@1"] is not None else "no kNN this epoch")
             say(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, {acc}, "
-                f"{seconds:.1f} s, {row['train_images_per_second']:.0f} images/s")
+                f"{row['epoch_seconds']:.1f} s, {row['train_images_per_second']:.0f} images/s")
             if stop.signum is not None and epoch + 1 < cfg.epochs:
                 return stopped(stop.signum, cfg, paths)
     finally:
         stop.uninstall()
-    say(f"done: best kNN top-1 {best_acc:.2f}%; weights {paths['model.pth']}, statistics {paths['statistics.csv']}")
+    say(f"done: best kNN top-1 {trainer.best_acc:.2f}%; weights {paths['model.pth']}, "
+        f"statistics {paths['statistics.csv']}")
     return 0
 
 

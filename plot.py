@@ -60,7 +60,7 @@ def plot_run(rows: Sequence[dict], path: str, title: str, loss_key: str = "train
     left.set_ylabel("loss")
     left.legend()
     for key in acc_keys:
-        right.plot(*_series(rows, key), marker=".", label=key.replace("test_", ""))
+        right.plot(*_series(rows, key), marker=".", label=key.replace("_", " "))
     right.set_xlabel("epoch")
     right.set_ylabel(acc_label)
     right.legend()
