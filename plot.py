@@ -52,10 +52,10 @@ def plot_run(rows: Sequence[dict], path: str, title: str, loss_key: str = "train
     """Two panels against epoch: the training loss, and the test accuracies; written atomically."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(*_series(rows, loss_key), marker=".", label=loss_key)
+    left.plot(*_series(rows, loss_key), marker=".", label=loss_key.replace("_", " "))
     for extra in ("test_loss",):
         if any(r.get(extra) is not None for r in rows):
-            left.plot(*_series(rows, extra), marker=".", label=extra)
+            left.plot(*_series(rows, extra), marker=".", label=extra.replace("_", " "))
     left.set_xlabel("epoch")
     left.set_ylabel("loss")
     left.legend()
