@@ -210,21 +210,3 @@ def _csv_cell(value) -> str:
     if isinstance(value, float):
         return repr(value)  # shortest string that round-trips exactly
     return str(value)
-
-
-def read_csv_rows(path: str) -> list[dict]:
-    """Rows of a CSV written by atomic_write_csv, numbers parsed back (empty cell -> None)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [{k: _parse_cell(v) for k, v in row.items()} for row in rows]
-
-
-def _parse_cell(text: str):
-    if text == "":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
