@@ -19,6 +19,8 @@ torchvision's antialiased resize exactly, because antialiasing is a no-op there.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -420,9 +422,15 @@ def gaussian_blur(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 def _channel_stats(
     mean: Sequence[float], std: Sequence[float], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std as (1, 3, 1, 1) float32 tensors on device."""
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    """Mean and std as (1, 3, 1, 1) float32 tensors on device (made once per device and values)."""
+    return _cached_channel_stats(tuple(float(v) for v in mean), tuple(float(v) for v in std), torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # torch.tensor(python values, device=cuda) is a blocking copy: done once here, not every step
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).to(device)
     return m, s
 
 

@@ -70,7 +70,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = at_least_fp32(x)
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=xf.dtype)
+        count = torch.full((1,), x.numel() / x.shape[1], device=x.device, dtype=xf.dtype)  # no host copy
         stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])        # (2C+1,)
         stats = dist_nn.all_reduce(stats)
         channels = x.shape[1]
@@ -95,10 +95,14 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
-            like = child.running_mean if child.running_mean is not None else child.weight
             new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                  child.track_running_stats, device=like.device, dtype=like.dtype)
-            new.load_state_dict(child.state_dict())
+                                  child.track_running_stats, device="meta")
+            # the same Parameter and buffer objects: an optimizer built before the conversion still
+            # updates them, and nothing is copied
+            for key, value in child._parameters.items():
+                new._parameters[key] = value
+            for key, value in child._buffers.items():
+                new._buffers[key] = value
             new.train(child.training)
             setattr(module, name, new)
         else:
@@ -125,22 +129,28 @@ def global_nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return nt_xent(z_all, temperature, anchors)
 
 
+def _share(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """(start, size) of rank's share of n items: sizes differ by at most one, none empty when n >= world."""
+    base, extra = divmod(n, world_size)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
 def shard(n: int, world: World) -> slice:
-    """This process's contiguous share of n items (ceil(n / world) each, the last may be short)."""
-    per = -(-n // world.world_size)
-    return slice(min(n, world.rank * per), min(n, (world.rank + 1) * per))
+    """This process's contiguous share of n items."""
+    start, size = _share(n, world.world_size, world.rank)
+    return slice(start, start + size)
 
 
 def gather_rows(x: torch.Tensor, n: int, world: World) -> torch.Tensor:
-    """Reassemble the shards of an (n, d) tensor split with `shard`, on every process."""
+    """Reassemble, on every process, the shards of an (n, d) tensor split with `shard`."""
     if not world.distributed:
         return x
-    per = -(-n // world.world_size)
-    padded = torch.zeros(per, *x.shape[1:], dtype=x.dtype, device=x.device)
+    sizes = [_share(n, world.world_size, r)[1] for r in range(world.world_size)]
+    padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=x.device)  # all_gather wants equal sizes
     padded[: x.shape[0]] = x
     out = [torch.empty_like(padded) for _ in range(world.world_size)]
     dist.all_gather(out, padded)
-    return torch.cat(out)[:n]
+    return torch.cat([part[:size] for part, size in zip(out, sizes)])
 
 
 def in_turn(fn, world: World):
@@ -169,10 +179,9 @@ def mean_over_ranks(x: torch.Tensor, world: World) -> torch.Tensor:
     return x / world.world_size
 
 
-def all_agree(flag: bool, world: World, device: torch.device) -> bool:
-    """True on every process when `flag` is true on any one (used for stop requests)."""
-    if not world.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
+def any_rank(flags: list[bool | torch.Tensor], world: World, device: torch.device) -> list[bool]:
+    """For each flag, True on every process when it is true on any one (one collective, one sync)."""
+    t = torch.stack([torch.as_tensor(f, device=device).float().reshape(()) for f in flags])
+    if world.distributed:
+        dist.all_reduce(t)
+    return [v > 0 for v in t.tolist()]

@@ -26,8 +26,8 @@ import torch
 from checkpoint import is_training_checkpoint, load_untrusted
 from augment import AugmentConfig, normalize, pil_transform, two_views
 from data import DATASETS, DataBundle, DataError, ImageSet, load_dataset
-from distributed import (World, all_agree, close_world, convert_batchnorm, gather_rows, global_nt_xent,
-                         in_turn, init_world, mean_over_ranks, shard)
+from distributed import (World, close_world, convert_batchnorm, gather_rows, global_nt_xent,
+                         in_turn, init_world, mean_over_ranks, shard, any_rank)
 from model import ARCHS, STEMS, SimCLR, at_least_fp32
 from optim import LR_SCALINGS, OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, scaled_lr, set_lr
 from utils import (OneLineParser, Runtime, UserError, atomic_save, atomic_save_json, atomic_write_csv, extract_features,
@@ -59,7 +59,7 @@ RECIPES = {
 # Flags that define what a run computes: a resumed run must keep them.
 RUN_KEYS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "temperature", "batch_size", "optimizer", "lr",
             "weight_decay", "momentum", "lr_scaling", "warmup_epochs", "schedule", "jitter_strength", "blur",
-            "min_crop_scale", "dataset", "image_size", "train_subset", "seed", "aug_backend")
+            "min_crop_scale", "dataset", "image_size", "train_subset", "seed", "aug_backend", "recipe")
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_g("--image_size", "image side; None means the data set's (32; stl10: 96)", type=int)
     add_g("--cache_dir", "folder data: where to keep the decoded-image cache when DATA_ROOT is read-only")
     add_g("--train_subset", "train on a fixed random subset of N training images (quick runs)", type=int)
-    add_g("--workers", "DataLoader workers (pil backend, and folder decoding)", type=int)
+    add_g("--workers", "DataLoader workers of the pil backend", type=int)
 
     g = p.add_argument_group("speed")
     add_g("--device", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
@@ -341,6 +341,8 @@ def evaluate(model: SimCLR, encode, bundle: DataBundle, cfg: Config, runtime: Ru
 
     def features(split: ImageSet, what: str) -> torch.Tensor:
         n = len(split.labels)
+        if n < world.world_size:  # too few to share out: every rank does all (no empty shards)
+            return extract_features(encode, split.images, to_input, runtime, cfg.eval_batch_size)
         part = shard(n, world)
         bar = (lambda it: tqdm(it, desc=f"  features of {what}", leave=False, disable=not world.is_main))
         local = extract_features(encode, split.images[part], to_input, runtime, cfg.eval_batch_size, bar)
@@ -370,7 +372,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # native bf16 needs compute capability 8 (Ampere) or newer; older cards get fp16 + grad scaler
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
     return "fp32"
 
 
@@ -519,13 +522,21 @@ class Trainer:
             done = step + 1
             bar.update(1)
             now = time.perf_counter()
+            if world.distributed:
+                # ranks decide together, at the same steps, whether to stop (a signal or a NaN on any)
+                wants_stop = False
+                if done % 10 == 0 or done == steps:
+                    wants_stop, bad = any_rank([stop.signum is not None, first_bad >= 0], world, device)
+                    if bad:
+                        raise NonFiniteLoss(nonfinite_message(max(int(first_bad.item()), 0), epoch, steps,
+                                                              self.paths))
+            else:
+                wants_stop = stop.signum is not None
             if now - last_refresh > 0.5 or done == steps:
                 last_refresh = now
-                check_finite(first_bad, epoch, steps, self.paths)  # one sync, a few times a second
+                if not world.distributed:
+                    check_finite(first_bad, epoch, steps, self.paths)  # one sync, a few times a second
                 bar.set_postfix(loss=f"{loss_sum.item() / done:.4f}")
-            wants_stop = stop.signum is not None
-            if world.distributed:  # every rank must stop after the same step
-                wants_stop = (done % 10 == 0 or done == steps) and all_agree(wants_stop, world, device)
             if wants_stop and done < steps:
                 break
         bar.close()
@@ -589,14 +600,14 @@ def run(cfg: Config, world: World, resume_ckpt: dict | None, notes: list[str]) -
                 if world.is_main:
                     trainer.save_last(epoch, result.done, result.loss_sum.item(), result.seconds)
                     atomic_write_csv(paths["statistics.csv"], CSV_COLUMNS, trainer.history)
-                return stopped(stop.signum, cfg, paths)
+                return stopped(stop.signum, cfg, paths, world)
             row = trainer.end_epoch(epoch, result)
             acc = (f"kNN top-1 {row['test_acc@1']:.2f}% top-5 {row['test_acc@5']:.2f}%"
                    if row["test_acc@1"] is not None else "no kNN this epoch")
             say(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, {acc}, "
                 f"{row['epoch_seconds']:.1f} s, {row['train_images_per_second']:.0f} images/s")
-            if stop.signum is not None and epoch + 1 < cfg.epochs:
-                return stopped(stop.signum, cfg, paths)
+            if epoch + 1 < cfg.epochs and any_rank([stop.signum is not None], world, trainer.device)[0]:
+                return stopped(stop.signum, cfg, paths, world)
     finally:
         stop.uninstall()
     say(f"done: best kNN top-1 {trainer.best_acc:.2f}%; weights {paths['model.pth']}, "
@@ -613,8 +624,19 @@ def epoch_batches(perm, first, steps, cfg: Config, world: World, images: torch.T
     sampler = [perm_slice(perm, s, cfg.batch_size, local, world).tolist() for s in range(first, steps)]
     loader = torch.utils.data.DataLoader(PilViews(images, aug, cfg.seed, epoch), batch_sampler=sampler,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
-    return (torch.cat([v1, v2]) for v1, v2 in loader)
+                                         collate_fn=collate_views, worker_init_fn=_ignore_sigint)
+    return iter(loader)
+
+
+def collate_views(items: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """[(view 1, view 2)] * b -> (2b, 3, S, S) = [view 1 of all; view 2 of all], built in the worker."""
+    return torch.stack([v for v, _ in items] + [v for _, v in items])
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process finishes the step and saves,
+    # so the workers must not die first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def perm_slice(perm: torch.Tensor, step: int, batch_size: int, local: int, world: World) -> torch.Tensor:
@@ -636,14 +658,18 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or infinite."""
 
 
+def nonfinite_message(bad: int, epoch: int, steps: int, paths: dict) -> str:
+    """What to say when the loss of step `bad` (0-based) of `epoch` was NaN or infinite."""
+    return (f"the loss became NaN/inf at epoch {epoch + 1}, step {bad + 1} of {steps}; the last good checkpoint "
+            f"is kept at {paths['last.pth']} (resume with --resume auto); try a lower --lr, more --warmup_epochs "
+            f"or --precision fp32")
+
+
 def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, paths: dict) -> None:
     """Raise NonFiniteLoss naming the epoch and step of the first non-finite loss (one device sync)."""
     bad = int(first_bad.item())
     if bad >= 0:
-        raise NonFiniteLoss(
-            f"the loss became NaN/inf at epoch {epoch + 1}, step {bad + 1} of {steps}; the last good checkpoint "
-            f"is kept at {paths['last.pth']} (resume with --resume auto); try a lower --lr, more --warmup_epochs "
-            f"or --precision fp32")
+        raise NonFiniteLoss(nonfinite_message(bad, epoch, steps, paths))
 
 
 def rng_state() -> dict:
@@ -700,8 +726,14 @@ def write_curves(history: list[dict], path: str, title: str, say) -> None:
         say(f"warning: could not draw {path}: {e}")
 
 
-def stopped(signum: int | None, cfg: Config, paths: dict) -> int:
+def stopped(signum: int | None, cfg: Config, paths: dict, world: World) -> int:
     """Print how to continue after a signal; the exit code is 128 + signal number."""
+    if not world.is_main:
+        return 128 + (signum or signal.SIGINT)
+    if world.distributed:
+        print(f"stopped; checkpoint {paths['last.pth']}. Resume with the same torchrun command plus "
+              f"--resume auto", file=sys.stderr, flush=True)
+        return 128 + (signum or signal.SIGINT)
     args = [a for a in sys.argv[1:]]
     if "--resume" in args:
         i = args.index("--resume")
@@ -740,6 +772,10 @@ def parse(explicit: dict, world: World) -> tuple[Config, dict | None, list[str]]
     return cfg, ckpt, notes
 
 
+def _rank_prefix(world: World) -> str:
+    return f"[rank {world.rank}] " if world.distributed else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     explicit = vars(build_parser().parse_args(argv))
@@ -749,16 +785,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg, ckpt, notes = parse(explicit, world)
         return run(cfg, world, ckpt, notes)
     except (UserError, DataError) as e:
-        prefix = f"[rank {world.rank}] " if world.distributed else ""
-        print(f"{prefix}error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix(world)}error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix(world)}error: {e}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError:
         batch = cfg.batch_size if "cfg" in locals() else "?"
-        print(f"error: out of GPU memory at --batch_size {batch} (global); try --grad_checkpoint, "
-              f"--precision bf16, a smaller --batch_size, or more GPUs with torchrun", file=sys.stderr)
+        print(f"{_rank_prefix(world)}error: out of GPU memory at --batch_size {batch} (global); try "
+              f"--grad_checkpoint, --precision bf16, a smaller --batch_size, or more GPUs with torchrun",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; files on disk are complete (each is written whole or not at all)", file=sys.stderr)

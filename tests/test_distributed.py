@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed import World, convert_batchnorm, global_nt_xent
+from distributed import GlobalBatchNorm, World, convert_batchnorm, global_nt_xent, shard
 from main import train_step
 from model import SimCLR, nt_xent
 from utils import Runtime
@@ -128,3 +128,20 @@ def test_torchrun_two_processes_end_to_end(tiny_folder, tmp_path):
     top1, top5 = main.evaluate(model, model.encode, bundle, cfg, Runtime(torch.device("cpu")), World(), 0.5)
     best = frame.loc[frame["test_acc@1"].idxmax()]
     assert top1 == pytest.approx(best["test_acc@1"]) and top5 == pytest.approx(best["test_acc@5"])
+
+
+def test_cpu_batchnorm_conversion_keeps_the_parameters_an_optimizer_holds():
+    model = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32)
+    before = {id(p) for p in model.parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    converted = convert_batchnorm(model, torch.device("cpu"))
+    assert {id(p) for p in converted.parameters()} == before
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == before
+    assert sum(isinstance(m, GlobalBatchNorm) for m in converted.modules()) == 21  # 20 in the encoder, 1 in the head
+
+
+@pytest.mark.parametrize("n,world", [(9, 4), (10, 3), (4, 4), (100, 2)])
+def test_shards_cover_every_row_once_and_none_is_empty(n, world):
+    parts = [shard(n, World(r, world, r)) for r in range(world)]
+    assert [i for p in parts for i in range(n)[p]] == list(range(n))
+    assert all(p.stop > p.start for p in parts)
