@@ -25,7 +25,7 @@ import torch
 
 from checkpoint import is_training_checkpoint, load_untrusted
 from augment import AugmentConfig, normalize, pil_transform, two_views
-from data import DATASETS, DataBundle, DataError, ImageSet, load_dataset
+from data import DATASETS, DEFAULT_IMAGE_SIZE, DataBundle, DataError, ImageSet, load_dataset
 from distributed import (World, close_world, convert_batchnorm, gather_rows, global_nt_xent,
                          in_turn, init_world, mean_over_ranks, shard, any_rank)
 from model import ARCHS, STEMS, SimCLR, at_least_fp32
@@ -247,7 +247,12 @@ def load_checkpoint(path: str) -> dict:
 def merge_resume(explicit: dict, saved: dict) -> tuple[dict, list[str]]:
     """Flags for a resumed run: the saved ones, then explicit flags; error on run-altering changes."""
     values = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
-    changed = [k for k in explicit if k in RUN_KEYS and explicit[k] != saved.get(k)]
+    def same(key: str) -> bool:
+        if key == "image_size" and saved.get(key) is None:  # the default: the data set's own size
+            return explicit[key] == DEFAULT_IMAGE_SIZE.get(saved.get("dataset"))
+        return explicit[key] == saved.get(key)
+
+    changed = [k for k in explicit if k in RUN_KEYS and not same(k)]
     if changed:
         what = ", ".join(f"--{k} {saved.get(k)} -> {explicit[k]}" for k in changed)
         raise UserError(f"cannot resume with changed flags that alter the run ({what}); "

@@ -206,3 +206,13 @@ def test_sigterm_stops_after_the_step_with_exit_143(tiny_folder, tmp_path, capsy
     assert code == 143 and count[0] == 2  # no step after the one that was running
     assert "--resume auto" in capsys.readouterr().err
     assert torch.load(tmp_path / "term_last.pth", weights_only=True)["step_in_epoch"] == 2
+
+
+def test_resume_accepts_the_resolved_default_image_size_and_refuses_another():
+    saved = main.resolve_values({"dataset": "cifar10"})
+    values, _ = main.merge_resume({"image_size": 32, "resume": "x"}, saved)
+    assert values["image_size"] == 32
+    with pytest.raises(main.UserError, match="image_size"):
+        main.merge_resume({"image_size": 64, "resume": "x"}, saved)
+    with pytest.raises(main.UserError, match="recipe"):
+        main.merge_resume({"recipe": "paper", "resume": "x"}, saved)
