@@ -409,22 +409,13 @@ class EncoderChanged(Exception):
     """The frozen encoder's parameters or buffers moved during the run."""
 
 
-def write_curves(rows: list[dict], path: str, title: str, say: Callable[[str], None]) -> None:
-    """NAME_linear_curves.png: loss panel (train, test), accuracy panel (train, test top-1); never fatal."""
-    try:
-        from plot import plot_run
-        plot_run(rows, path, title, loss_key="train_loss", acc_keys=("train_acc@1", "test_acc@1"),
-                 acc_label="linear probe top-1 (%)")
-    except Exception as e:  # noqa: BLE001 - matplotlib trouble must not lose the evaluation
-        say(f"warning: could not draw {path}: {e}")
-
-
 def run(cfg: LinearConfig) -> int:
     """The whole linear evaluation; returns the exit code."""
     from tqdm import tqdm
     from augment import normalize, normalize_float
     from data import load_dataset
     from main import resolve_precision, subset
+    from plot import plot_run_or_warn
     from model import SimCLR
     from utils import (Runtime, atomic_save, atomic_save_json, atomic_write_csv, extract_features, mix_seed,
                        resolve_device, seed_everything)
@@ -486,7 +477,8 @@ def run(cfg: LinearConfig) -> int:
         atomic_write_csv(paths["statistics"], CSV_COLUMNS, rows)
         now = time.perf_counter()
         if now - last_plot[0] >= PLOT_INTERVAL_S or rows[-1]["epoch"] == cfg.epochs:
-            write_curves(rows, paths["curves"], f"{name}: linear probe", say)
+            plot_run_or_warn(rows, paths["curves"], f"{name}: linear probe", say, loss_key="train_loss",
+                             acc_keys=("train_acc@1", "test_acc@1"), acc_label="linear probe top-1 (%)")
             last_plot[0] = time.perf_counter()
 
     t0 = time.perf_counter()

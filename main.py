@@ -29,6 +29,7 @@ from data import DATASETS, DEFAULT_IMAGE_SIZE, DataBundle, DataError, ImageSet, 
 from distributed import (World, close_world, convert_batchnorm, gather_rows, global_nt_xent,
                          in_turn, init_world, mean_over_ranks, shard, any_rank)
 from model import ARCHS, STEMS, SimCLR, at_least_fp32
+from plot import plot_run_or_warn
 from optim import LR_SCALINGS, OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, scaled_lr, set_lr
 from utils import (OneLineParser, Runtime, UserError, atomic_save, atomic_save_json, atomic_write_csv, extract_features,
                    knn_accuracy, mix_seed, resolve_device, seed_everything)
@@ -575,7 +576,7 @@ class Trainer:
         self.history.append(row)
         if self.world.is_main:
             atomic_write_csv(self.paths["statistics.csv"], CSV_COLUMNS, self.history)
-            write_curves(self.history, self.paths["curves.png"], cfg.name, self.say)
+            plot_run_or_warn(self.history, self.paths["curves.png"], cfg.name, self.say)
             self.save_last(epoch + 1, 0, 0.0, 0.0)
         return row
 
@@ -720,15 +721,6 @@ def save_last(paths: dict, state: dict, epoch: int, step: int, loss_sum: float, 
         "best_acc": state["best_acc"], "history": list(state["history"]), "rng": rng_state(),
         "config": dataclasses.asdict(cfg),
     }, paths["last.pth"])
-
-
-def write_curves(history: list[dict], path: str, title: str, say) -> None:
-    """NAME_curves.png; a plotting failure is reported, never fatal to training."""
-    try:
-        from plot import plot_run
-        plot_run(history, path, title)
-    except Exception as e:  # matplotlib trouble must not kill a long run
-        say(f"warning: could not draw {path}: {e}")
 
 
 def stopped(signum: int | None, cfg: Config, paths: dict, world: World) -> int:

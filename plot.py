@@ -70,6 +70,14 @@ def plot_run(rows: Sequence[dict], path: str, title: str, loss_key: str = "train
     _save(fig, path)
 
 
+def plot_run_or_warn(rows: Sequence[dict], path: str, title: str, warn, **kwargs) -> None:
+    """plot_run, but a plotting failure is only reported through `warn`: never fatal to a long run."""
+    try:
+        plot_run(rows, path, title, **kwargs)
+    except Exception as e:  # noqa: BLE001 - matplotlib trouble must not lose training or evaluation
+        warn(f"warning: could not draw {path}: {e}")
+
+
 def read_statistics(path: str) -> list[dict]:
     """Rows of a NAME_statistics.csv; a clear UserError when it is not one."""
     import pandas as pd
