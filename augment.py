@@ -508,8 +508,3 @@ def pil_transform(cfg: AugmentConfig) -> T.Compose:
         steps.append(T.RandomApply([T.GaussianBlur(k, _SIGMA_RANGE)], p=0.5))
     steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     return T.Compose(steps)
-
-
-def pil_eval_transform(cfg: AugmentConfig) -> T.Compose:
-    """Per-image evaluation pipeline on PIL images of size S -> (3, S, S) normalized tensor."""
-    return T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])

@@ -9,7 +9,6 @@ Importing this module does nothing; run it as a script.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -22,24 +21,21 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-import main
 from augment import AugmentConfig, normalize, pil_transform, two_views
-from model import SimCLR
+from cli import UserError, run_cli
+from files import atomic_write_text
+from data import CHANNEL_STATS
+from engine import bf16_peak_tflops, count_macs, make_runtime, mix_seed, train_step, usable_cores
+from flags import Flag, build_parser as flags_parser
+from knn import extract_features, knn_accuracy
+from model import SimCLR, naive_nt_xent
 from optim import build_optimizer, set_lr
-from utils import Runtime, extract_features, knn_accuracy, mix_seed
 
 # CIFAR-10 channel statistics: the exact values only matter for realism, not speed.
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
+CIFAR_MEAN, CIFAR_STD = CHANNEL_STATS["cifar10"]
 TEMPERATURE = 0.5
 LR, WEIGHT_DECAY = 1e-3, 1e-6  # the seed's Adam settings, used by both steps
-
-# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device-name fragment; the first match wins,
-# so the more specific names come first.
-BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-                    ("A100", 312.0))
 
 # The issue's targets.
 TARGET_AUG_RATIO = 5.0
@@ -51,14 +47,6 @@ CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-def n_cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
 
 def synthetic_images(n: int, seed: int = 0) -> torch.Tensor:
     """Random uint8 CIFAR-shaped images (n, 32, 32, 3); pixel content does not change the cost."""
@@ -90,24 +78,12 @@ def interleaved(variants: dict[str, Callable[[int], None]], warmup: int, steps: 
 
 # ----------------------------------------------------------------------------- the naive (seed-style) step
 
-def naive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent the seed's way: exp of the similarities, then -log(positive / sum over all other rows)."""
-    out = F.normalize(torch.cat([z1, z2]), dim=1)                         # (2b, d)
-    n2 = out.shape[0]
-    sim = torch.exp(out @ out.T / temperature)                            # (2b, 2b)
-    off_diagonal = ~torch.eye(n2, dtype=torch.bool, device=out.device)
-    denominator = sim.masked_select(off_diagonal).view(n2, n2 - 1).sum(dim=1)  # the partner and the negatives
-    pos = torch.exp((F.normalize(z1, dim=1) * F.normalize(z2, dim=1)).sum(dim=1) / temperature)
-    pos = torch.cat([pos, pos])
-    return (-torch.log(pos / denominator)).mean()
-
-
 def naive_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, v1: torch.Tensor, v2: torch.Tensor,
                temperature: float) -> torch.Tensor:
     """One seed-style step: a forward pass per view (own BatchNorm statistics each), fp32, naive loss."""
     _, z1 = net(v1)
     _, z2 = net(v2)
-    loss = naive_loss(z1, z2, temperature)
+    loss = naive_nt_xent(z1, z2, temperature)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -210,7 +186,7 @@ class Variant:
 
 def project_variants(device: torch.device) -> list[Variant]:
     """The project's default step first, then (CPU only) the precision x memory-format alternatives."""
-    default = Variant("project", main.resolve_precision("auto", device), True)
+    default = Variant("project", make_runtime(device).precision, True)
     if device.type != "cpu":
         return [default]
     extra = [Variant(f"project {p} {'channels_last' if cl else 'contiguous'}", p, cl)
@@ -257,23 +233,18 @@ def make_step(v: Variant, net: torch.nn.Module, optimizer: torch.optim.Optimizer
             naive_step(net, optimizer, v1.to(device), v2.to(device), TEMPERATURE)
             sync(device)  # perf_counter timing: the step must be finished, not just queued
         return step
-    runtime = Runtime(device, v.precision, v.channels_last)
+    runtime = make_runtime(device, v.precision, v.channels_last)
     generator = torch.Generator(device=device)
 
     def step(i: int) -> None:
         generator.manual_seed(mix_seed(0, i))
         views = two_views(data[(i % n_batches) * batch:((i % n_batches) + 1) * batch], cfg, generator)
-        main.train_step(net, optimizer, views, TEMPERATURE, runtime)
+        train_step(net, optimizer, views, TEMPERATURE, runtime)
         sync(device)
     return step
 
 
 # ----------------------------------------------------------------------------- GPU epoch section
-
-def bf16_peak_tflops(device_name: str) -> float | None:
-    """Dense bf16 peak of a known card, None when the name is not in the table."""
-    return next((peak for fragment, peak in BF16_PEAK_TFLOPS if fragment in device_name), None)
-
 
 class StepTimer:
     """Elapsed seconds of a region: CUDA events on a GPU (no host sync inside), perf_counter on a CPU."""
@@ -305,13 +276,13 @@ class StepTimer:
 
 def epoch_row(arch: str, batch: int, data: torch.Tensor, cfg: AugmentConfig, device: torch.device, warmup: int,
               steps: int, compile_net: bool, macs: int, peak: float | None) -> dict:
-    """One (arch, batch) configuration of main.run's loop: epoch seconds, TFLOP/s, memory, data share."""
+    """One (arch, batch) configuration of main.py's loop: epoch seconds, TFLOP/s, memory, data share."""
     torch.manual_seed(0)
     model = SimCLR(arch, feature_dim=128, proj_hidden_dim=512).to(device).to(memory_format=torch.channels_last)
-    runtime = Runtime(device, main.resolve_precision("auto", device), True)
+    runtime = make_runtime(device, "auto", True, compile_net)  # the settings main.py trains with
     optimizer = build_optimizer(model, "adam", LR, WEIGHT_DECAY)
-    scaler = torch.amp.GradScaler(device.type) if runtime.precision == "fp16" else None
-    net = torch.compile(model) if compile_net else model
+    scaler = runtime.grad_scaler()
+    net = runtime.maybe_compile(model)
     n = data.shape[0]
     perm = torch.randperm(n, device=device)
     generator = torch.Generator(device=device)
@@ -324,7 +295,7 @@ def epoch_row(arch: str, batch: int, data: torch.Tensor, cfg: AugmentConfig, dev
 
     def full_step(i: int) -> None:
         set_lr(optimizer, LR)
-        main.train_step(net, optimizer, batch_views(i), TEMPERATURE, runtime, scaler)
+        train_step(net, optimizer, batch_views(i), TEMPERATURE, runtime, scaler)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -337,10 +308,10 @@ def epoch_row(arch: str, batch: int, data: torch.Tensor, cfg: AugmentConfig, dev
         aug_timer.time(lambda: batch_views(i))
     step_s, aug_s = median(step_timer.seconds()), median(aug_timer.seconds())
     # forward + backward ~ 3 forwards, 1 MAC = 2 FLOPs, 2B views per step
-    tflops = 3 * 2 * macs * 2 * batch / step_s / 1e12
+    tflops = 3 * 2 * macs * 2 * batch / step_s / 1e12 if macs else None
     row = {"arch": arch, "batch_size": batch, "precision": runtime.precision, "compiled": compile_net,
            "step_seconds": step_s, "epoch_seconds": step_s * steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-           "tflops": tflops, "peak_percent": 100 * tflops / peak if peak else None,
+           "tflops": tflops, "peak_percent": 100 * tflops / peak if peak and tflops else None,
            "data_seconds": aug_s, "data_share": aug_s / step_s,
            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     del net, model, optimizer
@@ -352,7 +323,7 @@ def knn_seconds(arch: str, bank: torch.Tensor, test: torch.Tensor, device: torch
     torch.manual_seed(0)
     model = SimCLR(arch, feature_dim=128, proj_hidden_dim=512).to(device).to(memory_format=torch.channels_last)
     model.eval()
-    runtime = Runtime(device, main.resolve_precision("auto", device), True)
+    runtime = make_runtime(device, "auto", True)
     to_input = lambda x: normalize(x, CIFAR_MEAN, CIFAR_STD)  # noqa: E731
     labels_bank = torch.randint(0, 10, (bank.shape[0],), device=device)
     labels_test = torch.randint(0, 10, (test.shape[0],), device=device)
@@ -374,7 +345,7 @@ def sync(device: torch.device) -> None:
 
 def epoch_section(device: torch.device, archs: tuple[str, ...], batches: tuple[int, ...], n_train: int, n_test: int,
                   warmup: int, steps: int, compile_net: bool = False, eval_batch: int = 1024) -> dict:
-    """main.run's loop on device-resident uint8 data: per (arch, batch) epoch time, TFLOP/s, memory; kNN per arch."""
+    """main.py's loop on device-resident uint8 data: per (arch, batch) epoch time, TFLOP/s, memory; kNN per arch."""
     data = synthetic_images(n_train, seed=1).to(device)
     test = synthetic_images(n_test, seed=2).to(device)
     cfg = aug_config(32)
@@ -382,7 +353,7 @@ def epoch_section(device: torch.device, archs: tuple[str, ...], batches: tuple[i
     peak = bf16_peak_tflops(name) if device.type == "cuda" else None
     rows, knn = [], {}
     for arch in archs:
-        _, macs = main.count_macs(SimCLR(arch, feature_dim=128, proj_hidden_dim=512), 32)
+        _, macs = count_macs(SimCLR(arch, feature_dim=128, proj_hidden_dim=512), 32)
         for batch in batches:
             rows.append({**epoch_row(arch, batch, data, cfg, device, warmup, steps, compile_net, macs, peak),
                          "macs_per_image": macs})
@@ -472,25 +443,24 @@ def report_epochs(ep: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- entry point
 
-def build_parser() -> argparse.ArgumentParser:
-    """The benchmark's flags."""
-    p = argparse.ArgumentParser(description="Benchmark augmentation, the training step and (CUDA) whole epochs.")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU run under a minute; figures not meaningful)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads / PIL processes on both sides "
-                   "(default: all cores; 1 with --quick)")
-    p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), default=None,
-                   help="arch of the step comparison (default: resnet18)")
-    p.add_argument("--batch_size", type=int, default=None, help="images per step in the step comparison "
-                   "(default: cpu 32, cuda 512; quick 8)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per variant after warm-up "
-                   "(default: cpu 3, cuda 10; quick 2)")
-    p.add_argument("--json", default=None, help="also write the JSON to this file")
-    p.add_argument("--compile", action="store_true", help="torch.compile the project's network (cuda epochs)")
-    return p
+BENCH_FLAGS: tuple[Flag, ...] = (
+    Flag("device", None, "cpu or cuda; None means cuda if available, else cpu", str, ("cpu", "cuda"), "bench",
+         optional=True),
+    Flag("quick", False, "tiny sizes (CPU run under a minute; figures not meaningful)", group="bench"),
+    Flag("threads", None, "torch threads / PIL processes on both sides; None means all cores (1 with --quick)",
+         int, group="bench", ge=1, le=1024, optional=True),
+    Flag("arch", None, "arch of the step comparison; None means resnet18 (and resnet50 for CUDA epochs)", str,
+         ("resnet18", "resnet34", "resnet50"), "bench", optional=True),
+    Flag("batch_size", None, "images per step in the step comparison; None means cpu 32, cuda 512; quick 8", int,
+         group="bench", ge=2, le=2 ** 20, optional=True),
+    Flag("steps", None, "timed steps per variant after warm-up; None means cpu 3, cuda 10; quick 2", int,
+         group="bench", ge=1, le=10_000, optional=True),
+    Flag("json", None, "also write the JSON to this file", str, group="bench", optional=True),
+    Flag("compile", False, "torch.compile the project's network (cuda epochs)", group="bench"),
+)
 
 
-def settings(args: argparse.Namespace, device: torch.device) -> dict:
+def settings(args, device: torch.device) -> dict:
     """Sizes of every section from the flags, the device and --quick."""
     cpu = device.type == "cpu"
     if args.quick:
@@ -507,15 +477,15 @@ def settings(args: argparse.Namespace, device: torch.device) -> dict:
     s["arch"] = args.arch or "resnet18"
     # --quick runs one thread by default: on a loaded machine, OpenMP threads that wait for a busy
     # core at every op's barrier can make a tiny 2-thread step many times slower than 1 thread.
-    s["threads"] = args.threads or (1 if args.quick else n_cores())
+    s["threads"] = args.threads or (1 if args.quick else usable_cores())
     return s
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args) -> dict:
     """Every section for the chosen device; prints tables, returns the JSON record."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+        raise UserError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu")
     s = settings(args, device)
     torch.set_num_threads(s["threads"])
     record: dict = {"device": device.type, "threads": s["threads"], "quick": args.quick,
@@ -551,17 +521,21 @@ def run(args: argparse.Namespace) -> dict:
     return record
 
 
-def main_cli(argv: list[str] | None = None) -> int:
-    """Command-line entry point: run, print the JSON line, optionally write it to --json."""
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    return run_cli(lambda: bench(argv), "use a smaller --batch_size")
+
+
+def bench(argv: list[str] | None) -> int:
+    """Run, print the JSON line, optionally write it to --json."""
+    args = flags_parser(BENCH_FLAGS, "Benchmark augmentation, the training step and (CUDA) whole epochs.").parse_args(argv)
     record = run(args)
     text = json.dumps(record, default=float)
     print(f"BENCH_JSON {text}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        atomic_write_text(args.json, text + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main_cli())
+    sys.exit(main())

@@ -1,38 +1,46 @@
-"""Reading back what a run wrote (weights, checkpoints, run configs) without trusting the files.
+"""Both halves of the checkpoint format: writing a run's weights and resume checkpoints, and
+reading them (and run configs) back without trusting the files.
 
 Weights come from the internet too: every load is `torch.load(..., weights_only=True)`, which
-accepts tensors and plain containers only, and every failure becomes one UserError line.
+accepts tensors and plain containers only, and every failure becomes one UserError line. Every
+write goes through files.atomic_save (whole file or none) and holds CPU tensors only, so a file
+saved on a GPU loads on a machine without one.
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import random
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
-from utils import UserError
+from cli import UserError, first_line
+from files import atomic_save
+
+# The suffixes main.py gives a run's files; NAME is what stands before them.
+RUN_SUFFIXES = ("_model.pth", "_last.pth", "_config.json", "_statistics.csv")
 
 
-def run_base(path: str) -> str:
-    """results/NAME_model.pth or NAME_last.pth -> results/NAME, the stem of the run's other files."""
-    for suffix in ("_model.pth", "_last.pth"):
+def run_base(path: str, suffixes: tuple[str, ...] = RUN_SUFFIXES) -> str:
+    """results/NAME_model.pth (or another of the run's files) -> results/NAME; other files lose their extension."""
+    for suffix in suffixes:
         if path.endswith(suffix) and len(os.path.basename(path)) > len(suffix):
             return path[: -len(suffix)]
     return os.path.splitext(path)[0]
 
 
+def run_name(path: str, suffixes: tuple[str, ...] = RUN_SUFFIXES) -> str:
+    """results/NAME_model.pth -> NAME."""
+    return os.path.basename(run_base(path, suffixes))
+
+
 def config_path_for(model_path: str) -> str:
     """The NAME_config.json main.py writes beside NAME_model.pth and NAME_last.pth."""
     return run_base(model_path) + "_config.json"
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type name when empty), at most 200 characters."""
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def _load_error(path: str, e: Exception) -> UserError:
@@ -118,3 +126,74 @@ def read_run_config(path: str, flag: str = "--config") -> dict:
     if not isinstance(saved, dict):
         raise UserError(f"{path} is not a run config of main.py (not a JSON object)")
     return saved
+
+
+# ----------------------------------------------------------------------------- writing
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """module.state_dict() with every tensor on the CPU (a GPU tensor in a file needs that GPU to load)."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _to_cpu(obj):
+    """Tensors anywhere inside dicts, lists and tuples moved to the CPU (an optimizer's state_dict)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def save_weights(module: nn.Module, path: str) -> None:
+    """NAME_model.pth: the plain state_dict, CPU tensors, loadable with torch.load(path, weights_only=True)."""
+    atomic_save(cpu_state_dict(module), path)
+
+
+def rng_state() -> dict:
+    """Every global generator's state, as tensors and plain values (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Inverse of rng_state (missing parts are left as they are)."""
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        s = state["numpy"]
+        np.random.set_state(("MT19937", s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                             s["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             scaler: torch.amp.GradScaler | None, schedule: dict, config: dict, epoch: int,
+                             step: int, loss_sum: float, seconds: float, best_acc: float, history: list) -> None:
+    """NAME_last.pth: everything --resume needs to continue exactly (epoch = completed epochs)."""
+    atomic_save({
+        "model": cpu_state_dict(model), "optimizer": _to_cpu(optimizer.state_dict()),
+        # the learning rate is a pure function of the global step (optim.lr_at): this is its whole state
+        "scheduler": {**schedule, "global_step": epoch * schedule["steps_per_epoch"] + step},
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "epoch": epoch, "step_in_epoch": step, "epoch_loss_sum": loss_sum, "epoch_seconds": seconds,
+        "best_acc": best_acc, "history": list(history), "rng": rng_state(), "config": dict(config),
+    }, path)
+
+
+def load_training_checkpoint(path: str) -> dict:
+    """A NAME_last.pth checkpoint, loaded without running code (weights_only)."""
+    ckpt = load_untrusted(path, "--resume")
+    if not is_training_checkpoint(ckpt) or not {"config", "epoch"} <= set(ckpt) or not isinstance(ckpt["config"], dict):
+        raise UserError(f"--resume {path} is not a NAME_last.pth training checkpoint of this project")
+    return ckpt

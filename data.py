@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from utils import atomic_write
+from cli import DataError
+from engine import mix_seed, usable_cores
+from files import atomic_write
 
 DEFAULT_IMAGE_SIZE = {'cifar10': 32, 'cifar100': 32, 'stl10': 96, 'folder': 32}
 DATASETS = ('cifar10', 'cifar100', 'stl10', 'folder')
@@ -31,7 +33,7 @@ DATASETS = ('cifar10', 'cifar100', 'stl10', 'folder')
 # Per-channel statistics of the [0, 1]-scaled training images (population std over all pixels).
 # These are the widely used figures for the torchvision training sets (the CIFAR-10 mean agrees to
 # ~2e-4 with the JPEG copy in data/cifar10-jpg; JPEG smoothing makes that copy's std ~0.002 lower).
-_STATS = {
+CHANNEL_STATS = {
     'cifar10': ((0.49139968, 0.48215841, 0.44653091), (0.24703223, 0.24348513, 0.26158784)),
     'cifar100': ((0.50707516, 0.48654887, 0.44091784), (0.26733429, 0.25643846, 0.27615047)),
     'stl10': ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
@@ -59,10 +61,6 @@ _CACHE_DIRNAME = '.simclr_cache'
 _DEFAULT_CACHE_BASE = os.path.join('~', '.cache', 'simclr-cifar')
 # Below this many files a worker pool costs more to start than it saves.
 _POOL_MIN_FILES = 2000
-
-
-class DataError(Exception):
-    """A problem the user must fix (missing files offline, bad folder layout): str(e) is ONE line saying what is wrong and what to do."""
 
 
 @dataclass
@@ -106,11 +104,53 @@ def load_dataset(name: str, root: str, image_size: int | None = None, download: 
     return _load_folder(root, size, cache_dir, log)
 
 
-def folder_images(split_dir: str, image_size: int, cache_dir: str | None = None,
-                  log: Callable[[str], Any] = print) -> tuple[ImageSet, list[str]]:
-    """Decode (or reuse the cache of) split_dir/<class>/* into uint8 (N, S, S, 3) images and sorted class names."""
-    images, classes, _, _ = _folder_split(split_dir, image_size, cache_dir, log)
-    return images, classes
+def subset(images: ImageSet, n: int | None, seed: int) -> ImageSet:
+    """A fixed random subset of n images (all when n is None or not smaller)."""
+    if n is None or n >= len(images.labels):
+        return images
+    keep = torch.randperm(len(images.labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return ImageSet(images.images[keep], images.labels[keep])
+
+
+class PilViews(torch.utils.data.Dataset):
+    """The classic path: two torchvision PIL-transformed views per image, in DataLoader workers.
+
+    Each image's random stream is seeded from (run seed, epoch, index), so the views do not
+    depend on the number of workers and a resumed epoch sees the same views.
+    """
+
+    def __init__(self, images: torch.Tensor, transform: Callable, seed: int, epoch: int):
+        self.images, self.transform, self.seed, self.epoch = images, transform, seed, epoch
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = Image.fromarray(self.images[index].numpy())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, self.epoch, index))
+            return self.transform(image), self.transform(image)
+
+
+def collate_views(items: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """[(view 1, view 2)] * b -> (2b, 3, S, S) = [view 1 of all; view 2 of all], built in the worker."""
+    return torch.stack([v for v, _ in items] + [v for _, v in items])
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process finishes the step and saves,
+    # so the workers must not die first
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def pil_view_batches(images: torch.Tensor, transform: Callable, batches: list[list[int]], seed: int, epoch: int,
+                     workers: int, pin_memory: bool) -> Iterator[torch.Tensor]:
+    """(2b, 3, S, S) batches of PIL-pipeline views, one per list of image indices, built in `workers` processes."""
+    loader = torch.utils.data.DataLoader(PilViews(images, transform, seed, epoch), batch_sampler=batches,
+                                         num_workers=workers, pin_memory=pin_memory, collate_fn=collate_views,
+                                         worker_init_fn=_ignore_sigint)
+    return iter(loader)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +211,7 @@ def _load_cifar(name: str, root: str, size: int, download: bool, log: Callable[[
         return ImageSet(_resize_images(images, size), torch.as_tensor(ds.targets, dtype=torch.int64))
 
     train = to_set(train_ds)
-    mean, std = _STATS[name]
+    mean, std = CHANNEL_STATS[name]
     return DataBundle(name, train, train, to_set(test_ds), list(train_ds.classes), mean, std, size)
 
 
@@ -199,7 +239,7 @@ def _load_stl10(root: str, size: int, download: bool, log: Callable[[str], Any])
     test = ImageSet(_resize_images(_chw_to_hwc(test_ds.data), size),
                     torch.from_numpy(np.asarray(test_ds.labels, dtype=np.int64).copy()))
     classes = list(getattr(test_ds, 'classes', _STL10_CLASSES))
-    mean, std = _STATS['stl10']
+    mean, std = CHANNEL_STATS['stl10']
     return DataBundle('stl10', train, memory, test, classes, mean, std, size)
 
 
@@ -291,11 +331,8 @@ def _decode_chunk(task: tuple[list[str], int]) -> tuple[np.ndarray, list[tuple[i
 
 
 def _n_workers() -> int:
-    """CPU cores this process may use (at least 1)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    """Decoding processes: one per usable core."""
+    return usable_cores()
 
 
 def _decode_all(paths: list[str], size: int) -> Iterator[tuple[np.ndarray, list[tuple[int, str]]]]:

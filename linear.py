@@ -11,7 +11,6 @@ NAME_linear_curves.png; RESULTS is the folder of the weights unless --results_di
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -25,9 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import config_path_for, encoder_state, load_strict
-from checkpoint import read_run_config as load_run_config
-from utils import OneLineParser, UserError
+from augment import normalize, normalize_float
+from checkpoint import config_path_for, encoder_state, load_strict, read_run_config as load_run_config, run_name
+from cli import InvalidResult, UserError, run_cli
+from data import DATASETS, load_dataset, subset
+from engine import Runtime, make_runtime, mix_seed, seed_everything
+from files import atomic_save, atomic_save_json, atomic_write_csv
+from flags import MAX_LR, Flag, build_parser as flags_parser, check_name, config_class, shared
+from knn import extract_features, topk_accuracy
+from model import ARCHS, STEMS, SimCLR
+from optim import build_optimizer, lr_at, set_lr
+from curves import plot_run_or_warn
 
 CSV_COLUMNS = ("epoch", "train_loss", "train_acc@1", "train_acc@5", "test_loss", "test_acc@1", "test_acc@5",
                "lr", "epoch_seconds")
@@ -40,36 +47,46 @@ DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 # and redrawing after each of them would make plotting most of the run time.
 PLOT_INTERVAL_S = 2.0
 
+FROM_CONFIG = "None means the run config's"
+LINEAR_FLAGS: tuple[Flag, ...] = (
+    Flag("model_path", None, "weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)", str,
+         group="encoder", optional=True),
+    Flag("config", None, "run config JSON; None means NAME_config.json next to --model_path", str,
+         group="encoder", optional=True),
+    Flag("untrained", False, "probe a randomly initialised encoder of the same architecture (the baseline); "
+         "the weights are not read, only the config is needed", group="encoder"),
+    shared("arch", default=None, optional=True, group="encoder", help=f"override the encoder; {FROM_CONFIG}"),
+    shared("stem", default=None, optional=True, group="encoder", help=f"override the first layer; {FROM_CONFIG}"),
+    shared("dataset", default=None, optional=True, help=f"override the data set; {FROM_CONFIG}"),
+    shared("data_root", default=None, optional=True, help=f"override the data folder; {FROM_CONFIG}"),
+    shared("image_size", help=f"override the image side; {FROM_CONFIG}"),
+    shared("cache_dir", help=f"override the folder-data cache folder; {FROM_CONFIG}"),
+    shared("train_subset", help="train the probe on a fixed random subset of N labeled images (quick runs)"),
+    Flag("batch_size", 512, "examples per step", int, group="probe training", ge=1, le=2 ** 20),
+    Flag("epochs", 100, "epochs over the labeled train split", int, group="probe training", ge=1, le=10 ** 6),
+    Flag("optimizer", "sgd", "sgd (with --momentum) or adam; cosine decay to 0 over all steps either way", str,
+         tuple(DEFAULT_LR), "probe training"),
+    Flag("lr", None, "learning rate; None means 0.1 for sgd, 1e-3 for adam", float, group="probe training",
+         gt=0, le=MAX_LR, optional=True),
+    Flag("momentum", 0.9, "SGD momentum", float, group="probe training", ge=0, lt=1),
+    Flag("weight_decay", 0.0, "L2 penalty on the linear layer (the paper uses none on CIFAR)", float,
+         group="probe training", ge=0, le=10),
+    Flag("standardize", True, "scale each feature to zero mean, unit variance with train-split statistics only "
+         "(folded into the saved layer, which stays linear in raw features)", group="probe training"),
+    Flag("augment", False, "train through the frozen encoder with random crop (padding size/8) and flip on "
+         "every batch instead of on features computed once", group="probe training"),
+    shared("eval_batch_size"),
+    shared("device"),
+    shared("precision"),
+    shared("channels_last", help="channels-last memory format for the encoder"),
+    shared("threads", aliases=("workers",)),
+    shared("seed", help="seed of the probe (and of --untrained's encoder)"),
+    shared("results_dir", default=None, optional=True,
+           help="where the files go; None means the folder of --model_path (or of --config, else results)"),
+    shared("name", help="file prefix; None means NAME of NAME_model.pth (+ _untrained)"),
+)
 
-@dataclass(frozen=True)
-class LinearConfig:
-    """Every resolved flag of a linear evaluation (see build_parser for their meaning)."""
-    model_path: str | None
-    config: str | None
-    untrained: bool
-    arch: str | None
-    stem: str | None
-    dataset: str | None
-    data_root: str | None
-    image_size: int | None
-    cache_dir: str | None
-    train_subset: int | None
-    batch_size: int
-    epochs: int
-    optimizer: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    standardize: bool
-    augment: bool
-    feature_batch_size: int
-    device: str
-    precision: str
-    channels_last: bool
-    workers: int
-    seed: int
-    results_dir: str | None
-    name: str | None
+LinearConfig = config_class("LinearConfig", LINEAR_FLAGS, "Every resolved flag of a linear evaluation.")
 
 
 @dataclass(frozen=True)
@@ -85,105 +102,23 @@ class Encoder:
     std: tuple[float, float, float] | None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """All flags with their defaults; encoder/data flags default to None, meaning 'from the run config'."""
-    from data import DATASETS
-    from model import ARCHS, STEMS
-    p = OneLineParser(description="Linear evaluation of a SimCLR encoder (frozen encoder, trained linear layer).",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                      epilog="Files: RESULTS/NAME_linear_statistics.csv (epoch, train_loss, train_acc@1, "
-                             "train_acc@5, test_loss, test_acc@1, test_acc@5, lr, epoch_seconds), "
-                             "NAME_linear_model.pth, NAME_linear_config.json, NAME_linear_curves.png.")
-    g = p.add_argument_group("encoder")
-    g.add_argument("--model_path", help="weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)")
-    g.add_argument("--config", help="run config JSON; None means NAME_config.json next to --model_path")
-    g.add_argument("--untrained", action="store_true",
-                   help="probe a randomly initialised encoder of the same architecture (the baseline); "
-                        "the weights are not read, only the config is needed")
-    g.add_argument("--arch", choices=ARCHS, help="override the config's encoder")
-    g.add_argument("--stem", choices=STEMS, help="override the config's first layer")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, help="override the config's data set")
-    g.add_argument("--data_root", help="override the config's data folder")
-    g.add_argument("--image_size", type=int, help="override the config's image side")
-    g.add_argument("--cache_dir", help="override the config's folder-data cache folder")
-    g.add_argument("--train_subset", type=int,
-                   help="train the probe on a fixed random subset of N labeled images (quick runs)")
-
-    g = p.add_argument_group("probe training")
-    g.add_argument("--batch_size", type=int, default=512, help="examples per step")
-    g.add_argument("--epochs", type=int, default=100, help="epochs over the labeled train split")
-    g.add_argument("--optimizer", choices=tuple(DEFAULT_LR), default="sgd",
-                   help="sgd (with --momentum) or adam; cosine decay to 0 over all steps either way")
-    g.add_argument("--lr", type=float, help="learning rate; None means 0.1 for sgd, 1e-3 for adam")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight_decay", type=float, default=0.0,
-                   help="L2 penalty on the linear layer (the paper uses none on CIFAR)")
-    g.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
-                   help="scale each feature to zero mean, unit variance with train-split statistics only "
-                        "(folded into the saved layer, which stays linear in raw features)")
-    g.add_argument("--augment", action="store_true",
-                   help="train through the frozen encoder with random crop (padding size/8) and flip on "
-                        "every batch instead of on features computed once")
-
-    g = p.add_argument_group("speed")
-    g.add_argument("--feature_batch_size", type=int, default=1024, help="images per encoder forward pass")
-    g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="encoder autocast: auto is bf16 on CUDA, fp32 on CPU; the linear layer is fp32")
-    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last memory format for the encoder")
-    g.add_argument("--workers", type=int, default=0, help="CPU threads for PyTorch; 0 keeps PyTorch's default")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seed of the probe (and of --untrained's encoder)")
-    g.add_argument("--results_dir", help="where the files go; None means the folder of --model_path "
-                                         "(or of --config, else results)")
-    g.add_argument("--name", help="file prefix; None means NAME of NAME_model.pth (+ _untrained)")
-    return p
-
-
 def build_config(argv: list[str] | None = None) -> LinearConfig:
     """Flags -> validated LinearConfig (reads no file)."""
-    values = vars(build_parser().parse_args(argv))
+    parser = flags_parser(LINEAR_FLAGS, "Linear evaluation of a SimCLR encoder (frozen encoder, trained linear "
+                          "layer).", "Files: RESULTS/NAME_linear_statistics.csv (epoch, train_loss, train_acc@1, "
+                          "train_acc@5, test_loss, test_acc@1, test_acc@5, lr, epoch_seconds), NAME_linear_model.pth, "
+                          "NAME_linear_config.json, NAME_linear_curves.png.")
+    values = vars(parser.parse_args(argv))
     if values["lr"] is None:
         values["lr"] = DEFAULT_LR[values["optimizer"]]
-    cfg = LinearConfig(**values)
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: LinearConfig) -> None:
-    """Reject flag values that cannot run, with one line that says what to do."""
-    for key in ("batch_size", "epochs", "feature_batch_size"):
-        if not getattr(cfg, key) > 0:
-            raise UserError(f"--{key} must be positive, got {getattr(cfg, key)}")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise UserError(f"--lr must be a positive finite number, got {cfg.lr}")
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise UserError(f"--weight_decay must be a finite number >= 0, got {cfg.weight_decay}")
-    if not 0 <= cfg.momentum < 1:
-        raise UserError(f"--momentum must be in [0, 1), got {cfg.momentum}")
-    if cfg.workers < 0:
-        raise UserError(f"--workers must not be negative, got {cfg.workers}")
-    if cfg.image_size is not None and cfg.image_size < 8:
-        raise UserError(f"--image_size {cfg.image_size} is too small for a ResNet; use 8 or more")
-    if cfg.train_subset is not None and cfg.train_subset <= 0:
-        raise UserError(f"--train_subset must be positive, got {cfg.train_subset}")
-    if cfg.model_path is None and not cfg.untrained:
+    if values["model_path"] is None and not values["untrained"]:
         raise UserError("--model_path is required (or --untrained with --config or --arch and --dataset)")
-    if cfg.name is not None and (not cfg.name or os.sep in cfg.name or cfg.name.startswith(".")):
-        raise UserError(f"--name {cfg.name!r} must be a plain file name (no '/', not starting with '.')")
+    if values["name"] is not None:
+        check_name(values["name"])
+    return LinearConfig(**values)
 
 
 # ----------------------------------------------------------------------------- config and names
-
-def run_stem(path: str, suffix: str) -> str:
-    """results/NAME_model.pth -> NAME (suffix '_model.pth'); any other file -> its name without extension."""
-    base = os.path.basename(path)
-    return base[:-len(suffix)] if base.endswith(suffix) and len(base) > len(suffix) else os.path.splitext(base)[0]
-
 
 def read_run_config(cfg: LinearConfig) -> dict:
     """The saved run config as a dict ({} when none is found and the flags name arch and data set)."""
@@ -211,8 +146,6 @@ def resolve_encoder(cfg: LinearConfig, saved: dict) -> Encoder:
     arch, dataset = pick("arch"), pick("dataset")
     if arch is None or dataset is None:
         raise UserError("the run config names no arch or dataset: pass --arch and --dataset")
-    from data import DATASETS
-    from model import ARCHS, STEMS
     stem = pick("stem", "cifar")
     if arch not in ARCHS or stem not in STEMS or dataset not in DATASETS:
         raise UserError(f"the run config has arch {arch!r}, stem {stem!r}, dataset {dataset!r}; "
@@ -231,9 +164,9 @@ def output_name(cfg: LinearConfig, enc: Encoder) -> str:
     if cfg.name is not None:
         return cfg.name
     if cfg.model_path is not None:
-        name = run_stem(cfg.model_path, "_model.pth")
+        name = run_name(cfg.model_path, ("_model.pth",))
     elif cfg.config is not None:
-        name = run_stem(cfg.config, "_config.json")
+        name = run_name(cfg.config, ("_config.json",))
     else:
         name = f"{enc.dataset}_{enc.arch}"
     return f"{name}_untrained" if cfg.untrained else name
@@ -330,7 +263,6 @@ BatchFn = Callable[[torch.Tensor, int, int], torch.Tensor]  # (indices (B,), epo
 @torch.no_grad()
 def evaluate(linear: nn.Linear, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float, float]:
     """(loss, top-1 %, top-5 %) of the probe on features (N, d) with labels (N,)."""
-    from utils import topk_accuracy
     if x.shape[0] == 0:
         return float("nan"), float("nan"), float("nan")
     logits = torch.cat([linear(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])  # (N, C)
@@ -344,8 +276,6 @@ def fit(batch_features: BatchFn, train_y: torch.Tensor, test_x: torch.Tensor, te
         progress: bool = False) -> tuple[nn.Linear, list[dict]]:
     """Train Linear(d -> num_classes) on batches of train features; one CSV row per epoch (train/test metrics)."""
     from tqdm import tqdm
-    from optim import lr_at, set_lr
-    from utils import mix_seed, topk_accuracy
     device = test_x.device
     n = train_y.shape[0]
     batch = min(cfg.batch_size, n)  # keeps every example, one batch when the split is smaller
@@ -355,11 +285,7 @@ def fit(batch_features: BatchFn, train_y: torch.Tensor, test_x: torch.Tensor, te
     # softmax regression is convex with no symmetry to break: zero start makes runs independent of init
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(linear.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(linear.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(linear, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
     rows: list[dict] = []
     epochs = tqdm(range(cfg.epochs), desc="linear probe", disable=not progress, dynamic_ncols=True)
     for epoch in epochs:
@@ -403,54 +329,26 @@ def train_on_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
     return fold(linear, mean, std), rows
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the run: load, features, train, write
 
-class EncoderChanged(Exception):
+class EncoderChanged(InvalidResult):
     """The frozen encoder's parameters or buffers moved during the run."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    return run_cli(lambda: run(build_config(argv)),
+                   "try a smaller --eval_batch_size or --batch_size, or --precision bf16")
 
 
 def run(cfg: LinearConfig) -> int:
     """The whole linear evaluation; returns the exit code."""
     from tqdm import tqdm
-    from augment import normalize, normalize_float
-    from data import load_dataset
-    from main import resolve_precision, subset
-    from plot import plot_run_or_warn
-    from model import SimCLR
-    from utils import (Runtime, atomic_save, atomic_save_json, atomic_write_csv, extract_features, mix_seed,
-                       resolve_device, seed_everything)
-
-    def say(message: str) -> None:
-        tqdm.write(message)
-
+    say = tqdm.write
     # Everything that can fail on the user's input is checked before any file is written.
-    saved = read_run_config(cfg)
-    enc = resolve_encoder(cfg, saved)
-    state = None if cfg.untrained else encoder_state(cfg.model_path)
-    name = output_name(cfg, enc)
-    results_dir = output_dir(cfg)
-    paths = {kind: os.path.join(results_dir, f"{name}_linear_{kind}.{ext}")
-             for kind, ext in (("statistics", "csv"), ("model", "pth"), ("config", "json"), ("curves", "png"))}
-    check_not_taken(paths, source_id(cfg))
-    device, note = resolve_device(cfg.device)
-    if note:
-        say(note)
-    if cfg.workers > 0:
-        torch.set_num_threads(cfg.workers)
-    runtime = Runtime(device, resolve_precision(cfg.precision, device), cfg.channels_last)
-
-    seed_everything(cfg.seed)  # the --untrained encoder's initialisation
-    model = SimCLR(enc.arch, stem=enc.stem)
-    what = f"{enc.arch} ({enc.stem} stem)"
-    if state is not None:
-        load_strict(model.f, state, cfg.model_path, f"{what} encoder")
-    model.requires_grad_(False)
-    model.eval()  # BatchNorm uses its running statistics and never updates them
-    frozen = snapshot(model.f)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
+    enc, name, paths, state = plan(cfg)
+    runtime = make_runtime(cfg.device, cfg.precision, cfg.channels_last, threads=cfg.threads)
+    model, frozen = load_encoder(cfg, enc, state, runtime)
     bundle = load_dataset(enc.dataset, enc.data_root, enc.image_size, cache_dir=enc.cache_dir, log=say)
     train, test = subset(bundle.memory, cfg.train_subset, cfg.seed), bundle.test
     if len(train) == 0 or len(test) == 0:
@@ -458,58 +356,30 @@ def run(cfg: LinearConfig) -> int:
     mean, std = (enc.mean, enc.std) if enc.mean is not None else (bundle.mean, bundle.std)
     num_classes = len(bundle.classes)
     source = "untrained (random init, seed %d)" % cfg.seed if cfg.untrained else cfg.model_path
-    say(f"linear probe on {what} features ({model.feature_width}-d) of {source}: {len(train)} train, "
-        f"{len(test)} test images, {num_classes} classes, {bundle.image_size}x{bundle.image_size}")
+    say(f"linear probe on {enc.arch} ({enc.stem} stem) features ({model.feature_width}-d) of {source}: "
+        f"{len(train)} train, {len(test)} test images, {num_classes} classes, {bundle.image_size}x{bundle.image_size}")
 
-    os.makedirs(results_dir, exist_ok=True)
-    atomic_save_json({**dataclasses.asdict(cfg), "source": source_id(cfg), "name": name, "results_dir": results_dir,
-                      "encoder": dataclasses.asdict(enc), "image_size": bundle.image_size, "mean": list(mean),
-                      "std": list(std), "num_classes": num_classes, "classes": bundle.classes,
-                      "feature_width": model.feature_width, "precision": runtime.precision,
-                      "torch_version": torch.__version__}, paths["config"])
+    os.makedirs(os.path.dirname(paths["config"]) or ".", exist_ok=True)
+    atomic_save_json({**dataclasses.asdict(cfg), "source": source_id(cfg), "name": name,
+                      "results_dir": os.path.dirname(paths["config"]), "encoder": dataclasses.asdict(enc),
+                      "image_size": bundle.image_size, "mean": list(mean), "std": list(std),
+                      "num_classes": num_classes, "classes": bundle.classes, "feature_width": model.feature_width,
+                      "precision": runtime.precision, "torch_version": torch.__version__}, paths["config"])
 
     to_input = lambda batch: normalize(batch, mean, std)  # noqa: E731
-    bar = lambda what: (lambda it: tqdm(it, desc=f"features of {what}", leave=False, dynamic_ncols=True))  # noqa: E731
-    train_y, test_y = train.labels.to(device), test.labels.to(device)
-    last_plot = [0.0]
-
-    def on_epoch(rows: list[dict]) -> None:
-        atomic_write_csv(paths["statistics"], CSV_COLUMNS, rows)
-        now = time.perf_counter()
-        if now - last_plot[0] >= PLOT_INTERVAL_S or rows[-1]["epoch"] == cfg.epochs:
-            plot_run_or_warn(rows, paths["curves"], f"{name}: linear probe", say, loss_key="train_loss",
-                             acc_keys=("train_acc@1", "test_acc@1"), acc_label="linear probe top-1 (%)")
-            last_plot[0] = time.perf_counter()
-
+    train_y, test_y = train.labels.to(runtime.device), test.labels.to(runtime.device)
+    on_epoch = epoch_writer(paths, name, cfg.epochs, say)
     t0 = time.perf_counter()
-    test_x = extract_features(model.encode, test.images, to_input, runtime, cfg.feature_batch_size, bar("test set"))
+    test_x = features(model, test.images, to_input, runtime, cfg, "test set")
+    # --augment --no-standardize never looks at un-augmented train features
+    needs_train_x = not cfg.augment or cfg.standardize
+    train_x = features(model, train.images, to_input, runtime, cfg, "train set") if needs_train_x else None
+    say(f"features extracted in {time.perf_counter() - t0:.1f} s; training the linear layer")
     if not cfg.augment:
-        train_x = extract_features(model.encode, train.images, to_input, runtime, cfg.feature_batch_size,
-                                   bar("train set"))
-        say(f"features extracted in {time.perf_counter() - t0:.1f} s; training the linear layer")
         linear, rows = train_on_features(train_x, train_y, test_x, test_y, num_classes, cfg, on_epoch, True)
     else:
-        if cfg.standardize:  # statistics of the un-augmented train features, as without --augment
-            f_mean, f_std = standardizer(extract_features(model.encode, train.images, to_input, runtime,
-                                                          cfg.feature_batch_size, bar("train set")))
-        else:
-            f_mean = torch.zeros(model.feature_width, device=device)
-            f_std = torch.ones(model.feature_width, device=device)
-        images = train.images
-        generator = torch.Generator(device=device)
-
-        @torch.no_grad()
-        def augmented(idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-            generator.manual_seed(mix_seed(cfg.seed, epoch, step))
-            batch = images[idx.cpu()].to(device, non_blocking=True)
-            x = normalize_float(crop_flip(batch, generator), mean, std)
-            with runtime.autocast():
-                h = model.encode(runtime.prepare(x))
-            return (h.float() - f_mean) / f_std
-
-        test_z = (test_x - f_mean) / f_std
-        linear, rows = fit(augmented, train_y, test_z, test_y, num_classes, cfg, on_epoch, True)
-        linear = fold(linear, f_mean, f_std)
+        linear, rows = train_augmented(model, train.images, train_x, train_y, test_x, test_y, num_classes,
+                                       (mean, std), runtime, cfg, on_epoch)
 
     moved = changed_tensors(model.f, frozen)
     if moved or model.training:
@@ -526,24 +396,76 @@ def run(cfg: LinearConfig) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
-    from data import DataError
-    try:
-        return run(build_config(argv))
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except EncoderChanged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except torch.OutOfMemoryError:
-        print("error: out of GPU memory; try a smaller --feature_batch_size or --batch_size, or --precision bf16",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; files on disk are complete (each is written whole or not at all)", file=sys.stderr)
-        return 130
+def plan(cfg: LinearConfig) -> tuple[Encoder, str, dict[str, str], dict | None]:
+    """What to evaluate and where its files go, checked before anything is written: (encoder, name, paths, weights)."""
+    enc = resolve_encoder(cfg, read_run_config(cfg))
+    state = None if cfg.untrained else encoder_state(cfg.model_path)
+    name = output_name(cfg, enc)
+    results_dir = output_dir(cfg)
+    paths = {kind: os.path.join(results_dir, f"{name}_linear_{kind}.{ext}")
+             for kind, ext in (("statistics", "csv"), ("model", "pth"), ("config", "json"), ("curves", "png"))}
+    check_not_taken(paths, source_id(cfg))
+    return enc, name, paths, state
+
+
+def load_encoder(cfg: LinearConfig, enc: Encoder, state: dict | None,
+                 runtime: Runtime) -> tuple[SimCLR, dict[str, torch.Tensor]]:
+    """The model with the encoder's weights (or a seeded random init), frozen, in eval mode; and its snapshot."""
+    seed_everything(cfg.seed)  # the --untrained encoder's initialisation
+    model = SimCLR(enc.arch, stem=enc.stem)
+    if state is not None:
+        load_strict(model.f, state, cfg.model_path, f"{enc.arch} ({enc.stem} stem) encoder")
+    model.requires_grad_(False)
+    model.eval()  # BatchNorm uses its running statistics and never updates them
+    frozen = snapshot(model.f)
+    return runtime.place(model), frozen
+
+
+def features(model: SimCLR, images: torch.Tensor, to_input, runtime: Runtime, cfg: LinearConfig,
+             what: str) -> torch.Tensor:
+    """Encoder features (N, d) fp32 of uint8 images, with a progress bar."""
+    from tqdm import tqdm
+    bar = lambda it: tqdm(it, desc=f"features of {what}", leave=False, dynamic_ncols=True)  # noqa: E731
+    return extract_features(model.encode, images, to_input, runtime, cfg.eval_batch_size, bar)
+
+
+def train_augmented(model: SimCLR, images: torch.Tensor, train_x: torch.Tensor | None, train_y: torch.Tensor,
+                    test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int, norm: tuple, runtime: Runtime,
+                    cfg: LinearConfig, on_epoch) -> tuple[nn.Linear, list[dict]]:
+    """--augment: every batch is cropped and flipped, then goes through the frozen encoder."""
+    device, width = runtime.device, model.feature_width
+    if cfg.standardize:  # statistics of the un-augmented train features, as without --augment
+        f_mean, f_std = standardizer(train_x)
+    else:
+        f_mean, f_std = torch.zeros(width, device=device), torch.ones(width, device=device)
+    generator = torch.Generator(device=device)
+
+    @torch.no_grad()
+    def augmented(idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        generator.manual_seed(mix_seed(cfg.seed, epoch, step))
+        batch = images[idx.cpu()].to(device, non_blocking=True)
+        x = normalize_float(crop_flip(batch, generator), *norm)
+        with runtime.autocast():
+            h = model.encode(runtime.prepare(x))
+        return (h.float() - f_mean) / f_std
+
+    linear, rows = fit(augmented, train_y, (test_x - f_mean) / f_std, test_y, num_classes, cfg, on_epoch, True)
+    return fold(linear, f_mean, f_std), rows
+
+
+def epoch_writer(paths: dict[str, str], name: str, epochs: int, say) -> Callable[[list[dict]], None]:
+    """After each epoch: the CSV, and the curves at most every PLOT_INTERVAL_S seconds (and at the end)."""
+    last_plot = [0.0]
+
+    def on_epoch(rows: list[dict]) -> None:
+        atomic_write_csv(paths["statistics"], CSV_COLUMNS, rows)
+        now = time.perf_counter()
+        if now - last_plot[0] >= PLOT_INTERVAL_S or rows[-1]["epoch"] == epochs:
+            plot_run_or_warn(rows, paths["curves"], f"{name}: linear probe", say, loss_key="train_loss",
+                             acc_keys=("train_acc@1", "test_acc@1"), acc_label="linear probe top-1 (%)")
+            last_plot[0] = time.perf_counter()
+
+    return on_epoch
 
 
 if __name__ == "__main__":

@@ -57,8 +57,11 @@ class SimCLR(nn.Module):
                 x = stage(x)
                 continue
             for block in stage:
-                # keep only each residual block's input; its inner activations are recomputed in backward
-                x = checkpoint(_once_updating_bn(block), x, use_reentrant=False)
+                # keep only each residual block's input; its inner activations are recomputed in backward.
+                # Compiled, the recomputation is part of the traced backward graph, where buffer updates
+                # are applied once by construction; eager, the wrapper keeps them from happening twice.
+                fn = block if torch.compiler.is_compiling() else _once_updating_bn(block)
+                x = checkpoint(fn, x, use_reentrant=False)
         return torch.flatten(f.avgpool(x), 1)  # (N, feature_width)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,17 +104,38 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 def nt_xent(z: torch.Tensor, temperature: float, anchors: torch.Tensor | None = None) -> torch.Tensor:
     """NT-Xent (SimCLR Eq. 1) for z: (2N, d) where rows i and i+N are two views of one image.
 
-    Rows are L2-normalised, logits = z z^T / temperature in fp32 with the self-similarity masked
-    out, and each anchor's target is its partner view; returns the cross-entropy averaged over
-    the anchor rows (every row by default; a subset when each process owns part of the batch).
+    Rows are L2-normalised, logits = z z^T / temperature in fp32 (also inside an autocast region)
+    with the self-similarity masked out, and each anchor's target is its partner view; returns the
+    cross-entropy averaged over the anchor rows (every row by default; a subset when each process
+    owns part of the batch).
     """
-    z = F.normalize(at_least_fp32(z), dim=1)
     n2 = z.shape[0]
     if n2 % 2:
         raise ValueError(f"nt_xent needs an even number of rows (two views per image), got {n2}")
-    rows = torch.arange(n2, device=z.device) if anchors is None else anchors
-    logits = z[rows] @ z.T / temperature  # (A, 2N)
-    # a row's similarity with itself is always the largest; it is not a negative
-    logits[torch.arange(rows.numel(), device=z.device), rows] = float("-inf")
-    partner = (rows + n2 // 2) % n2
-    return F.cross_entropy(logits, partner)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = F.normalize(at_least_fp32(z), dim=1)
+        rows = torch.arange(n2, device=z.device) if anchors is None else anchors
+        logits = z[rows] @ z.T / temperature                                        # (A, 2N)
+        # a row's similarity with itself is always the largest; it is not a negative. masked_fill
+        # takes -inf as a scalar argument: no host-to-device copy, so no sync in the step
+        itself = rows[:, None] == torch.arange(n2, device=z.device)[None, :]       # (A, 2N)
+        logits = logits.masked_fill(itself, float("-inf"))
+        partner = (rows + n2 // 2) % n2
+        return F.cross_entropy(logits, partner)
+
+
+def naive_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The reference NT-Xent, written the seed's way: exp of all similarities, then -log(positive / sum).
+
+    z1, z2: (N, d) projections of view 1 and view 2 of the same N images -> scalar loss averaged
+    over the 2N anchors. It overflows at small temperatures (which `nt_xent` does not); the tests
+    and bench.py's naive step use it as the independent formulation to compare against.
+    """
+    out = F.normalize(torch.cat([z1, z2]), dim=1)                              # (2N, d)
+    n2 = out.shape[0]
+    sim = torch.exp(out @ out.T / temperature)                                 # (2N, 2N)
+    off_diagonal = ~torch.eye(n2, dtype=torch.bool, device=out.device)
+    denominator = sim.masked_select(off_diagonal).view(n2, n2 - 1).sum(dim=1)  # partner and negatives
+    positive = torch.exp((F.normalize(z1, dim=1) * F.normalize(z2, dim=1)).sum(dim=1) / temperature)
+    positive = torch.cat([positive, positive])                                 # (2N,)
+    return (-torch.log(positive / denominator)).mean()

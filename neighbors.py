@@ -8,7 +8,6 @@ query in the first column, then its k most cosine-similar images of the labeled 
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -16,13 +15,16 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from augment import normalize
-from data import DataBundle, DataError, load_dataset
+from checkpoint import config_path_for, encoder_state, load_strict, read_run_config, run_base
+from cli import UserError, first_line, run_cli
+from data import DataBundle, load_dataset
+from engine import Runtime, make_runtime
+from files import atomic_write_bytes
+from flags import Flag, build_parser, shared
+from knn import extract_features, nearest_neighbors
 from model import SimCLR
-from checkpoint import config_path_for, encoder_state, first_line, load_strict, read_run_config, run_base
-from utils import OneLineParser, Runtime, UserError, atomic_write_bytes, extract_features, resolve_device
 
 # Keys of NAME_config.json needed to rebuild the model and reload its data.
 CONFIG_KEYS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "dataset", "data_root", "image_size")
@@ -49,24 +51,6 @@ class Neighbors:
 
 
 # ----------------------------------------------------------------------------- search
-
-def nearest_neighbors(query: torch.Tensor, bank: torch.Tensor, k: int,
-                      chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine top-k: query (n, d), bank (N, d) -> indices (n, k) int64, similarities (n, k) fp32, descending."""
-    if not 0 < k <= bank.shape[0]:
-        raise ValueError(f"k must be in 1..{bank.shape[0]} (the bank size), got {k}")
-    bank = F.normalize(bank.float(), dim=1)
-    indices, similarities = [], []
-    # chunks bound the (chunk, N) similarity matrix for a large bank
-    for start in range(0, query.shape[0], chunk_size):
-        q = F.normalize(query[start:start + chunk_size].to(bank.device).float(), dim=1)
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        indices.append(idx)
-        similarities.append(sim)
-    if not indices:
-        return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
-    return torch.cat(indices), torch.cat(similarities)
-
 
 def pick_queries(n_test: int, n: int, seed: int) -> torch.Tensor:
     """n distinct random test indices (n,), the same for the same seed."""
@@ -193,61 +177,62 @@ def same_class_fraction(bundle: DataBundle, result: Neighbors) -> float:
 
 # ----------------------------------------------------------------------------- command line
 
-def build_parser() -> argparse.ArgumentParser:
-    """The flags of neighbors.py."""
-    p = OneLineParser(description="Show test images and their nearest labeled training images by encoder feature.")
-    p.add_argument("--model_path", required=True, help="results/NAME_model.pth written by main.py")
-    p.add_argument("--config", default=None, help="the run's config (default: NAME_config.json beside the weights)")
-    p.add_argument("--n", type=int, default=8, help="test images, one per row (default: 8)")
-    p.add_argument("--k", type=int, default=8, help="neighbours per test image (default: 8)")
-    p.add_argument("--seed", type=int, default=0, help="chooses the random test images (default: 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--out", default=None, help="PNG to write (default: NAME_neighbors.png beside the weights)")
-    p.add_argument("--dataset", default=None, help="override the config's data set")
-    p.add_argument("--data_root", default=None, help="override the config's data folder (e.g. run from elsewhere)")
-    p.add_argument("--image_size", type=int, default=None, help="override the config's image side")
-    p.add_argument("--batch_size", type=int, default=256, help="images per feature-extraction batch (default: 256)")
-    return p
-
-
-def run(args: argparse.Namespace) -> tuple[DataBundle, Neighbors, str]:
-    """Load config, weights and data, find the neighbours; returns (bundle, result, output path)."""
-    from tqdm import tqdm
-    log = lambda text: print(text, file=sys.stderr)  # noqa: E731 -- stdout only says what was written
-    if args.batch_size <= 0:
-        raise UserError(f"--batch_size must be positive, got {args.batch_size}")
-    if args.image_size is not None and args.image_size < 8:
-        raise UserError(f"--image_size {args.image_size} is too small for a ResNet; use 8 or more")
-    config = load_config(args.config or config_path_for(args.model_path))
-    model = load_model(args.model_path, config)
-    device, note = resolve_device(args.device)
-    if note:
-        log("note: no CUDA GPU found, computing features on the CPU")
-    runtime = Runtime(device)  # fp32: similarities are compared to within rounding, not to bf16 noise
-    bundle = load_dataset(args.dataset or config["dataset"], args.data_root or config["data_root"],
-                          args.image_size or config["image_size"], cache_dir=config.get("cache_dir"), log=log)
-    bar = lambda it: tqdm(it, desc="features of the labeled training images", leave=False, file=sys.stderr)  # noqa: E731
-    result = find_neighbors(model.to(device), bundle, args.n, args.k, args.seed, runtime, args.batch_size, bar)
-    return bundle, result, args.out or run_base(args.model_path) + "_neighbors.png"
+NEIGHBORS_FLAGS: tuple[Flag, ...] = (
+    Flag("model_path", None, "results/NAME_model.pth written by main.py", str, group="input"),
+    Flag("config", None, "the run's config; None means NAME_config.json beside the weights", str, group="input",
+         optional=True),
+    Flag("n", 8, "test images, one per row", int, group="picture", ge=1, le=10_000),
+    Flag("k", 8, "neighbours per test image", int, group="picture", ge=1, le=1_000),
+    Flag("seed", 0, "chooses the random test images", int, group="picture", ge=0, le=2 ** 63 - 1),
+    Flag("out", None, "PNG to write; None means NAME_neighbors.png beside the weights", str, group="picture",
+         optional=True),
+    shared("dataset", default=None, optional=True, help="override the config's data set"),
+    shared("data_root", default=None, optional=True, help="override the config's data folder (e.g. run from elsewhere)"),
+    shared("image_size", help="override the config's image side"),
+    shared("device"),
+    shared("eval_batch_size", default=256, aliases=("batch_size",)),
+    shared("threads"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        bundle, result, out = run(args)
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: draw(argv), "try a smaller --eval_batch_size, or --device cpu")
+
+
+def draw(argv: list[str] | None) -> int:
+    """Parse, find the neighbours, write the picture."""
+    args = build_parser(NEIGHBORS_FLAGS, "Show test images and their nearest labeled training images by encoder "
+                        "feature.").parse_args(argv)
+    if args.model_path is None:
+        raise UserError("--model_path is required: pass results/NAME_model.pth written by main.py")
+    bundle, result, out = run(args)
     name = os.path.basename(run_base(args.model_path))
     title = f"{name}: {len(result.queries)} test images and their {args.k} nearest training images"
     try:
         atomic_write_bytes(out, draw_neighbors(bundle, result, title))
     except OSError as e:  # e.g. --out in a folder that cannot be written
-        print(f"error: cannot write {out}: {first_line(e)}", file=sys.stderr)
-        return 2
+        raise UserError(f"cannot write {out}: {first_line(e)}") from None
     print(f"wrote {out} ({100 * same_class_fraction(bundle, result):.1f}% of the neighbours share the query's class)")
     return 0
+
+
+def run(args) -> tuple[DataBundle, Neighbors, str]:
+    """Load config, weights and data, find the neighbours; returns (bundle, result, output path)."""
+    from tqdm import tqdm
+    log = lambda text: print(text, file=sys.stderr)  # noqa: E731 -- stdout only says what was written
+    config = load_config(args.config or config_path_for(args.model_path))
+    model = load_model(args.model_path, config)
+    # fp32: similarities are compared to within rounding, not to bf16 noise
+    runtime = make_runtime(args.device, "fp32", channels_last=False, threads=args.threads)
+    if args.device == "auto" and runtime.device.type == "cpu":
+        log("note: no CUDA GPU found, computing features on the CPU")
+    bundle = load_dataset(args.dataset or config["dataset"], args.data_root or config["data_root"],
+                          args.image_size or config["image_size"], cache_dir=config.get("cache_dir"), log=log)
+    bar = lambda it: tqdm(it, desc="features of the labeled training images", leave=False, file=sys.stderr)  # noqa: E731
+    result = find_neighbors(model.to(runtime.device), bundle, args.n, args.k, args.seed, runtime,
+                            args.eval_batch_size, bar)
+    return bundle, result, args.out or run_base(args.model_path) + "_neighbors.png"
 
 
 if __name__ == "__main__":

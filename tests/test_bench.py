@@ -7,6 +7,7 @@ import sys
 import torch
 
 import bench
+from engine import bf16_peak_tflops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +58,7 @@ def test_epoch_section_runs_on_cpu_with_tiny_sizes():
 
 
 def test_bf16_peak_table():
-    assert bench.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert bench.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert bench.bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert bench.bf16_peak_tflops("Tesla T4") is None
+    assert bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bf16_peak_tflops("Tesla T4") is None

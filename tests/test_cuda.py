@@ -6,7 +6,7 @@ import main
 from augment import AugmentConfig, apply_params, sample_params, two_views
 from model import SimCLR
 from optim import build_optimizer
-from utils import Runtime
+from engine import Runtime, train_step
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CFG = AugmentConfig(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -22,14 +22,14 @@ def test_training_step_never_waits_for_the_gpu():
     generator = torch.Generator(device=device)
     loss_sum = torch.zeros((), device=device)
     for warm in range(2):  # cuDNN and allocator warm-up may sync; the steady state must not
-        main.train_step(model, optimizer, two_views(images[perm[:64]], CFG, generator), 0.5, runtime)
+        train_step(model, optimizer, two_views(images[perm[:64]], CFG, generator), 0.5, runtime)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(3):
             generator.manual_seed(step)
             views = two_views(images[perm[step * 64:(step + 1) * 64]], CFG, generator)
-            loss_sum += main.train_step(model, optimizer, views, 0.5, runtime)
+            loss_sum += train_step(model, optimizer, views, 0.5, runtime)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss_sum).item()

@@ -106,14 +106,6 @@ def test_folder_shapes_labels_stats(tmp_path):
     assert any(line.startswith('decoding 13 images of') for line in log)
 
 
-def test_folder_images_api(tmp_path):
-    root = tmp_path / 'ds'
-    _make_folder(root, np.random.default_rng(0))
-    images, classes = data.folder_images(str(root / 'test'), 12, log=_Log())
-    assert classes == ['ant', 'bee', 'cat']
-    assert tuple(images.images.shape) == (6, 12, 12, 3)
-
-
 def test_folder_skips_and_reports_bad_files(tmp_path):
     root = tmp_path / 'ds'
     _make_folder(root, np.random.default_rng(0))

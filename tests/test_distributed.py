@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distributed import GlobalBatchNorm, World, convert_batchnorm, global_nt_xent, shard
-from main import train_step
+from engine import train_step
 from model import SimCLR, nt_xent
-from utils import Runtime
+from engine import Runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, SIZE = 8, 16
@@ -107,7 +107,7 @@ def test_torchrun_two_processes_end_to_end(tiny_folder, tmp_path):
     results = tmp_path / "results"
     args = ["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16", "--arch", "resnet18",
             "--batch_size", "8", "--epochs", "2", "--k", "5", "--feature_dim", "16", "--proj_hidden_dim", "32",
-            "--device", "cpu", "--workers", "0", "--results_dir", str(results), "--name", "ddp"]
+            "--device", "cpu", "--precision", "fp32", "--workers", "0", "--results_dir", str(results), "--name", "ddp"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "main.py", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -119,13 +119,17 @@ def test_torchrun_two_processes_end_to_end(tiny_folder, tmp_path):
     assert frame["epoch"].tolist() == [1, 2]
 
     # the saved weights, evaluated in this single process, give the kNN accuracy the two ranks reported
-    import main
+    from augment import normalize
     from data import load_dataset
-    cfg, _, _ = main.parse(vars(main.build_parser().parse_args(args)), World())
+    from knn import extract_features, knn_accuracy
     bundle = load_dataset("folder", str(tiny_folder), 16, log=lambda *a: None)
     model = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32)
     model.load_state_dict(torch.load(results / "ddp_model.pth", weights_only=True))
-    top1, top5 = main.evaluate(model, model.encode, bundle, cfg, Runtime(torch.device("cpu")), World(), 0.5)
+    model.eval()
+    runtime, to_input = Runtime(torch.device("cpu")), lambda batch: normalize(batch, bundle.mean, bundle.std)
+    bank = extract_features(model.encode, bundle.train.images, to_input, runtime)
+    test = extract_features(model.encode, bundle.test.images, to_input, runtime)
+    top1, top5 = knn_accuracy(test, bundle.test.labels, bank, bundle.train.labels, len(bundle.classes), 5, 0.5)
     best = frame.loc[frame["test_acc@1"].idxmax()]
     assert top1 == pytest.approx(best["test_acc@1"]) and top5 == pytest.approx(best["test_acc@5"])
 

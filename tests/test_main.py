@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+import flags
 import main
 from model import SimCLR
 
@@ -51,7 +52,7 @@ def test_end_to_end_subprocess(tiny_folder, tmp_path):
 
 
 def test_default_name_follows_the_seed():
-    values = main.resolve_values({})
+    values = flags.train_values({})
     assert values["name"] == "cifar10_resnet50_128_0.5_200_1024_500"
     assert (values["feature_dim"], values["temperature"], values["k"], values["batch_size"], values["epochs"]) == \
         (128, 0.5, 200, 1024, 500)
@@ -121,12 +122,12 @@ def test_offline_cifar10_says_which_file_to_put_where(tmp_path, monkeypatch, cap
 
 
 def test_recipes_set_flags_and_explicit_flags_win():
-    paper = main.resolve_values({"recipe": "paper"})
+    paper = flags.train_values({"recipe": "paper"})
     assert (paper["optimizer"], paper["lr"], paper["lr_scaling"], paper["warmup_epochs"], paper["schedule"]) == \
         ("lars", 1.0, "linear", 10, "cosine")
     assert (paper["proj_hidden_dim"], paper["temperature"], paper["jitter_strength"], paper["blur"]) == \
         (2048, 0.5, 0.5, False)
     assert paper["weight_decay"] == 1e-6
-    overridden = main.resolve_values({"recipe": "paper", "lr": 0.3, "blur": True})
+    overridden = flags.train_values({"recipe": "paper", "lr": 0.3, "blur": True})
     assert overridden["lr"] == 0.3 and overridden["blur"] is True and overridden["optimizer"] == "lars"
-    assert main.resolve_values({"recipe": "seed"}) == main.resolve_values({})
+    assert flags.train_values({"recipe": "seed"}) == flags.train_values({})

@@ -9,7 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+import engine
+import flags
 import main
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETERMINISTIC = ["epoch", "train_loss", "test_acc@1", "test_acc@5", "lr"]  # timings differ run to run
@@ -53,27 +56,25 @@ def copy_reference(straight, tmp_path):
     return extra
 
 
-def test_resume_after_one_epoch_is_exact(tiny_folder, tmp_path, straight):
+def test_resume_after_one_epoch_is_exact(tiny_folder, tmp_path, straight, monkeypatch):
     extra = copy_reference(straight, tmp_path)
     real_save_last = main.save_last
     calls = []
 
-    def stop_after_first_epoch(paths, state, epoch, step, *rest):
-        real_save_last(paths, state, epoch, step, *rest)
+    def stop_after_first_epoch(run, epoch, step, *rest):
+        real_save_last(run, epoch, step, *rest)
         calls.append(epoch)
         if epoch == 1:
             raise KeyboardInterrupt  # the process dies right after epoch 1 was saved
-    main.save_last = stop_after_first_epoch
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(main, "save_last", stop_after_first_epoch)
         assert main.main(args(tiny_folder, tmp_path, "r", "--epochs", "2", *extra)) == 130
-    finally:
-        main.save_last = real_save_last
     assert calls == [1]
     assert main.main(args(tiny_folder, tmp_path, "r", "--epochs", "2", "--resume", "auto", *extra)) == 0
     assert_same_run(tmp_path, "ref", "r")
 
 
-def test_resume_mid_epoch_after_sigint_is_exact(tiny_folder, tmp_path, straight, capsys):
+def test_resume_mid_epoch_after_sigint_is_exact(tiny_folder, tmp_path, straight, capsys, monkeypatch):
     extra = copy_reference(straight, tmp_path)
     real_step = main.train_step
     count = [0]
@@ -84,11 +85,9 @@ def test_resume_mid_epoch_after_sigint_is_exact(tiny_folder, tmp_path, straight,
         if count[0] == 9:  # epoch 2 (6 steps per epoch), step 3
             signal.raise_signal(signal.SIGINT)
         return loss
-    main.train_step = step_then_interrupt
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(main, "train_step", step_then_interrupt)
         code = main.main(args(tiny_folder, tmp_path, "r", "--epochs", "2", *extra))
-    finally:
-        main.train_step = real_step
     err = capsys.readouterr().err
     assert code == 130 and "--resume auto" in err
     ckpt = torch.load(tmp_path / "r_last.pth", weights_only=True)
@@ -152,14 +151,14 @@ def test_resume_of_a_bad_file_is_a_clear_error(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tiny_folder, tmp_path, monkeypatch, capsys):
-    real = main.global_nt_xent
+    real = engine.global_nt_xent
     count = [0]
 
     def poisoned(z, temperature):
         count[0] += 1
         loss = real(z, temperature)
         return loss * float("nan") if count[0] == 8 else loss  # epoch 2, step 2
-    monkeypatch.setattr(main, "global_nt_xent", poisoned)
+    monkeypatch.setattr(engine, "global_nt_xent", poisoned)
     code = main.main(args(tiny_folder, tmp_path, "nan", "--epochs", "3"))
     err = capsys.readouterr().err
     assert code == 1 and "epoch 2, step 2 of 6" in err
@@ -188,7 +187,7 @@ def test_sigint_subprocess_then_resume_auto_completes(tiny_folder, tmp_path):
     assert pd.read_csv(csv)["epoch"].tolist() == list(range(1, done + 2))
 
 
-def test_sigterm_stops_after_the_step_with_exit_143(tiny_folder, tmp_path, capsys):
+def test_sigterm_stops_after_the_step_with_exit_143(tiny_folder, tmp_path, capsys, monkeypatch):
     real_step = main.train_step
     count = [0]
 
@@ -198,21 +197,33 @@ def test_sigterm_stops_after_the_step_with_exit_143(tiny_folder, tmp_path, capsy
         if count[0] == 2:
             signal.raise_signal(signal.SIGTERM)
         return loss
-    main.train_step = step_then_term
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(main, "train_step", step_then_term)
         code = main.main(args(tiny_folder, tmp_path, "term", "--epochs", "1"))
-    finally:
-        main.train_step = real_step
     assert code == 143 and count[0] == 2  # no step after the one that was running
     assert "--resume auto" in capsys.readouterr().err
     assert torch.load(tmp_path / "term_last.pth", weights_only=True)["step_in_epoch"] == 2
 
 
 def test_resume_accepts_the_resolved_default_image_size_and_refuses_another():
-    saved = main.resolve_values({"dataset": "cifar10"})
-    values, _ = main.merge_resume({"image_size": 32, "resume": "x"}, saved)
+    saved = flags.train_values({"dataset": "cifar10"})
+    values, _ = flags.resume_values({"image_size": 32, "resume": "x"}, saved, "x")
     assert values["image_size"] == 32
-    with pytest.raises(main.UserError, match="image_size"):
-        main.merge_resume({"image_size": 64, "resume": "x"}, saved)
-    with pytest.raises(main.UserError, match="recipe"):
-        main.merge_resume({"recipe": "paper", "resume": "x"}, saved)
+    with pytest.raises(UserError, match="image_size"):
+        flags.resume_values({"image_size": 64, "resume": "x"}, saved, "x")
+    with pytest.raises(UserError, match="recipe"):
+        flags.resume_values({"recipe": "paper", "resume": "x"}, saved, "x")
+
+
+def test_resume_takes_machine_settings_afresh_and_keeps_the_plan():
+    saved = {**flags.train_values({"epochs": 7}), "device": "cuda:3", "precision": "fp16", "workers": 99}
+    values, _ = flags.resume_values({"resume": "x"}, saved, "x")
+    assert (values["device"], values["precision"], values["workers"]) == ("auto", "auto", flags.TRAIN_DEFAULTS["workers"])
+    assert values["epochs"] == 7
+
+
+def test_resume_refuses_a_checkpoint_config_that_makes_no_sense():
+    saved = flags.train_values({})
+    for key, value in (("batch_size", "eight"), ("feature_dim", -5), ("image_size", 1e30), ("arch", "resnet99")):
+        with pytest.raises(UserError, match=key):
+            flags.resume_values({"resume": "x"}, {**saved, key: value}, "x_last.pth")

@@ -1,0 +1,125 @@
+"""The command-line shell every script shares: its errors, its parser, its signals and its exit codes.
+
+    exit 0    done
+    exit 1    the run's result is not valid (a non-finite loss; a frozen encoder that moved)
+    exit 2    a problem the user can fix: one line that says what was wrong and what to do
+    exit 130  Ctrl-C (SIGINT), 143 SIGTERM: files on disk are whole, a checkpoint says where to resume
+
+A script's `main(argv)` is `run_cli(lambda: its_run(argv))`: the script raises, this module
+decides what the user reads and which code the shell sees. Importing it does nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """Something the user can fix (a flag, a file, a folder): printed as one line, exit code 2."""
+
+
+class DataError(UserError):
+    """A data set that cannot be read as asked (missing offline, bad layout): one line, exit code 2."""
+
+
+class InvalidResult(Exception):
+    """The run finished or stopped, but its numbers must not be used: one line, exit code 1."""
+
+
+class NonFiniteLoss(InvalidResult):
+    """The training loss became NaN or infinite."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: under run_cli a bad flag is one line and exit code 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), at most 200 characters."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one stops at once.
+
+    `exit_code` is 128 + the number of the first signal, also when a second one cut the wait short.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second signal during a StopRequest: leave now, with the code of the first one."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+
+DEFAULT_OOM_ADVICE = "use a smaller batch (--batch_size, --eval_batch_size) or --precision bf16"
+
+
+def run_cli(job: Callable[[], int], oom_advice: str = DEFAULT_OOM_ADVICE,
+            prefix: Callable[[], str] = lambda: "", cleanup: Callable[[], None] | None = None) -> int:
+    """Run a script's job and turn what it raises into the documented message and exit code.
+
+    prefix() is put before each message (under torchrun: the rank); cleanup() runs at the end either way.
+    """
+    import torch
+
+    def say(message: str) -> None:
+        print(f"{prefix()}error: {message}", file=sys.stderr, flush=True)
+
+    try:
+        return job()
+    except UserError as e:
+        say(str(e))
+        return 2
+    except InvalidResult as e:
+        say(str(e))
+        return 1
+    except torch.OutOfMemoryError:
+        say(f"out of GPU memory; {oom_advice}")
+        return 2
+    except OSError as e:  # a full disk, a read-only or missing folder: the environment, not a bug
+        where = f"{e.filename}: " if e.filename else ""
+        say(f"{where}{e.strerror or first_line(e)}; free space or choose another folder, then run again")
+        return 2
+    except KeyboardInterrupt as e:
+        print("interrupted; files on disk are complete (each is written whole or not at all)", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    finally:
+        if cleanup is not None:
+            cleanup()
