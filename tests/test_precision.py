@@ -1,0 +1,82 @@
+"""fp32 where it is promised, also inside a caller's autocast region; compile-clean gradient checkpointing."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from knn import cosine_topk, knn_scores, nearest_neighbors
+from model import SimCLR, naive_nt_xent, nt_xent
+
+
+def bf16_autocast():
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+
+
+def test_nt_xent_inside_autocast_is_the_fp32_value():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 32, generator=g)
+    exact = naive_nt_xent(z[:32].double(), z[32:].double(), 0.1).item()
+    with bf16_autocast():
+        inside = nt_xent(z, 0.1)
+    assert inside.dtype == torch.float32
+    assert inside.item() == pytest.approx(exact, rel=1e-6)
+
+
+def test_knn_scores_inside_autocast_equal_the_fp32_scores():
+    g = torch.Generator().manual_seed(1)
+    bank, test = torch.randn(300, 16, generator=g), torch.randn(40, 16, generator=g)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    outside = knn_scores(test, bank, labels, 5, 20, 0.1)
+    with bf16_autocast():
+        inside = knn_scores(test, bank, labels, 5, 20, 0.1)   # used to fail: bf16 weights into an fp32 scatter
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+
+
+def test_neighbour_search_inside_autocast_finds_the_fp32_neighbours():
+    g = torch.Generator().manual_seed(2)
+    bank, query = torch.randn(500, 32, generator=g), torch.randn(50, 32, generator=g)
+    idx_out, sim_out = nearest_neighbors(query, bank, 5)
+    with bf16_autocast():
+        idx_in, sim_in = nearest_neighbors(query, bank, 5)
+    assert torch.equal(idx_in, idx_out) and sim_in.dtype == torch.float32
+    # and the reference: brute force in float64
+    sims = F.normalize(query.double(), dim=1) @ F.normalize(bank.double(), dim=1).T
+    assert torch.equal(idx_out, sims.topk(5, dim=1).indices)
+
+
+def test_cosine_topk_of_an_empty_query():
+    sims, idx = cosine_topk(torch.zeros(0, 4), torch.randn(10, 4), 3)
+    assert sims.shape == (0, 3) and idx.shape == (0, 3)
+
+
+def test_nt_xent_masks_the_diagonal_without_a_host_tensor():
+    # the mask is a scalar argument of masked_fill: a CPU tensor copied to the GPU every step would sync
+    z = torch.randn(8, 4, requires_grad=True)
+    loss = nt_xent(z, 0.5)
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_compiled_grad_checkpoint_has_no_graph_breaks_and_updates_batchnorm_once():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    plain = SimCLR("resnet18", feature_dim=8, proj_hidden_dim=16)
+    ckpt = SimCLR("resnet18", feature_dim=8, proj_hidden_dim=16, grad_checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    explained = torch._dynamo.explain(copy.deepcopy(ckpt))(x)  # it runs the model: on a copy
+    assert explained.graph_break_count == 0, explained.break_reasons
+    # each of the 8 residual blocks stays a checkpointed region in the graph (a wrapper with side effects
+    # made dynamo inline the blocks instead: no break, but no checkpointing and no memory saved either)
+    code = "\n".join(graph.code for graph in explained.graphs)
+    assert code.count("tag_activation_checkpoint(") >= 8
+    torch._dynamo.reset()
+    compiled = torch.compile(ckpt, backend="aot_eager")
+    for model in (plain, compiled):
+        nt_xent(model(x)[1], 0.5).backward()
+    for (name, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-3), name
