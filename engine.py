@@ -93,23 +93,28 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 autocast is then faster than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:  # not Linux: no cheap way to know, stay exact
-        return False
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 autocast is then faster than fp32.
+
+    cpuinfo: the text of /proc/cpuinfo (read when None; elsewhere than Linux the answer is False).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:  # not Linux: no cheap way to know, stay exact
+            return False
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "").split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA from Ampere on (fp16 before), fp32 on a CPU."""
+    """'auto' -> bf16 on CUDA from Ampere on (fp16 before), bf16 on a CPU with native bf16, else fp32."""
     if name != "auto":
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-    return "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def make_runtime(device: str | torch.device, precision: str = "auto", channels_last: bool = True,

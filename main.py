@@ -78,7 +78,12 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
             values, notes = resume_values(explicit, checkpoint["config"], path)
     device, note = resolve_device(values["device"])
     notes += [note] if note else []
-    values.update(device=str(device), precision=resolve_precision(values["precision"], device))
+    precision = resolve_precision(values["precision"], device)
+    if values["precision"] == "auto":
+        why = {"cuda": "this GPU's fastest safe autocast",
+               "cpu": "this CPU computes bf16 natively" if precision == "bf16" else "this CPU has no native bf16"}
+        notes.append(f"precision: {precision} (auto: {why[device.type]}; --precision fp32 for exact arithmetic)")
+    values.update(device=str(device), precision=precision)
     cfg = TrainConfig(**check_values(values, TRAIN_FLAGS))
     check_name(cfg.name)
     if cfg.warmup_epochs > cfg.epochs:

@@ -7,14 +7,17 @@ import sys
 import torch
 
 import bench
-from engine import bf16_peak_tflops
+from engine import bf16_peak_tflops, make_runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# the project's default step is `project`; the other precision x memory-format pairs are variants
+DEFAULT = (make_runtime("cpu").precision, "channels_last")
+OTHERS = {f"project {p} {m}" for p in ("fp32", "bf16") for m in ("channels_last", "contiguous")} - {
+    f"project {DEFAULT[0]} {DEFAULT[1]}"}
 ROWS = ("aug tensor two_views, 1 thread(s)", "aug pil per image, 1 process(es)", "aug ratio tensor/pil, 1 thread(s)",
-        "step naive", "step project ", "step project fp32 contiguous", "step project bf16 channels_last",
-        "step project bf16 contiguous", "step ratio project/naive", "step fastest project variant",
-        "== targets")
+        "step naive", "step project ", *sorted(f"step {v}" for v in OTHERS), "step ratio project/naive",
+        "step fastest project variant", "== targets")
 
 
 def test_quick_cpu_run_prints_every_row_and_json(tmp_path):
@@ -32,8 +35,8 @@ def test_quick_cpu_run_prints_every_row_and_json(tmp_path):
     assert {"tensor_views_per_s", "pil_views_per_s", "ratio"} <= set(record["augmentation"])
     step = record["train_step"]
     assert {"project_pairs_per_s", "naive_pairs_per_s", "ratio", "variants", "fastest_project_variant"} <= set(step)
-    assert set(step["variants"]) == {"naive", "project", "project fp32 contiguous", "project bf16 channels_last",
-                                     "project bf16 contiguous"}
+    assert set(step["variants"]) == {"naive", "project", *OTHERS}
+    assert step["variants"]["project"]["precision"] == DEFAULT[0]
 
 
 def test_import_does_nothing():

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import engine
+from engine import cpu_has_native_bf16
 from knn import cosine_topk, knn_scores, nearest_neighbors
 from model import SimCLR, naive_nt_xent, nt_xent
 
@@ -80,3 +82,34 @@ def test_compiled_grad_checkpoint_has_no_graph_breaks_and_updates_batchnorm_once
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-3), name
+
+
+AMD_ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+INTEL_SPR = "flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
+OLD_CPU = "flags\t\t: fpu sse2 avx2 fma\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert cpu_has_native_bf16(AMD_ZEN4) and cpu_has_native_bf16(INTEL_SPR)
+    assert not cpu_has_native_bf16(OLD_CPU) and not cpu_has_native_bf16("")
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_a_cpu_follows_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+    assert engine.resolve_precision("auto", torch.device("cpu")) == expected
+    assert engine.resolve_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice stands
+
+
+def test_a_tiny_run_records_and_says_the_precision_it_chose(tiny_folder, tmp_path, capsys):
+    import json
+    import main
+    args = ["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16", "--arch", "resnet18",
+            "--batch_size", "16", "--epochs", "1", "--k", "5", "--feature_dim", "16", "--proj_hidden_dim", "32",
+            "--device", "cpu", "--workers", "0", "--results_dir", str(tmp_path), "--name", "p"]
+    assert main.main(args) == 0
+    chosen = json.loads((tmp_path / "p_config.json").read_text())["precision"]
+    assert chosen == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert f"precision: {chosen} (auto:" in capsys.readouterr().out
+    last = torch.load(tmp_path / "p_last.pth", weights_only=True)
+    assert last["config"]["precision"] == chosen  # the checkpoint holds the same resolved config
