@@ -308,10 +308,10 @@ def epoch_row(arch: str, batch: int, data: torch.Tensor, cfg: AugmentConfig, dev
         aug_timer.time(lambda: batch_views(i))
     step_s, aug_s = median(step_timer.seconds()), median(aug_timer.seconds())
     # forward + backward ~ 3 forwards, 1 MAC = 2 FLOPs, 2B views per step
-    tflops = 3 * 2 * macs * 2 * batch / step_s / 1e12 if macs else None
+    tflops = 3 * 2 * macs * 2 * batch / step_s / 1e12
     row = {"arch": arch, "batch_size": batch, "precision": runtime.precision, "compiled": compile_net,
            "step_seconds": step_s, "epoch_seconds": step_s * steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-           "tflops": tflops, "peak_percent": 100 * tflops / peak if peak and tflops else None,
+           "tflops": tflops, "peak_percent": 100 * tflops / peak if peak else None,
            "data_seconds": aug_s, "data_share": aug_s / step_s,
            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     del net, model, optimizer
@@ -353,7 +353,7 @@ def epoch_section(device: torch.device, archs: tuple[str, ...], batches: tuple[i
     peak = bf16_peak_tflops(name) if device.type == "cuda" else None
     rows, knn = [], {}
     for arch in archs:
-        _, macs = count_macs(SimCLR(arch, feature_dim=128, proj_hidden_dim=512), 32)
+        _, macs, _ = count_macs(SimCLR(arch, feature_dim=128, proj_hidden_dim=512), 32)
         for batch in batches:
             rows.append({**epoch_row(arch, batch, data, cfg, device, warmup, steps, compile_net, macs, peak),
                          "macs_per_image": macs})

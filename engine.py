@@ -165,14 +165,38 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, views: to
     return loss.detach()
 
 
-def count_macs(model: torch.nn.Module, image_size: int) -> tuple[int, int | None]:
-    """(parameters, multiply-accumulates per image); MACs are None when thop is not installed."""
+def count_macs(model: torch.nn.Module, image_size: int) -> tuple[int, int, str]:
+    """(parameters, multiply-accumulates per image, how they were counted): thop when installed, else the
+    convolutions and linear layers counted here (thop adds the small BatchNorm and pooling terms)."""
     params = sum(p.numel() for p in model.parameters())
+    probe = copy.deepcopy(model).cpu().float().eval()  # counters and hooks go on a throwaway copy
+    x = torch.zeros(1, 3, image_size, image_size)
     try:
         import thop
     except ImportError:
-        return params, None
-    probe = copy.deepcopy(model).cpu().float().eval()  # thop attaches counters: never to the real model
+        return params, _conv_linear_macs(probe, x), "conv and linear layers, thop not installed"
     with torch.no_grad():
-        macs, _ = thop.profile(probe, inputs=(torch.zeros(1, 3, image_size, image_size),), verbose=False)
-    return params, int(macs)
+        macs, _ = thop.profile(probe, inputs=(x,), verbose=False)
+    return params, int(macs), "thop"
+
+
+def _conv_linear_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """MACs of every Conv2d and Linear in one forward pass of x (one image)."""
+    total = [0]
+
+    def conv(module: torch.nn.Conv2d, inputs, output: torch.Tensor) -> None:
+        kh, kw = module.kernel_size
+        total[0] += output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    def linear(module: torch.nn.Linear, inputs, output: torch.Tensor) -> None:
+        total[0] += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, torch.nn.Conv2d) else linear)
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total[0]

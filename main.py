@@ -114,7 +114,7 @@ class Run:
     paths: dict[str, str]
     say: object
     params: int = 0
-    macs: int | None = None
+    macs: int = 0
     start_epoch: int = 0
     start_step: int = 0
     carried: dict = field(default_factory=lambda: dict(loss_sum=0.0, seconds=0.0))  # of a mid-epoch checkpoint
@@ -211,14 +211,13 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
     return bundle
 
 
-def build_model(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> tuple[SimCLR, int, int | None]:
+def build_model(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> tuple[SimCLR, int, int]:
     """The SimCLR model on the run's device, with its size printed; returns (model, parameters, MACs)."""
     model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint)
-    params, macs = count_macs(model, bundle.image_size)
-    cost = (f"{macs / 1e9:.3f} G MACs per {bundle.image_size}x{bundle.image_size} image (thop)" if macs is not None
-            else "MACs not counted (thop is not installed)")
+    params, macs, counted = count_macs(model, bundle.image_size)
     say(f"model: {cfg.arch} ({cfg.stem} stem) + head {model.feature_width}-{cfg.proj_hidden_dim}-"
-        f"{cfg.feature_dim}: {params / 1e6:.2f} M parameters, {cost}")
+        f"{cfg.feature_dim}: {params / 1e6:.2f} M parameters, {macs / 1e9:.3f} G MACs per "
+        f"{bundle.image_size}x{bundle.image_size} image ({counted})")
     return runtime.place(model), params, macs
 
 

@@ -143,3 +143,23 @@ def test_knn_weights_votes_by_similarity():
     scores = knn_scores(test, bank, bank_labels, 2, 3, 0.05)
     assert scores.argmax().item() == 1
     assert topk_accuracy(scores, torch.tensor([1]), (1,)) == [100.0]
+
+
+def test_mac_count_without_thop_is_close_to_thops(monkeypatch):
+    import builtins
+    import engine
+    model = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32)
+    params, with_thop, how = engine.count_macs(model, 32)
+    assert how == "thop" and params == sum(p.numel() for p in model.parameters())
+    real_import = builtins.__import__
+
+    def no_thop(name, *args, **kwargs):
+        if name == "thop":
+            raise ImportError("thop is not installed")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_thop)
+    _, without, how = engine.count_macs(model, 32)
+    assert "thop not installed" in how
+    # by hand: conv1 3x3x3->64 at 32x32 alone is 32*32*64*27 MACs; thop adds BatchNorm and pooling terms
+    assert without > 32 * 32 * 64 * 27 and 0.97 * with_thop < without <= with_thop
+    assert not any("total_ops" in k for k in model.state_dict())  # the counters went on a copy
