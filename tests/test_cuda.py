@@ -51,3 +51,15 @@ def test_compiled_run_saves_plain_weights(tiny_folder, tmp_path):
     state = torch.load(tmp_path / "c_model.pth", weights_only=True)
     assert not any(k.startswith("_orig_mod") for k in state)
     SimCLR("resnet18").load_state_dict(state)
+    # saved from the GPU, loadable on a machine without one: every tensor in both files is a CPU tensor
+    last = torch.load(tmp_path / "c_last.pth", weights_only=True)
+    tensors = [*state.values(), *last["model"].values(),
+               *(v for s in last["optimizer"]["state"].values() for v in s.values() if isinstance(v, torch.Tensor))]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+
+
+def test_a_device_index_beyond_the_gpus_is_one_line(tmp_path, capsys):
+    import main
+    code = main.main(["--device", f"cuda:{torch.cuda.device_count()}", "--results_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "cuda:0 to cuda:" in err
