@@ -6,12 +6,17 @@ augmentation code never has to decode or resize per step. Folder trees are decod
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import stat
 import sys
 import tempfile
+import threading
 import urllib.error
 import uuid
 from concurrent.futures import ProcessPoolExecutor
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cli import DataError
+from cli import DataError, Interrupted
 from engine import mix_seed, usable_cores
 from files import atomic_write
 
@@ -56,7 +61,7 @@ _STL10_CLASSES = ['airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'mon
 # Same extensions torchvision's ImageFolder accepts.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: checksums of the arrays; files fingerprinted by ctime and inode too
 _CACHE_DIRNAME = '.simclr_cache'
 _DEFAULT_CACHE_BASE = os.path.join('~', '.cache', 'simclr-cifar')
 # Below this many files a worker pool costs more to start than it saves.
@@ -251,46 +256,93 @@ def _load_stl10(root: str, size: int, download: bool, log: Callable[[str], Any])
 class _Scan:
     paths: list[str]          # absolute image paths, class-major, sorted
     labels: np.ndarray        # int64 (len(paths),)
-    not_images: list[str]     # files in class folders without an image extension (relative paths)
-    fingerprint: str          # hash of (relative path, size, mtime) of every file seen
+    skipped: list[str]        # 'relative path (reason)' of entries that are not images to decode
+    fingerprint: str          # hash of (relative path, size, mtime, ctime, inode) of every file seen
+
+
+def _shown_path(path: str) -> str:
+    """A path for messages: bytes that are not UTF-8 shown as escapes instead of failing to print."""
+    return os.fsencode(path).decode('utf-8', 'backslashreplace')
 
 
 def _list_classes(split_dir: str) -> list[str]:
     """Sorted class folder names directly under split_dir (hidden folders such as .ipynb_checkpoints skipped)."""
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.'))
+    return sorted(e.name for e in os.scandir(split_dir) if _is_dir(e) and not e.name.startswith('.'))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """entry.is_dir(), False for a dangling link or one that cannot be followed."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _walk_files(top: str) -> Iterator[tuple[str, os.stat_result | None, str | None]]:
+    """(path, stat, None) for every regular file below top, sorted, links followed once; (path, None, reason)
+    for every entry that cannot be an image: a dangling link, a link loop, a special file, an unreadable folder.
+    Nothing is opened, so a FIFO or a device never blocks the scan."""
+    seen: set[tuple[int, int]] = set()
+
+    def walk(folder: str) -> Iterator[tuple[str, os.stat_result | None, str | None]]:
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                yield folder, None, 'a link back to a folder already scanned'
+                return
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            yield folder, None, f'cannot be read: {e.strerror}'
+            return
+        for entry in entries:
+            if entry.name.startswith('.'):
+                continue
+            try:
+                st = entry.stat()  # follows links
+            except OSError as e:
+                yield entry.path, None, ('a broken link' if entry.is_symlink() else f'cannot be read: {e.strerror}')
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                yield from walk(entry.path)
+            elif stat.S_ISREG(st.st_mode):
+                yield entry.path, st, None
+            else:
+                yield entry.path, None, 'not a regular file'
+
+    yield from walk(top)
 
 
 def _scan_split(split_dir: str, classes: list[str]) -> _Scan:
     """List every file under split_dir/<class>/ (recursively) and fingerprint them; DataError on an image-less class."""
     paths: list[str] = []
     labels: list[int] = []
-    not_images: list[str] = []
+    skipped: list[str] = []
     digest = hashlib.sha256()
     split_name = os.path.basename(os.path.normpath(split_dir))
     prefix_len = len(os.path.join(split_dir, ''))  # os.path.relpath is slow over 50k files
     for index, cls in enumerate(classes):
-        class_dir = os.path.join(split_dir, cls)
         n_files = n_images = 0
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-            for fname in sorted(f for f in filenames if not f.startswith('.')):
-                full = os.path.join(dirpath, fname)
-                rel = full[prefix_len:]
-                st = os.stat(full)
-                digest.update(f'{rel}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
-                n_files += 1
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(full)
-                    labels.append(index)
-                    n_images += 1
-                else:
-                    not_images.append(rel)
+        for full, st, problem in _walk_files(os.path.join(split_dir, cls)):
+            rel = full[prefix_len:]
+            if problem is not None:
+                skipped.append(f'{_shown_path(rel)} ({problem})')
+                continue
+            # ctime and inode change on every edit or replacement, even when size and mtime are put back
+            digest.update(os.fsencode(rel) + f'\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n'.encode())
+            n_files += 1
+            if full.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(full)
+                labels.append(index)
+                n_images += 1
+            else:
+                skipped.append(f'{_shown_path(rel)} (not an image file)')
         if n_files == 0:
             raise DataError(f'class folder {split_name}/{cls} in {split_dir} is empty: add images or remove the folder')
         if n_images == 0:
             raise DataError(f'class folder {split_name}/{cls} in {split_dir} has no image files '
                             f'({", ".join(IMAGE_EXTENSIONS)}): add images or remove the folder')
-    return _Scan(paths, np.asarray(labels, dtype=np.int64), not_images, digest.hexdigest())
+    return _Scan(paths, np.asarray(labels, dtype=np.int64), skipped, digest.hexdigest())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +355,7 @@ def _decode_image(path: str, size: int) -> np.ndarray:
         # JPEG only: lets libjpeg shrink by 1/2, 1/4 or 1/8 during decoding while staying >= size,
         # which is far faster than decoding large photos at full resolution.
         img.draft('RGB', (size, size))
-        rgb = img.convert('RGB')
+        rgb = _to_8bit(img).convert('RGB')
     w, h = rgb.size
     if (w, h) != (size, size):
         scale = size / min(w, h)
@@ -313,6 +365,17 @@ def _decode_image(path: str, size: int) -> np.ndarray:
         left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
         rgb = rgb.crop((left, top, left + size, top + size))
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer images scaled to 8 bits (convert('RGB') would clip them to near white)."""
+    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I'):
+        pixels = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith('I;16') or pixels.max() <= 65535 else float(2 ** 31 - 1)
+        return Image.fromarray(np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8), 'L')
+    if img.mode == 'F':
+        raise ValueError('floating-point pixels have no agreed range; save the image with integer pixels')
+    return img
 
 
 def _decode_chunk(task: tuple[list[str], int]) -> tuple[np.ndarray, list[tuple[int, str]]]:
@@ -399,10 +462,38 @@ def _read_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Sca
         labels = np.load(os.path.join(directory, man['labels']))
         if images.shape[0] < count or images.shape[1:] != (size, size, 3) or labels.shape != (count,):
             return None
+        # the arrays must be the ones this manifest describes: same-shaped other data is rebuilt, not trained on
+        if man.get('checksum') != _checksum(images[:count]) or man.get('labels_checksum') != _checksum(labels):
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     # The image file may have a few unused rows at the end (files that failed to decode).
     return ImageSet(torch.from_numpy(images[:count]), torch.from_numpy(labels.astype(np.int64))), man
+
+
+def _checksum(array: np.ndarray) -> str:
+    """BLAKE2b of an array's bytes, read in 64 MiB pieces (about 0.2 s for CIFAR-10's 150 MB)."""
+    digest = hashlib.blake2b(digest_size=16)
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, 64 << 20):
+        digest.update(flat[start:start + (64 << 20)])
+    return digest.hexdigest()
+
+
+def _reserve(path: str, directory: str) -> None:
+    """Allocate the whole file now: out of space becomes one clear error here, before any pixel is written."""
+    needed = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, needed)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f'not enough space in {directory} for the image cache ({needed / 2**20:.1f} MiB needed): '
+                            f'free some space or pass --cache_dir on another disk') from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: write as before
+            raise
+    finally:
+        os.close(fd)
 
 
 def _build_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Scan, classes: list[str],
@@ -414,13 +505,14 @@ def _build_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Sc
     n = len(scan.paths)
     tmp = os.path.join(directory, f'.tmp-{images_name}')
     keep = np.ones(n, dtype=bool)
-    skipped = [f'{rel} (not an image file)' for rel in scan.not_images]
+    skipped = list(scan.skipped)
     # Exact integer sums (255**2 fits uint16), converted to float64 at the end.
     s1 = np.zeros(3, dtype=np.int64)
     s2 = np.zeros(3, dtype=np.int64)
     try:
         # Rows are filled in order; failed files only shift later rows up, so n rows always suffice.
         out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(n, size, size, 3))
+        _reserve(tmp, directory)  # a full disk under a memory map is a bus error, not an exception
         start = cursor = 0
         for chunk_images, failed in _decode_all(scan.paths, size):
             k = len(chunk_images)
@@ -434,6 +526,7 @@ def _build_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Sc
             start += k + len(failed)
             cursor += k
         out.flush()
+        checksum = _checksum(out[:cursor])
         del out
         os.replace(tmp, images_path)
     except BaseException:
@@ -445,14 +538,21 @@ def _build_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Sc
     if cursor == 0:
         raise DataError(f'no readable images in {split_dir}: every file failed to decode (see the lines above)')
     labels = scan.labels[keep]
+    empty = [classes[c] for c in np.flatnonzero(np.bincount(labels, minlength=len(classes)) == 0)]
+    if empty:
+        raise DataError(f'class folder {empty[0]} in {split_dir} has no image that decodes (see the lines above): '
+                        f'add readable images or remove the folder')
     atomic_write(os.path.join(directory, labels_name), lambda f: np.save(f, labels))
     pixels = cursor * size * size
     mean = s1 / (pixels * 255.0)
     std = np.sqrt(np.maximum(s2 / (pixels * 255.0 ** 2) - mean ** 2, 0.0))
+    if not (std > 1e-6).all():  # normalising by a zero std would make every input NaN
+        raise DataError(f'every image in {split_dir} is one flat colour (channel std {std.round(6).tolist()}): '
+                        f'there is nothing to learn; check the images')
     man = {'version': _CACHE_VERSION, 'split_dir': os.path.abspath(split_dir), 'image_size': size,
            'fingerprint': scan.fingerprint, 'classes': classes, 'count': int(cursor),
            'images': images_name, 'labels': labels_name, 'mean': mean.tolist(), 'std': std.tolist(),
-           'skipped': skipped}
+           'skipped': skipped, 'checksum': checksum, 'labels_checksum': _checksum(labels)}
     # The manifest is written last: until it is replaced, readers see the previous complete cache.
     atomic_write(_manifest_path(directory, stem), lambda f: f.write(json.dumps(man, indent=1).encode()))
     for name in os.listdir(directory):  # drop files of earlier builds of this split/size
@@ -462,6 +562,22 @@ def _build_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Sc
             except OSError:
                 pass
     return man
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises, as Ctrl-C does, so that a cache build stopped either way removes its temporary file."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Interrupted(signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _folder_split(split_dir: str, size: int, cache_dir: str | None,
@@ -489,7 +605,8 @@ def _folder_split(split_dir: str, size: int, cache_dir: str | None,
                         f'pass a writable cache_dir')
     os.makedirs(directory, exist_ok=True)
     log(f'decoding {len(scan.paths)} images of {split_dir} into cache {directory} ...')
-    man = _build_cache(directory, stem, split_dir, size, scan, classes, log)
+    with _sigterm_raises():
+        man = _build_cache(directory, stem, split_dir, size, scan, classes, log)
     found = _read_cache(directory, stem, split_dir, size, scan, classes)
     if found is None:  # only if the folder changed while we were decoding it
         raise DataError(f'{split_dir} changed while its cache was being built: run again')
@@ -498,6 +615,8 @@ def _folder_split(split_dir: str, size: int, cache_dir: str | None,
 
 def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str], Any]) -> DataBundle:
     """ImageFolder-style root/{train,test}/<class>/*; memory = train (same object), mean/std from train."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f'data folder {root} is a file, not a folder: pass the folder that holds train/ and test/')
     if not os.path.isdir(root):
         raise DataError(f'data folder {root} does not exist: create {_shown(root)}train/<class>/*.jpg '
                         f'and {_shown(root)}test/<class>/*.jpg or pass the right path')

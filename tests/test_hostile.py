@@ -1,0 +1,168 @@
+"""Hostile input: full disks, odd folder entries, high bit depths, tampered caches, flat data, bad values.
+
+Each case ends in "reported and skipped" or one clear line with exit code 2, and leaves no
+half-written file behind.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import main
+from data import DataError, load_dataset
+from conftest import write_folder
+
+
+class Log(list):
+    def __call__(self, line: str) -> None:
+        assert "\n" not in line
+        self.append(line)
+
+
+def tiny_args(root, results, *extra):
+    return ["--dataset", "folder", "--data_root", str(root), "--image_size", "16", "--arch", "resnet18",
+            "--batch_size", "8", "--epochs", "1", "--k", "5", "--feature_dim", "16", "--proj_hidden_dim", "32",
+            "--device", "cpu", "--workers", "0", "--results_dir", str(results), *extra]
+
+
+def one_line_exit_2(capsys, code) -> str:
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and "Traceback" not in err, err
+    return err
+
+
+def no_temporaries(folder) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.startswith(".tmp") or p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- the image cache
+
+def test_a_full_disk_while_caching_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    root = write_folder(tmp_path / "data")
+    cache = tmp_path / "cache"
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    err = one_line_exit_2(capsys, main.main(tiny_args(root, tmp_path / "r", "--cache_dir", str(cache))))
+    assert "not enough space" in err and str(cache) in err and "MiB needed" in err
+    assert no_temporaries(cache) and not (tmp_path / "r").exists()
+
+
+def test_odd_entries_are_reported_once_and_skipped(tmp_path):
+    root = write_folder(tmp_path / "data")
+    cat = root / "train" / "cat"
+    os.symlink(cat / "missing.png", cat / "dangling.png")                 # a broken link
+    os.symlink(cat, cat / "loop")                                          # a link to its own folder
+    os.mkfifo(cat / "pipe.png")                                            # reading it would block forever
+    (cat / "folder.jpg").mkdir()                                           # a folder named like an image...
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(cat / "folder.jpg" / "inner.png")  # ...holding one
+    odd_name = os.fsdecode(b"caf\xe9.png")                                 # not UTF-8
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(os.path.join(os.fsencode(cat), b"caf\xe9.png"))
+    log = Log()
+    bundle = load_dataset("folder", str(root), 16, log=log)
+    skipped = [line for line in log if line.startswith("skipped")]
+    assert len(skipped) == 3, skipped
+    assert any("dangling.png (a broken link)" in s for s in skipped)
+    assert any("loop (a link back to a folder already scanned)" in s for s in skipped)
+    assert any("pipe.png (not a regular file)" in s for s in skipped)
+    # the image inside folder.jpg and the one with the odd name are used: 16 + 2 cats
+    assert int((bundle.train.labels == 0).sum()) == 18 and odd_name
+    again = Log()
+    load_dataset("folder", str(root), 16, log=again)  # from the cache: still consistent, no new decode
+    assert any(line.startswith("using cached") for line in again)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    root = write_folder(tmp_path / "data")
+    gray16 = np.full((16, 16), 32896, np.uint16)                           # 50% grey in 16 bits
+    Image.fromarray(gray16).save(root / "train" / "dog" / "deep.png")
+    assert Image.open(root / "train" / "dog" / "deep.png").mode.startswith("I")
+    bundle = load_dataset("folder", str(root), 16, log=Log())
+    dogs = bundle.train.images[bundle.train.labels == 1]
+    flat = [img for img in dogs if (img == img[0, 0, 0]).all()]
+    assert len(flat) == 1 and int(flat[0][0, 0, 0]) == 128                 # 32896 / 257 = 128, not 255
+
+
+def test_a_tampered_cache_is_rebuilt_and_never_trained_on(tmp_path):
+    root = write_folder(tmp_path / "data")
+    cache = tmp_path / "cache"
+    first = load_dataset("folder", str(root), 16, cache_dir=str(cache), log=Log()).train.images.clone()
+    manifest = json.loads((cache / "train-16px.json").read_text())
+    images_file = cache / manifest["images"]
+    stored = np.load(images_file)
+    np.save(images_file, np.random.default_rng(0).integers(0, 256, stored.shape, dtype=np.uint8))  # same shape
+    log = Log()
+    second = load_dataset("folder", str(root), 16, cache_dir=str(cache), log=log)
+    assert any(line.startswith("decoding") and "train" in line for line in log), log
+    assert torch.equal(first, second.train.images)
+
+
+def test_an_edited_image_with_size_and_mtime_put_back_is_decoded_again(tmp_path):
+    root = write_folder(tmp_path / "data")
+    cache = tmp_path / "cache"
+    target = root / "train" / "cat" / "000.bmp"  # uncompressed: an edit keeps the file's size
+    pixels = np.asarray(Image.open(root / "train" / "cat" / "000.png")).copy()
+    os.remove(root / "train" / "cat" / "000.png")
+    Image.fromarray(pixels).save(target)
+    load_dataset("folder", str(root), 16, cache_dir=str(cache), log=Log())
+    before = os.stat(target)
+    pixels[0, 0] = (255 - pixels[0, 0]).astype(np.uint8)
+    Image.fromarray(pixels).save(target)
+    assert os.path.getsize(target) == before.st_size
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    log = Log()
+    bundle = load_dataset("folder", str(root), 16, cache_dir=str(cache), log=log)
+    assert any(line.startswith("decoding") and "train" in line for line in log), log
+    assert torch.equal(bundle.train.images[0], torch.from_numpy(pixels))
+
+
+def test_flat_colour_data_is_refused(tmp_path, capsys):
+    root = tmp_path / "flat"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(np.full((16, 16, 3), 77, np.uint8)).save(root / split / cls / f"{i}.png")
+    err = one_line_exit_2(capsys, main.main(tiny_args(root, tmp_path / "r")))
+    assert "one flat colour" in err and not (tmp_path / "r").exists()
+
+
+def test_a_class_whose_images_all_fail_is_refused(tmp_path, capsys):
+    root = write_folder(tmp_path / "data")
+    for path in (root / "train" / "frog").iterdir():
+        path.write_bytes(b"not an image at all")
+    err = one_line_exit_2(capsys, main.main(tiny_args(root, tmp_path / "r")))
+    assert "frog" in err and "no image that decodes" in err
+
+
+def test_a_data_root_that_is_a_file(tmp_path, capsys):
+    file = tmp_path / "data.txt"
+    file.write_text("x")
+    err = one_line_exit_2(capsys, main.main(tiny_args(file, tmp_path / "r")))
+    assert "is a file, not a folder" in err
+
+
+# ----------------------------------------------------------------------------- absurd values
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--weight_decay", "1e308", "<= 10"), ("--lr", "1e300", "<= 10000"), ("--image_size", "10000000", "<= 1024"),
+    ("--temperature", "inf", "finite"), ("--lr", "nan", "finite"), ("--batch_size", "99999999999", "<="),
+    ("--momentum", "1", "< 1"), ("--threads", "100000", "<= 1024"),
+])
+def test_absurd_values_name_their_bound(tmp_path, capsys, flag, value, needle):
+    err = one_line_exit_2(capsys, main.main(tiny_args(tmp_path / "nowhere", tmp_path / "r", flag, value)))
+    assert flag in err and needle in err
+
+
+def test_linear_threads_bound(tmp_path, capsys):
+    import linear
+    err = one_line_exit_2(capsys, linear.main(["--model_path", str(tmp_path / "x_model.pth"), "--workers", "100000"]))
+    assert "--workers" in err and "<= 1024" in err
