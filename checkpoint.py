@@ -9,6 +9,7 @@ saved on a GPU loads on a machine without one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -125,6 +126,32 @@ def read_run_config(path: str, flag: str = "--config") -> dict:
         raise UserError(f"{path} is not a readable JSON run config ({first_line(e)})") from None
     if not isinstance(saved, dict):
         raise UserError(f"{path} is not a run config of main.py (not a JSON object)")
+    return check_run_config(saved, path)
+
+
+# Keys of NAME_config.json that rebuild a model and find its data, checked like the command line checks them.
+CONFIG_FLAGS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "dataset", "data_root", "image_size", "cache_dir",
+                "train_subset", "seed")
+
+
+def check_run_config(saved: dict, path: str) -> dict:
+    """The values of a run config that later scripts use, checked against the flag declarations;
+    the normalisation must be 3 finite means and 3 positive finite stds (a NaN or a zero would make
+    every feature NaN, and the probe would report chance accuracy as if it were a result)."""
+    from flags import TRAIN
+    for key in CONFIG_FLAGS:
+        if key in saved:
+            TRAIN[key].check(saved[key], path)
+    for key, low in (("mean", -math.inf), ("std", 0.0)):
+        if key not in saved:
+            continue
+        values = saved[key]
+        ok = (isinstance(values, list) and len(values) == 3
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > low
+                      for v in values))
+        if not ok:
+            what = "3 finite numbers" if key == "mean" else "3 positive finite numbers"
+            raise UserError(f"{key} in {path} must be {what}, got {values!r}; the file is damaged")
     return saved
 
 
@@ -192,8 +219,40 @@ def save_training_checkpoint(path: str, *, model: nn.Module, optimizer: torch.op
 
 
 def load_training_checkpoint(path: str) -> dict:
-    """A NAME_last.pth checkpoint, loaded without running code (weights_only)."""
+    """A NAME_last.pth checkpoint, loaded without running code (weights_only), its parts checked.
+
+    Missing optional parts of older checkpoints get their neutral values; a part of the wrong kind
+    is one UserError naming it."""
     ckpt = load_untrusted(path, "--resume")
-    if not is_training_checkpoint(ckpt) or not {"config", "epoch"} <= set(ckpt) or not isinstance(ckpt["config"], dict):
+    if not is_training_checkpoint(ckpt) or not {"config", "epoch"} <= set(ckpt):
         raise UserError(f"--resume {path} is not a NAME_last.pth training checkpoint of this project")
+
+    def bad(part: str, what: str) -> UserError:
+        return UserError(f"--resume {path}: its {part} entry is not {what}; the file is damaged or not from main.py")
+
+    model = ckpt["model"]
+    if not model or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise bad("model", "a non-empty state_dict of tensors")
+    if not isinstance(ckpt["config"], dict):
+        raise bad("config", "a dict of flags")
+    optimizer = ckpt["optimizer"]
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        raise bad("optimizer", "an optimizer state_dict")
+    defaults = {"step_in_epoch": 0, "epoch_loss_sum": 0.0, "epoch_seconds": 0.0, "best_acc": -1.0, "history": [],
+                "rng": {}, "scaler": {}}
+    ckpt = {**defaults, **ckpt}
+    for part in ("epoch", "step_in_epoch"):
+        if isinstance(ckpt[part], bool) or not isinstance(ckpt[part], int) or ckpt[part] < 0:
+            raise bad(part, "a whole number >= 0")
+    for part in ("epoch_loss_sum", "epoch_seconds", "best_acc"):
+        value = ckpt[part]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(part, "a finite number")
+    history = ckpt["history"]
+    if not isinstance(history, list) or not all(isinstance(row, dict) and isinstance(row.get("epoch"), int)
+                                                and not isinstance(row.get("epoch"), bool) for row in history):
+        raise bad("history", "a list of CSV rows with whole-number epochs")
+    for part in ("rng", "scaler"):
+        if not isinstance(ckpt[part], dict):
+            raise bad(part, "a dict")
     return ckpt

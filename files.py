@@ -15,6 +15,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from cli import UserError
+
 def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write through `write` into a temp file beside `path`, fsync, then rename over `path`.
 
@@ -30,9 +32,11 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):  # on a read-only or full disk the cleanup fails too: report the first error
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:  # name the file the user knows, not the temporary
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 
@@ -72,3 +76,56 @@ def _csv_cell(value) -> str:
     if isinstance(value, float):
         return repr(value)  # shortest string that round-trips exactly
     return str(value)
+
+
+class RunLock:
+    """An exclusive lock on a run name in a results folder, held for the life of the run.
+
+    flock(2) locks belong to the open file: the kernel releases them when the process ends in any
+    way (kill -9 included), so a lock is never stale. The lock file also names the holder's PID.
+    """
+
+    def __init__(self, results_dir: str, name: str):
+        self.path = os.path.join(results_dir, f".{name}.lock")
+        self.results_dir, self.name = results_dir, name
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock or raise RunNameInUse; then remove the run's temporaries that a crash left."""
+        import fcntl
+        os.makedirs(self.results_dir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunNameInUse(self.name, self.results_dir, holder) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        self.remove_stale_temporaries()
+        return self
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete .NAME_*.tmp files of atomic writes that a killed process left (only the lock holder may)."""
+        removed = []
+        for entry in os.scandir(self.results_dir):
+            if entry.name.startswith(f".{self.name}_") and entry.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+        return removed
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+class RunNameInUse(UserError):
+    """Another live process holds the lock of this run name."""
+
+    def __init__(self, name: str, results_dir: str, pid: str):
+        super().__init__(f"run name {name} in {results_dir} is in use by process {pid}; wait for it to finish, "
+                         f"or pass another --name or --results_dir")

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 import torch
 
 from augment import AugmentConfig, normalize, pil_transform, two_views
-from checkpoint import load_training_checkpoint, restore_rng, save_training_checkpoint, save_weights
-from cli import NonFiniteLoss, StopRequest, UserError, run_cli
+from checkpoint import load_strict, load_training_checkpoint, restore_rng, save_training_checkpoint, save_weights
+from cli import NonFiniteLoss, StopRequest, UserError, first_line, run_cli
 from data import DataBundle, ImageSet, load_dataset, pil_view_batches, subset
 from distributed import World, any_rank, close_world, convert_batchnorm, in_turn, init_world, mean_over_ranks
 from engine import (Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision,
                     seed_everything, train_step)
-from files import atomic_save_json, atomic_write_csv
+from files import RunLock, atomic_save_json, atomic_write_csv
 from flags import (TRAIN_FLAGS, TrainConfig, build_parser, check_name, check_values, resume_values,
                    train_values)
 from knn import knn_accuracy, sharded_features
@@ -133,10 +133,21 @@ def train(cfg: TrainConfig, world: World, checkpoint: dict | None, notes: list[s
     for note in notes:
         say(note)
     run = build_run(cfg, world, say)
+    # one process per run name and results folder, from here to the end (released by the kernel on any exit)
+    lock = RunLock(cfg.results_dir, cfg.name).acquire() if world.is_main else None
+    try:
+        return train_run(run, checkpoint)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_run(run: "Run", checkpoint: dict | None) -> int:
+    """Restore if resuming, write the config, then train epoch by epoch; returns the exit code."""
+    cfg, world, say = run.cfg, run.world, run.say
     if checkpoint is not None:
         restore(run, checkpoint)
     if world.is_main:
-        os.makedirs(cfg.results_dir, exist_ok=True)
         write_config(run)
     if cfg.knn_at_start and not run.history and run.start_step == 0:
         top1, top5, seconds = evaluate(run)
@@ -248,16 +259,31 @@ def place_images(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) ->
 
 
 def restore(run: Run, checkpoint: dict) -> None:
-    """Continue from a NAME_last.pth checkpoint: weights, optimizer, scaler, position, history, RNG."""
-    run.model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    if run.scaler is not None and checkpoint.get("scaler"):
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    run.start_epoch, run.start_step = checkpoint["epoch"], checkpoint.get("step_in_epoch", 0)
-    run.carried = dict(loss_sum=checkpoint.get("epoch_loss_sum", 0.0), seconds=checkpoint.get("epoch_seconds", 0.0))
-    run.history = [row for row in checkpoint.get("history", []) if row["epoch"] <= run.start_epoch]
-    run.best_acc = checkpoint.get("best_acc", -1.0)
-    restore_rng(checkpoint.get("rng", {}))
+    """Continue from a NAME_last.pth checkpoint: weights, optimizer, scaler, position, history, RNG.
+
+    Every part is checked as it is put back: a checkpoint that loads but does not fit this run is
+    one UserError naming the part, never a traceback halfway through."""
+    path = run.cfg.resume
+    if run.cfg.resume == "auto":
+        path = os.path.join(run.cfg.results_dir, f"{run.cfg.name}_last.pth")
+    if checkpoint["epoch"] > run.cfg.epochs:
+        raise UserError(f"--resume {path}: it has done {checkpoint['epoch']} epochs, more than --epochs {run.cfg.epochs}")
+    if checkpoint["step_in_epoch"] >= run.steps_per_epoch:
+        raise UserError(f"--resume {path}: its step_in_epoch {checkpoint['step_in_epoch']} does not fit the "
+                        f"{run.steps_per_epoch} steps per epoch of this data")
+    load_strict(run.model, checkpoint["model"], path, f"{run.cfg.arch} SimCLR model", prefix="")
+    for part, load in (("optimizer", run.optimizer.load_state_dict), ("rng", restore_rng),
+                       ("scaler", run.scaler.load_state_dict if run.scaler is not None else None)):
+        if load is None or (part == "scaler" and not checkpoint.get("scaler")):
+            continue
+        try:
+            load(checkpoint[part])
+        except Exception as e:  # noqa: BLE001 - a malformed part of an untrusted file is the user's to fix
+            raise UserError(f"--resume {path}: its {part} entry does not fit this run ({first_line(e)[:120]})") from None
+    run.start_epoch, run.start_step = checkpoint["epoch"], checkpoint["step_in_epoch"]
+    run.carried = dict(loss_sum=checkpoint["epoch_loss_sum"], seconds=checkpoint["epoch_seconds"])
+    run.history = [row for row in checkpoint["history"] if row["epoch"] <= run.start_epoch]
+    run.best_acc = checkpoint["best_acc"]
     run.say(f"resuming {run.cfg.name} at epoch {run.start_epoch + 1}, step {run.start_step} "
             f"of {run.steps_per_epoch}")
 
@@ -295,13 +321,28 @@ def train_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochResult:
     bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not world.is_main,
                dynamic_ncols=True)
     t0 = time.perf_counter()
-    last_look, done, stop_now = t0, first, False
+    try:
+        done = run_steps(run, epoch, first, stop, bar, loss_sum, first_bad)
+    finally:
+        bar.close()  # before any message: an error must not be printed onto the bar's line
+    check_finite(run, first_bad, epoch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (run.carried["seconds"] if resumed else 0.0) + time.perf_counter() - t0
+    return EpochResult(done, mean_over_ranks(loss_sum, run.world), seconds)
+
+
+def run_steps(run: Run, epoch: int, first: int, stop: StopRequest, bar, loss_sum: torch.Tensor,
+              first_bad: torch.Tensor) -> int:
+    """The steps of an epoch from `first`; loss_sum and first_bad are updated in place. Returns steps done."""
+    cfg, world, steps = run.cfg, run.world, run.steps_per_epoch
+    last_look, done, stop_now = time.perf_counter(), first, False
     for step, views in epoch_views(run, epoch, first):
         set_lr(run.optimizer, lr_at(epoch * steps + step, run.schedule["base_lr"], run.schedule["total_steps"],
                                     run.schedule["warmup_steps"], cfg.schedule))
         loss = train_step(run.net, run.optimizer, views, cfg.temperature, run.runtime, run.scaler)
         loss_sum += loss
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad))
         done = step + 1
         bar.update(1)
         if world.distributed:  # every rank must stop, or fail, at the same step
@@ -317,12 +358,7 @@ def train_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochResult:
             bar.set_postfix(loss=f"{loss_sum.item() / done:.4f}")
         if stop_now and done < steps:
             break
-    bar.close()
-    check_finite(run, first_bad, epoch)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = (run.carried["seconds"] if resumed else 0.0) + time.perf_counter() - t0
-    return EpochResult(done, mean_over_ranks(loss_sum, run.world), seconds)
+    return done
 
 
 def epoch_views(run: Run, epoch: int, first: int):
@@ -366,9 +402,11 @@ def check_finite(run: Run, first_bad: torch.Tensor, epoch: int) -> None:
     """Raise NonFiniteLoss naming the epoch and step of the first non-finite loss (one device sync)."""
     bad = int(first_bad.item())
     if bad >= 0:
+        last = run.paths["last.pth"]
+        kept = (f"the last good checkpoint is kept at {last} (resume with --resume auto)" if os.path.exists(last)
+                else "no checkpoint was written yet")
         raise NonFiniteLoss(f"the loss became NaN/inf at epoch {epoch + 1}, step {bad + 1} of {run.steps_per_epoch}; "
-                            f"the last good checkpoint is kept at {run.paths['last.pth']} (resume with --resume "
-                            f"auto); try a lower --lr, more --warmup_epochs or --precision fp32")
+                            f"{kept}; try a lower --lr, more --warmup_epochs or --precision fp32")
 
 
 # ----------------------------------------------------------------------------- end of an epoch

@@ -166,3 +166,128 @@ def test_linear_threads_bound(tmp_path, capsys):
     import linear
     err = one_line_exit_2(capsys, linear.main(["--model_path", str(tmp_path / "x_model.pth"), "--workers", "100000"]))
     assert "--workers" in err and "<= 1024" in err
+
+
+# ----------------------------------------------------------------------------- results files and run names
+
+def test_a_second_run_of_the_same_name_stops_at_once_naming_the_holder(tiny_folder, tmp_path, capsys):
+    from files import RunLock
+    results = tmp_path / "r"
+    holder = RunLock(str(results), "same").acquire()  # stands for a live run of that name
+    try:
+        err = one_line_exit_2(capsys, main.main(tiny_args(tiny_folder, results, "--name", "same")))
+    finally:
+        holder.release()
+    assert "in use by process" in err and str(os.getpid()) in err
+    assert sorted(p.name for p in results.iterdir()) == [".same.lock"]  # nothing of the run was written
+    assert main.main(tiny_args(tiny_folder, results, "--name", "same")) == 0  # free again: kill -9 leaves no lock
+
+
+def test_the_lock_holder_removes_temporaries_a_killed_run_left(tiny_folder, tmp_path):
+    results = tmp_path / "r"
+    results.mkdir()
+    (results / ".t_last.pth.0badc0de.tmp").write_bytes(b"x" * 1000)   # a kill -9 during a save leaves this
+    (results / ".other_last.pth.0badc0de.tmp").write_bytes(b"y")       # another run's: not ours to remove
+    assert main.main(tiny_args(tiny_folder, results, "--name", "t")) == 0
+    assert not (results / ".t_last.pth.0badc0de.tmp").exists() and (results / ".other_last.pth.0badc0de.tmp").exists()
+
+
+def test_results_dir_that_is_a_file(tiny_folder, tmp_path, capsys):
+    file = tmp_path / "results"
+    file.write_text("not a folder")
+    err = one_line_exit_2(capsys, main.main(tiny_args(tiny_folder, file)))
+    assert str(file) in err and file.read_text() == "not a folder"
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_files(tiny_folder, tmp_path, monkeypatch,
+                                                                             capsys):
+    import files
+    results = tmp_path / "r"
+    assert main.main(tiny_args(tiny_folder, results, "--name", "d")) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in results.iterdir() if p.suffix in (".csv", ".pth", ".json")}
+    real_save = files.torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        real_save(obj, f, *a, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device", str(f.name))
+    monkeypatch.setattr(files.torch, "save", full_disk)
+    code = main.main(tiny_args(tiny_folder, results, "--name", "d", "--epochs", "2", "--resume", "auto"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars: the one error line
+    assert code == 2 and err.startswith("error:") and "No space left on device" in err
+    assert str(results / "d_") in err and ".tmp" not in err
+    after = {p.name: p.read_bytes() for p in results.iterdir() if p.suffix in (".csv", ".pth", ".json")}
+    assert after["d_last.pth"] == before["d_last.pth"] and after["d_model.pth"] == before["d_model.pth"]
+    assert no_temporaries(results)
+
+
+# ----------------------------------------------------------------------------- checkpoints and configs
+
+@pytest.fixture(scope="module")
+def finished(tiny_folder, tmp_path_factory):
+    results = tmp_path_factory.mktemp("finished")
+    assert main.main(tiny_args(tiny_folder, results, "--name", "f", "--precision", "fp32")) == 0
+    return results
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda c: c.update(model={}), "model"),
+    (lambda c: c["config"].update(batch_size="eight"), "batch_size"),
+    (lambda c: c.update(epoch="one"), "epoch"),
+    (lambda c: c.update(rng={"torch": torch.zeros(3)}), "rng"),
+    (lambda c: c.update(history=[{"epoch": "x"}]), "history"),
+    (lambda c: c.update(optimizer={"state": {}, "param_groups": [{"params": [0]}]}), "optimizer"),
+    (lambda c: c["config"].update(arch="resnet99"), "arch"),
+    (lambda c: c.update(step_in_epoch=10 ** 6), "step_in_epoch"),
+])
+def test_a_tampered_checkpoint_is_refused_naming_the_part(finished, tmp_path, capsys, change, needle):
+    ckpt = torch.load(finished / "f_last.pth", weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, tmp_path / "x_last.pth")
+    err = one_line_exit_2(capsys, main.main(["--resume", str(tmp_path / "x_last.pth"), "--epochs", "3",
+                                             "--results_dir", str(tmp_path / "out"), "--device", "cpu"]))
+    assert needle in err
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("image_size", 1e30, "image_size"), ("feature_dim", -5, "feature_dim"), ("feature_dim", 10 ** 12, "feature_dim"),
+    ("mean", "red", "mean"), ("data_root", 7, "data_root"), ("mean", [float("nan"), 0.5, 0.5], "mean"),
+    ("std", [0.2, 0.0, 0.2], "std"), ("arch", "resnet99", "arch"),
+])
+def test_a_tampered_run_config_is_refused_by_linear_and_neighbors(finished, tmp_path, capsys, key, value, needle):
+    import shutil
+    import linear
+    import neighbors
+    shutil.copy(finished / "f_model.pth", tmp_path / "g_model.pth")
+    config = json.loads((finished / "f_config.json").read_text())
+    config[key] = value
+    (tmp_path / "g_config.json").write_text(json.dumps(config))
+    err = one_line_exit_2(capsys, linear.main(["--model_path", str(tmp_path / "g_model.pth"), "--device", "cpu"]))
+    assert needle in err
+    err = one_line_exit_2(capsys, neighbors.main(["--model_path", str(tmp_path / "g_model.pth"), "--device", "cpu"]))
+    assert needle in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g_config.json", "g_model.pth"]
+
+
+def test_nan_in_the_first_epoch_says_no_checkpoint_exists(tiny_folder, tmp_path, monkeypatch, capsys):
+    import engine
+    real = engine.global_nt_xent
+    monkeypatch.setattr(engine, "global_nt_xent", lambda z, t: real(z, t) * float("nan"))
+    code = main.main(tiny_args(tiny_folder, tmp_path / "r", "--name", "n"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("error: the loss became NaN/inf at epoch 1, step 1")
+    assert "no checkpoint was written yet" in err[-1] and not (tmp_path / "r" / "n_last.pth").exists()
+
+
+def test_a_second_sigterm_exits_143_not_130(tiny_folder, tmp_path, monkeypatch, capsys):
+    import signal
+    real_step = main.train_step
+
+    def step_then_two_terms(*a, **kw):
+        loss = real_step(*a, **kw)
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # the second one cuts the wait short
+        return loss
+    monkeypatch.setattr(main, "train_step", step_then_two_terms)
+    assert main.main(tiny_args(tiny_folder, tmp_path / "r", "--name", "tt")) == 143
+    assert "interrupted" in capsys.readouterr().err
