@@ -291,3 +291,42 @@ def test_a_second_sigterm_exits_143_not_130(tiny_folder, tmp_path, monkeypatch, 
     monkeypatch.setattr(main, "train_step", step_then_two_terms)
     assert main.main(tiny_args(tiny_folder, tmp_path / "r", "--name", "tt")) == 143
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_sigterm_during_the_cache_build_exits_143_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    import signal
+    root = write_folder(tmp_path / "data")
+    real = data._decode_image
+    count = [0]
+
+    def decode_then_term(path, size):
+        count[0] += 1
+        if count[0] == 5:
+            signal.raise_signal(signal.SIGTERM)
+        return real(path, size)
+    monkeypatch.setattr(data, "_decode_image", decode_then_term)
+    code = main.main(tiny_args(root, tmp_path / "r", "--cache_dir", str(tmp_path / "cache")))
+    assert code == 143 and "interrupted" in capsys.readouterr().err
+    assert no_temporaries(tmp_path / "cache") and not list((tmp_path / "cache").glob("*.npy"))
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is put back
+
+
+def test_a_read_only_file_system_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    import files
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(files.os, "replace", read_only)
+    monkeypatch.setattr(files.os, "unlink", read_only)  # the cleanup fails the same way
+    with pytest.raises(OSError) as e:
+        files.atomic_write_text(str(tmp_path / "x.csv"), "a,b\n")
+    assert e.value.errno == errno.EROFS and e.value.filename == str(tmp_path / "x.csv")
+
+
+def test_plot_refuses_text_in_a_number_column_and_bad_flags_in_one_line(tmp_path, capsys):
+    import plot
+    bad = tmp_path / "r_statistics.csv"
+    bad.write_text("epoch,train_loss,test_acc@1,test_acc@5\n1,0.5,abc,90\n")
+    err = one_line_exit_2(capsys, plot.main([str(bad), "--out", str(tmp_path / "o.png")]))
+    assert "non-numeric" in err and "'abc'" in err and not (tmp_path / "o.png").exists()
+    one_line_exit_2(capsys, plot.main([]))
