@@ -501,67 +501,77 @@ def _build_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Sc
     """Decode every image of scan into directory/<stem>-<token>.npy (+ labels, manifest); return the manifest."""
     token = uuid.uuid4().hex[:12]
     images_name, labels_name = f'{stem}-{token}.npy', f'{stem}-{token}-labels.npy'
-    images_path = os.path.join(directory, images_name)
-    n = len(scan.paths)
     tmp = os.path.join(directory, f'.tmp-{images_name}')
-    keep = np.ones(n, dtype=bool)
-    skipped = list(scan.skipped)
-    # Exact integer sums (255**2 fits uint16), converted to float64 at the end.
-    s1 = np.zeros(3, dtype=np.int64)
-    s2 = np.zeros(3, dtype=np.int64)
     try:
         # Rows are filled in order; failed files only shift later rows up, so n rows always suffice.
-        out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(n, size, size, 3))
+        out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(len(scan.paths), size, size, 3))
         _reserve(tmp, directory)  # a full disk under a memory map is a bus error, not an exception
-        start = cursor = 0
-        for chunk_images, failed in _decode_all(scan.paths, size):
-            k = len(chunk_images)
-            out[cursor:cursor + k] = chunk_images
-            flat = chunk_images.reshape(-1, 3)
-            s1 += flat.sum(axis=0, dtype=np.int64)
-            s2 += (flat.astype(np.uint16) ** 2).sum(axis=0, dtype=np.int64)
-            for i, reason in failed:
-                keep[start + i] = False
-                skipped.append(f'{os.path.relpath(scan.paths[start + i], split_dir)} ({reason})')
-            start += k + len(failed)
-            cursor += k
+        count, keep, skipped, mean, std = _decode_into(out, scan, split_dir, log)
+        labels = scan.labels[keep]
+        _check_decoded(split_dir, classes, labels, std)
         out.flush()
-        checksum = _checksum(out[:cursor])
+        checksum = _checksum(out[:count])
         del out
-        os.replace(tmp, images_path)
+        os.replace(tmp, os.path.join(directory, images_name))
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    for line in skipped:
-        log(f'skipped {os.path.join(split_dir, line)}')
-    if cursor == 0:
-        raise DataError(f'no readable images in {split_dir}: every file failed to decode (see the lines above)')
-    labels = scan.labels[keep]
-    empty = [classes[c] for c in np.flatnonzero(np.bincount(labels, minlength=len(classes)) == 0)]
-    if empty:
-        raise DataError(f'class folder {empty[0]} in {split_dir} has no image that decodes (see the lines above): '
-                        f'add readable images or remove the folder')
     atomic_write(os.path.join(directory, labels_name), lambda f: np.save(f, labels))
-    pixels = cursor * size * size
-    mean = s1 / (pixels * 255.0)
-    std = np.sqrt(np.maximum(s2 / (pixels * 255.0 ** 2) - mean ** 2, 0.0))
-    if not (std > 1e-6).all():  # normalising by a zero std would make every input NaN
-        raise DataError(f'every image in {split_dir} is one flat colour (channel std {std.round(6).tolist()}): '
-                        f'there is nothing to learn; check the images')
     man = {'version': _CACHE_VERSION, 'split_dir': os.path.abspath(split_dir), 'image_size': size,
-           'fingerprint': scan.fingerprint, 'classes': classes, 'count': int(cursor),
+           'fingerprint': scan.fingerprint, 'classes': classes, 'count': count,
            'images': images_name, 'labels': labels_name, 'mean': mean.tolist(), 'std': std.tolist(),
            'skipped': skipped, 'checksum': checksum, 'labels_checksum': _checksum(labels)}
     # The manifest is written last: until it is replaced, readers see the previous complete cache.
     atomic_write(_manifest_path(directory, stem), lambda f: f.write(json.dumps(man, indent=1).encode()))
     for name in os.listdir(directory):  # drop files of earlier builds of this split/size
         if name.startswith(stem + '-') and name.endswith('.npy') and name not in (images_name, labels_name):
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(os.path.join(directory, name))
-            except OSError:
-                pass
     return man
+
+
+def _decode_into(out: np.ndarray, scan: _Scan, split_dir: str,
+                 log: Callable[[str], Any]) -> tuple[int, np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Decode scan's images into the rows of out (N, S, S, 3) in order, reporting each skipped entry once.
+
+    Returns (images decoded, keep mask (N,), skipped lines, mean (3,), std (3,) of the [0, 1] pixels)."""
+    keep = np.ones(len(scan.paths), dtype=bool)
+    skipped = list(scan.skipped)
+    # Exact integer sums (255**2 fits uint16), converted to float64 at the end.
+    s1 = np.zeros(3, dtype=np.int64)
+    s2 = np.zeros(3, dtype=np.int64)
+    start = cursor = 0
+    for chunk_images, failed in _decode_all(scan.paths, out.shape[1]):
+        k = len(chunk_images)
+        out[cursor:cursor + k] = chunk_images
+        flat = chunk_images.reshape(-1, 3)
+        s1 += flat.sum(axis=0, dtype=np.int64)
+        s2 += (flat.astype(np.uint16) ** 2).sum(axis=0, dtype=np.int64)
+        for i, reason in failed:
+            keep[start + i] = False
+            skipped.append(f'{_shown_path(os.path.relpath(scan.paths[start + i], split_dir))} ({reason})')
+        start += k + len(failed)
+        cursor += k
+    for line in skipped:
+        log(f'skipped {os.path.join(split_dir, line)}')
+    if cursor == 0:
+        raise DataError(f'no readable images in {split_dir}: every file failed to decode (see the lines above)')
+    pixels = cursor * out.shape[1] * out.shape[2]
+    mean = s1 / (pixels * 255.0)
+    std = np.sqrt(np.maximum(s2 / (pixels * 255.0 ** 2) - mean ** 2, 0.0))
+    return cursor, keep, skipped, mean, std
+
+
+def _check_decoded(split_dir: str, classes: list[str], labels: np.ndarray, std: np.ndarray) -> None:
+    """Refuse a split with a class left without images, or with no variation to normalise by."""
+    empty = [classes[c] for c in np.flatnonzero(np.bincount(labels, minlength=len(classes)) == 0)]
+    if empty:
+        raise DataError(f'class folder {empty[0]} in {split_dir} has no image that decodes (see the lines above): '
+                        f'add readable images or remove the folder')
+    if not (std > 1e-6).all():  # normalising by a zero std would make every input NaN
+        raise DataError(f'every image in {split_dir} is one flat colour (channel std {std.round(6).tolist()}): '
+                        f'there is nothing to learn; check the images')
 
 
 @contextlib.contextmanager

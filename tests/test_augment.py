@@ -395,3 +395,18 @@ def test_import_has_no_side_effects() -> None:
 def test_blur_kernel_size_examples() -> None:
     assert [A.blur_kernel_size(s) for s in (8, 32, 64, 96, 224)] == [3, 3, 7, 9, 23]
     assert math.isclose(A.jitter_ranges(A.AugmentConfig(8, *IDENTITY, jitter_strength=1.0))[0][0], 0.2)
+
+
+def test_threaded_cpu_pipeline_equals_the_single_threaded_one() -> None:
+    cfg = A.AugmentConfig(16, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), blur=True)
+    images = _images(200, 20, 24, seed=5)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = A.two_views(images, cfg, _gen(9))
+        torch.set_num_threads(3)  # 400 views in 3 chunks of uneven size
+        threaded = A.two_views(images, cfg, _gen(9))
+        assert torch.get_num_threads() == 3  # put back after the pipeline's own single-threaded chunks
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(single, threaded)

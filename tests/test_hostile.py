@@ -133,6 +133,7 @@ def test_flat_colour_data_is_refused(tmp_path, capsys):
                 Image.fromarray(np.full((16, 16, 3), 77, np.uint8)).save(root / split / cls / f"{i}.png")
     err = one_line_exit_2(capsys, main.main(tiny_args(root, tmp_path / "r")))
     assert "one flat colour" in err and not (tmp_path / "r").exists()
+    assert not list((root / ".simclr_cache").glob("*.npy"))  # no orphan cache array either
 
 
 def test_a_class_whose_images_all_fail_is_refused(tmp_path, capsys):
