@@ -114,7 +114,7 @@ def test_torchrun_two_processes_end_to_end(tiny_folder, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     shown = sorted(p for p in os.listdir(results) if not p.startswith("."))  # (.ddp.lock: the run-name lock)
     assert shown == ["ddp_config.json", "ddp_curves.png", "ddp_last.pth", "ddp_model.pth",
-                                           "ddp_statistics.csv"]
+                     "ddp_statistics.csv"]
     assert json.loads((results / "ddp_config.json").read_text())["world_size"] == 2
     frame = pd.read_csv(results / "ddp_statistics.csv")
     assert frame["epoch"].tolist() == [1, 2]
