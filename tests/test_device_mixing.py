@@ -24,13 +24,17 @@ CFG = AugmentConfig(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
 
 
 class MixedDevices(TorchDispatchMode):
-    """Records the ops that get CPU and CUDA tensors together."""
+    """Records the ops that get CPU and CUDA tensors together, and every read of a CUDA value on the host."""
 
     def __init__(self):
         super().__init__()
         self.mixed: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:  # .item(): fake tensors hold no value
+            if args[0].device.type == "cuda":
+                self.mixed.append(f"{func} of a CUDA tensor (the host waits for the GPU)")
+            return 1.0 if args[0].is_floating_point() else 1  # a CPU scalar (an optimizer's step count) is free
         devices = {t.device.type for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)}
         if {"cpu", "cuda"} <= devices:
             self.mixed.append(str(func))
@@ -51,11 +55,12 @@ def test_step_on_fake_cuda_never_mixes_in_cpu_tensors(monkeypatch, optimizer):
     monkeypatch.setattr(augment.torch, "rand", fake_rand(torch.rand))
     augment._cached_channel_stats.cache_clear()  # it keeps per-device tensors: none from another fake mode
     recorder = MixedDevices()
-    with FakeTensorMode(allow_non_fake_inputs=False), torch.device("cuda"):
-        model = SimCLR("resnet18", feature_dim=8, proj_hidden_dim=16)  # (fake parameters cannot be re-laid out)
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        with torch.device("cuda"):  # only what lives on the GPU: the optimizer makes its own state as in a run
+            model = SimCLR("resnet18", feature_dim=8, proj_hidden_dim=16)  # (fake parameters cannot be re-laid out)
+            images = torch.empty(4, 20, 20, 3, dtype=torch.uint8)
         opt = build_optimizer(model, optimizer, 0.1, 1e-6)
         runtime = Runtime(torch.device("cuda"), "bf16", True)
-        images = torch.empty(4, 20, 20, 3, dtype=torch.uint8)
         with recorder:
             views = two_views(images, CFG, types.SimpleNamespace(device=torch.device("cuda")))
             assert views.device.type == "cuda" and views.shape == (8, 3, 16, 16)
@@ -78,3 +83,9 @@ def test_the_recorder_catches_a_cpu_scalar_next_to_a_cuda_tensor():
         with recorder:
             logits[torch.arange(4), torch.arange(4)] = torch.tensor(float("-inf"), device="cpu")
     assert recorder.mixed, "a 0-dim CPU tensor written into a CUDA tensor must be seen"
+    recorder = MixedDevices()
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        loss = torch.empty(4, device="cuda").sum()
+        with recorder:
+            loss.item()
+    assert recorder.mixed and "CUDA tensor" in recorder.mixed[0]
