@@ -157,6 +157,10 @@ def by_name(flags: Iterable[Flag]) -> dict[str, Flag]:
 
 def _shared() -> dict[str, Flag]:
     flags = [
+        Flag("model_path", None, "weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)", str,
+             group="input", optional=True),
+        Flag("config", None, "run config JSON; None means NAME_config.json beside --model_path", str,
+             group="input", optional=True),
         Flag("arch", "resnet50", "encoder", str, ARCHS, "model and loss", "run"),
         Flag("stem", "cifar", "first layer: cifar (3x3 conv, no max-pool) or imagenet (7x7/2 conv + max-pool)",
              str, STEMS, "model and loss", "run"),

@@ -49,10 +49,8 @@ PLOT_INTERVAL_S = 2.0
 
 FROM_CONFIG = "None means the run config's"
 LINEAR_FLAGS: tuple[Flag, ...] = (
-    Flag("model_path", None, "weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)", str,
-         group="encoder", optional=True),
-    Flag("config", None, "run config JSON; None means NAME_config.json next to --model_path", str,
-         group="encoder", optional=True),
+    shared("model_path", group="encoder"),
+    shared("config", group="encoder"),
     Flag("untrained", False, "probe a randomly initialised encoder of the same architecture (the baseline); "
          "the weights are not read, only the config is needed", group="encoder"),
     shared("arch", default=None, optional=True, group="encoder", help=f"override the encoder; {FROM_CONFIG}"),

@@ -10,6 +10,7 @@ import main
 import neighbors
 import curves
 import plot
+from checkpoint import load_model, load_model_config
 from data import load_dataset
 from knn import nearest_neighbors
 from model import SimCLR
@@ -205,8 +206,8 @@ def tiny_run(tiny_folder, tmp_path_factory):
 
 
 def test_find_neighbors_matches_brute_force_on_a_trained_model(tiny_run, tiny_folder):
-    config = neighbors.load_config(str(tiny_run / "tiny_config.json"))
-    model = neighbors.load_model(str(tiny_run / "tiny_model.pth"), config)
+    config = load_model_config(str(tiny_run / "tiny_config.json"))
+    model = load_model(str(tiny_run / "tiny_model.pth"), config)
     bundle = load_dataset("folder", str(tiny_folder), 16, log=lambda *a: None)
     result = neighbors.find_neighbors(model, bundle, 5, 4, seed=3, runtime=Runtime(torch.device("cpu")), batch_size=7)
     assert torch.equal(result.queries, neighbors.pick_queries(len(bundle.test.labels), 5, 3))
