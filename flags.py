@@ -188,6 +188,10 @@ def _shared() -> dict[str, Flag]:
         Flag("results_dir", "results", "where results files go", str, group="run"),
         Flag("name", None, "run name; None means DATASET_ARCH_FEATUREDIM_TEMPERATURE_K_BATCH_EPOCHS", str,
              group="run", optional=True),
+        Flag("tensorboard", False, "also write TensorBoard event files (tensorboard --logdir RESULTS_DIR)",
+             group="logging"),
+        Flag("tensorboard_dir", None, "folder of the TensorBoard event files; None means RESULTS_DIR/NAME_tb",
+             str, group="logging", optional=True),
     ]
     return by_name(flags)
 
@@ -271,6 +275,8 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     shared("seed"),
     shared("results_dir"),
     shared("name"),
+    shared("tensorboard"),
+    shared("tensorboard_dir"),
     Flag("resume", None, "continue from a NAME_last.pth checkpoint, or 'auto' for this run name's", str,
          group="run", optional=True),
 )
