@@ -152,6 +152,19 @@ def load_model(model_path: str, config: dict) -> SimCLR:
     return model.eval()
 
 
+def data_location(config: dict, dataset: str | None = None, data_root: str | None = None,
+                  image_size: int | None = None) -> dict:
+    """load_dataset's name, root, image_size and cache_dir: the flags given over the run config's.
+
+    The config's cache folder holds the decoded images of the config's data folder; another data
+    folder (a copy elsewhere, the full set instead of a subset) keeps its own cache.
+    """
+    name, root = dataset or config["dataset"], data_root or config["data_root"]
+    same = name == config["dataset"] and os.path.abspath(root) == os.path.abspath(config["data_root"])
+    return dict(name=name, root=root, image_size=image_size or config["image_size"],
+                cache_dir=config.get("cache_dir") if same else None)
+
+
 # ----------------------------------------------------------------------------- writing
 
 def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -157,8 +157,10 @@ def resolve_encoder(cfg: LinearConfig, saved: dict) -> Encoder:
     same_data = dataset == saved.get("dataset") and cfg.data_root in (None, saved.get("data_root"))
     mean, std = saved.get("mean"), saved.get("std")
     usable = same_data and isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3
+    # the run's cache folder holds the run's data folder; another data folder keeps its own cache
+    cache_dir = cfg.cache_dir if cfg.cache_dir is not None else saved.get("cache_dir") if same_data else None
     return Encoder(arch=arch, stem=stem, dataset=dataset, data_root=pick("data_root", "data"),
-                   image_size=pick("image_size"), cache_dir=pick("cache_dir"),
+                   image_size=pick("image_size"), cache_dir=cache_dir,
                    mean=tuple(float(v) for v in mean) if usable else None,
                    std=tuple(float(v) for v in std) if usable else None)
 

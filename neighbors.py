@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from checkpoint import config_path_for, load_model, load_model_config, run_base
+from checkpoint import config_path_for, data_location, load_model, load_model_config, run_base
 from cli import UserError, first_line, run_cli
 from data import DataBundle, load_dataset
 from engine import Runtime, make_runtime
@@ -193,8 +193,7 @@ def run(args) -> tuple[DataBundle, Neighbors, str]:
     runtime = make_runtime(args.device, "fp32", channels_last=False, threads=args.threads)
     if args.device == "auto" and runtime.device.type == "cpu":
         log("note: no CUDA GPU found, computing features on the CPU")
-    bundle = load_dataset(args.dataset or config["dataset"], args.data_root or config["data_root"],
-                          args.image_size or config["image_size"], cache_dir=config.get("cache_dir"), log=log)
+    bundle = load_dataset(**data_location(config, args.dataset, args.data_root, args.image_size), log=log)
     bar = lambda it: tqdm(it, desc="features of the labeled training images", leave=False, file=sys.stderr)  # noqa: E731
     result = find_neighbors(model.to(runtime.device), bundle, args.n, args.k, args.seed, runtime,
                             args.eval_batch_size, bar)

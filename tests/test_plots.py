@@ -294,6 +294,25 @@ def test_neighbors_bad_input_exits_2_and_writes_nothing(tiny_run, tmp_path, caps
     assert "--model_path" in capsys.readouterr().err
 
 
+def test_the_runs_cache_folder_only_for_the_runs_data_folder(tmp_path, monkeypatch):
+    from checkpoint import data_location
+    config = {"dataset": "folder", "data_root": "data/small", "image_size": 32, "cache_dir": "/elsewhere/cache"}
+    monkeypatch.chdir(tmp_path)
+    assert data_location(config) == dict(name="folder", root="data/small", image_size=32, cache_dir="/elsewhere/cache")
+    same = data_location(config, data_root=str(tmp_path / "data" / "small"))  # the same folder, written otherwise
+    assert same["cache_dir"] == "/elsewhere/cache"
+    other = data_location(config, data_root="data/full", image_size=16)
+    assert other == dict(name="folder", root="data/full", image_size=16, cache_dir=None)
+    # linear.py: the same rule, and an explicit --cache_dir wins
+    import linear
+    saved = {**config, "arch": "resnet18", "stem": "cifar"}
+    resolve = lambda *flags: linear.resolve_encoder(linear.build_config(["--model_path", "x_model.pth", *flags]),  # noqa: E731
+                                                    saved)
+    assert resolve().cache_dir == "/elsewhere/cache"
+    assert resolve("--data_root", "data/full").cache_dir is None
+    assert resolve("--data_root", "data/full", "--cache_dir", "c").cache_dir == "c"
+
+
 def test_importing_does_nothing(tmp_path):
     import subprocess
     import sys
