@@ -344,9 +344,9 @@ def train_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochResult:
                 check_finite(run, first_bad, epoch)
             mean, last = torch.stack([loss_sum / done, loss]).tolist()  # one transfer for both
             bar.set_postfix(loss=f"{mean:.4f}")
+            speed = (done - done_at_look) * cfg.batch_size / max(now - last_look, 1e-9)
             run.log.scalars({"step/loss": last, "step/loss_epoch_mean": mean,
-                             "step/lr": run.optimizer.param_groups[0]["lr"],
-                             "step/images_per_second": (done - done_at_look) * cfg.batch_size / max(now - last_look, 1e-9)},
+                             "step/lr": run.optimizer.param_groups[0]["lr"], "step/images_per_second": speed},
                             epoch * steps + step)
             last_look, done_at_look = now, done
         if stop_now and done < steps:

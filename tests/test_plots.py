@@ -306,8 +306,8 @@ def test_the_runs_cache_folder_only_for_the_runs_data_folder(tmp_path, monkeypat
     # linear.py: the same rule, and an explicit --cache_dir wins
     import linear
     saved = {**config, "arch": "resnet18", "stem": "cifar"}
-    resolve = lambda *flags: linear.resolve_encoder(linear.build_config(["--model_path", "x_model.pth", *flags]),  # noqa: E731
-                                                    saved)
+    def resolve(*flags):
+        return linear.resolve_encoder(linear.build_config(["--model_path", "x_model.pth", *flags]), saved)
     assert resolve().cache_dir == "/elsewhere/cache"
     assert resolve("--data_root", "data/full").cache_dir is None
     assert resolve("--data_root", "data/full", "--cache_dir", "c").cache_dir == "c"
