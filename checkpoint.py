@@ -21,9 +21,12 @@ from torch import nn
 
 from cli import UserError, first_line
 from files import atomic_save
+from model import SimCLR
 
 # The suffixes main.py gives a run's files; NAME is what stands before them.
 RUN_SUFFIXES = ("_model.pth", "_last.pth", "_config.json", "_statistics.csv")
+# Keys of NAME_config.json needed to rebuild the model and reload its data (other keys are ignored).
+MODEL_CONFIG_KEYS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "dataset", "data_root", "image_size")
 
 
 def run_base(path: str, suffixes: tuple[str, ...] = RUN_SUFFIXES) -> str:
@@ -153,6 +156,40 @@ def check_run_config(saved: dict, path: str) -> dict:
             what = "3 finite numbers" if key == "mean" else "3 positive finite numbers"
             raise UserError(f"{key} in {path} must be {what}, got {values!r}; the file is damaged")
     return saved
+
+
+def load_model_config(path: str) -> dict:
+    """The flat NAME_config.json of a run; UserError when it is missing or lacks MODEL_CONFIG_KEYS."""
+    config = read_run_config(path)
+    missing = [key for key in MODEL_CONFIG_KEYS if key not in config]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: pass the NAME_config.json written by main.py")
+    return config
+
+
+def load_model(model_path: str, config: dict) -> SimCLR:
+    """SimCLR rebuilt from the config with the encoder of NAME_model.pth (or NAME_last.pth) loaded strictly,
+    in eval mode (the head keeps its initial weights: only the encoder is used downstream)."""
+    state = encoder_state(model_path)
+    try:
+        model = SimCLR(config["arch"], int(config["feature_dim"]), int(config["proj_hidden_dim"]), config["stem"])
+    except (ValueError, TypeError) as e:
+        raise UserError(f"the config does not describe a model ({first_line(e)})") from None
+    load_strict(model.f, state, model_path, f"{config['arch']} ({config['stem']} stem) encoder")
+    return model.eval()
+
+
+def data_location(config: dict, dataset: str | None = None, data_root: str | None = None,
+                  image_size: int | None = None) -> dict:
+    """load_dataset's name, root, image_size and cache_dir: the flags given over the run config's.
+
+    The config's cache folder holds the decoded images of the config's data folder; another data
+    folder (a copy elsewhere, the full set instead of a subset) keeps its own cache.
+    """
+    name, root = dataset or config["dataset"], data_root or config["data_root"]
+    same = name == config["dataset"] and os.path.abspath(root) == os.path.abspath(config["data_root"])
+    return dict(name=name, root=root, image_size=image_size or config["image_size"],
+                cache_dir=config.get("cache_dir") if same else None)
 
 
 # ----------------------------------------------------------------------------- writing

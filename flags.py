@@ -157,6 +157,10 @@ def by_name(flags: Iterable[Flag]) -> dict[str, Flag]:
 
 def _shared() -> dict[str, Flag]:
     flags = [
+        Flag("model_path", None, "weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)", str,
+             group="input", optional=True),
+        Flag("config", None, "run config JSON; None means NAME_config.json beside --model_path", str,
+             group="input", optional=True),
         Flag("arch", "resnet50", "encoder", str, ARCHS, "model and loss", "run"),
         Flag("stem", "cifar", "first layer: cifar (3x3 conv, no max-pool) or imagenet (7x7/2 conv + max-pool)",
              str, STEMS, "model and loss", "run"),
@@ -184,6 +188,10 @@ def _shared() -> dict[str, Flag]:
         Flag("results_dir", "results", "where results files go", str, group="run"),
         Flag("name", None, "run name; None means DATASET_ARCH_FEATUREDIM_TEMPERATURE_K_BATCH_EPOCHS", str,
              group="run", optional=True),
+        Flag("tensorboard", False, "also write TensorBoard event files (tensorboard --logdir RESULTS_DIR)",
+             group="logging"),
+        Flag("tensorboard_dir", None, "folder of the TensorBoard event files; None means RESULTS_DIR/NAME_tb",
+             str, group="logging", optional=True),
     ]
     return by_name(flags)
 
@@ -267,6 +275,8 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     shared("seed"),
     shared("results_dir"),
     shared("name"),
+    shared("tensorboard"),
+    shared("tensorboard_dir"),
     Flag("resume", None, "continue from a NAME_last.pth checkpoint, or 'auto' for this run name's", str,
          group="run", optional=True),
 )

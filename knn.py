@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from augment import normalize
 from distributed import World, gather_rows, shard
 
 
@@ -112,3 +113,12 @@ def sharded_features(encode, images: torch.Tensor, to_input, runtime, batch_size
         return extract_features(encode, images, to_input, runtime, batch_size)
     local = extract_features(encode, images[shard(n, world)], to_input, runtime, batch_size, progress)
     return gather_rows(local, n, world)
+
+
+def encoder_features(model: torch.nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                     runtime, batch_size: int = 256,
+                     progress: Callable[[Iterable], Iterable] | None = None) -> torch.Tensor:
+    """Encoder features h of uint8 images (N, H, W, 3), normalised with mean/std -> fp32 (N, d), in eval mode."""
+    model.eval()  # BatchNorm running statistics, as in the kNN evaluation
+    to_input = lambda batch: normalize(batch, mean, std)  # noqa: E731
+    return extract_features(model.encode, images, to_input, runtime, batch_size, progress)

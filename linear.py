@@ -7,7 +7,8 @@
 The encoder is rebuilt from NAME_config.json next to the weights (flags override it) and loaded
 with weights_only=True. Writes RESULTS/NAME_linear_statistics.csv, NAME_linear_model.pth (the
 classifier's state_dict, acting on raw encoder features h), NAME_linear_config.json and
-NAME_linear_curves.png; RESULTS is the folder of the weights unless --results_dir is given.
+NAME_linear_curves.png (and with --tensorboard event files in NAME_linear_tb/); RESULTS is the
+folder of the weights unless --results_dir is given.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from knn import extract_features, topk_accuracy
 from model import ARCHS, STEMS, SimCLR
 from optim import build_optimizer, lr_at, set_lr
 from curves import plot_run_or_warn
+from tblog import NoLog, config_markdown, open_log, require_tensorboard
 
 CSV_COLUMNS = ("epoch", "train_loss", "train_acc@1", "train_acc@5", "test_loss", "test_acc@1", "test_acc@5",
                "lr", "epoch_seconds")
@@ -49,10 +51,8 @@ PLOT_INTERVAL_S = 2.0
 
 FROM_CONFIG = "None means the run config's"
 LINEAR_FLAGS: tuple[Flag, ...] = (
-    Flag("model_path", None, "weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)", str,
-         group="encoder", optional=True),
-    Flag("config", None, "run config JSON; None means NAME_config.json next to --model_path", str,
-         group="encoder", optional=True),
+    shared("model_path", group="encoder"),
+    shared("config", group="encoder"),
     Flag("untrained", False, "probe a randomly initialised encoder of the same architecture (the baseline); "
          "the weights are not read, only the config is needed", group="encoder"),
     shared("arch", default=None, optional=True, group="encoder", help=f"override the encoder; {FROM_CONFIG}"),
@@ -84,6 +84,8 @@ LINEAR_FLAGS: tuple[Flag, ...] = (
     shared("results_dir", default=None, optional=True,
            help="where the files go; None means the folder of --model_path (or of --config, else results)"),
     shared("name", help="file prefix; None means NAME of NAME_model.pth (+ _untrained)"),
+    shared("tensorboard", help="also write TensorBoard event files, tags linear/COLUMN of the CSV"),
+    shared("tensorboard_dir", help="folder of the TensorBoard event files; None means RESULTS/NAME_linear_tb"),
 )
 
 LinearConfig = config_class("LinearConfig", LINEAR_FLAGS, "Every resolved flag of a linear evaluation.")
@@ -115,6 +117,8 @@ def build_config(argv: list[str] | None = None) -> LinearConfig:
         raise UserError("--model_path is required (or --untrained with --config or --arch and --dataset)")
     if values["name"] is not None:
         check_name(values["name"])
+    if values["tensorboard"]:
+        require_tensorboard()
     return LinearConfig(**values)
 
 
@@ -153,8 +157,10 @@ def resolve_encoder(cfg: LinearConfig, saved: dict) -> Encoder:
     same_data = dataset == saved.get("dataset") and cfg.data_root in (None, saved.get("data_root"))
     mean, std = saved.get("mean"), saved.get("std")
     usable = same_data and isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3
+    # the run's cache folder holds the run's data folder; another data folder keeps its own cache
+    cache_dir = cfg.cache_dir if cfg.cache_dir is not None else saved.get("cache_dir") if same_data else None
     return Encoder(arch=arch, stem=stem, dataset=dataset, data_root=pick("data_root", "data"),
-                   image_size=pick("image_size"), cache_dir=pick("cache_dir"),
+                   image_size=pick("image_size"), cache_dir=cache_dir,
                    mean=tuple(float(v) for v in mean) if usable else None,
                    std=tuple(float(v) for v in std) if usable else None)
 
@@ -368,18 +374,24 @@ def run(cfg: LinearConfig) -> int:
 
     to_input = lambda batch: normalize(batch, mean, std)  # noqa: E731
     train_y, test_y = train.labels.to(runtime.device), test.labels.to(runtime.device)
-    on_epoch = epoch_writer(paths, name, cfg.epochs, say)
-    t0 = time.perf_counter()
-    test_x = features(model, test.images, to_input, runtime, cfg, "test set")
-    # --augment --no-standardize never looks at un-augmented train features
-    needs_train_x = not cfg.augment or cfg.standardize
-    train_x = features(model, train.images, to_input, runtime, cfg, "train set") if needs_train_x else None
-    say(f"features extracted in {time.perf_counter() - t0:.1f} s; training the linear layer")
-    if not cfg.augment:
-        linear, rows = train_on_features(train_x, train_y, test_x, test_y, num_classes, cfg, on_epoch, True)
-    else:
-        linear, rows = train_augmented(model, train.images, train_x, train_y, test_x, test_y, num_classes,
-                                       (mean, std), runtime, cfg, on_epoch)
+    # a run again under the same name starts its log afresh: purge_step 0 hides the earlier one
+    log = open_log(cfg.tensorboard_dir or paths["tensorboard"], purge_step=0) if cfg.tensorboard else NoLog()
+    try:
+        log.text("linear/config", config_markdown(dataclasses.asdict(cfg)), 0)
+        on_epoch = epoch_writer(paths, name, cfg.epochs, say, log)
+        t0 = time.perf_counter()
+        test_x = features(model, test.images, to_input, runtime, cfg, "test set")
+        # --augment --no-standardize never looks at un-augmented train features
+        needs_train_x = not cfg.augment or cfg.standardize
+        train_x = features(model, train.images, to_input, runtime, cfg, "train set") if needs_train_x else None
+        say(f"features extracted in {time.perf_counter() - t0:.1f} s; training the linear layer")
+        if not cfg.augment:
+            linear, rows = train_on_features(train_x, train_y, test_x, test_y, num_classes, cfg, on_epoch, True)
+        else:
+            linear, rows = train_augmented(model, train.images, train_x, train_y, test_x, test_y, num_classes,
+                                           (mean, std), runtime, cfg, on_epoch)
+    finally:
+        log.close()
 
     moved = changed_tensors(model.f, frozen)
     if moved or model.training:
@@ -405,6 +417,7 @@ def plan(cfg: LinearConfig) -> tuple[Encoder, str, dict[str, str], dict | None]:
     paths = {kind: os.path.join(results_dir, f"{name}_linear_{kind}.{ext}")
              for kind, ext in (("statistics", "csv"), ("model", "pth"), ("config", "json"), ("curves", "png"))}
     check_not_taken(paths, source_id(cfg))
+    paths["tensorboard"] = os.path.join(results_dir, f"{name}_linear_tb")  # a folder, not one of the files checked
     return enc, name, paths, state
 
 
@@ -453,12 +466,15 @@ def train_augmented(model: SimCLR, images: torch.Tensor, train_x: torch.Tensor |
     return fold(linear, f_mean, f_std), rows
 
 
-def epoch_writer(paths: dict[str, str], name: str, epochs: int, say) -> Callable[[list[dict]], None]:
-    """After each epoch: the CSV, and the curves at most every PLOT_INTERVAL_S seconds (and at the end)."""
+def epoch_writer(paths: dict[str, str], name: str, epochs: int, say,
+                 log: NoLog = NoLog()) -> Callable[[list[dict]], None]:
+    """After each epoch: the CSV, TensorBoard's linear/COLUMN scalars, and the curves at most every
+    PLOT_INTERVAL_S seconds (and at the end)."""
     last_plot = [0.0]
 
     def on_epoch(rows: list[dict]) -> None:
         atomic_write_csv(paths["statistics"], CSV_COLUMNS, rows)
+        log.row("linear", rows[-1], rows[-1]["epoch"])
         now = time.perf_counter()
         if now - last_plot[0] >= PLOT_INTERVAL_S or rows[-1]["epoch"] == epochs:
             plot_run_or_warn(rows, paths["curves"], f"{name}: linear probe", say, loss_key="train_loss",

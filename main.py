@@ -7,7 +7,8 @@
     torchrun --nproc_per_node=4 main.py --batch_size 4096          # several GPUs, global batch 4096
 
 Writes results/NAME_statistics.csv, NAME_model.pth (best kNN top-1), NAME_last.pth (resume
-checkpoint), NAME_config.json and NAME_curves.png; see README.md. The file reads in calling
+checkpoint), NAME_config.json and NAME_curves.png, and with --tensorboard event files in
+results/NAME_tb/; see README.md. The file reads in calling
 order: main -> configure -> train (build steps, then per epoch: train_epoch over epoch_views,
 end_epoch).
 """
@@ -35,6 +36,7 @@ from knn import knn_accuracy, sharded_features
 from model import SimCLR
 from optim import build_optimizer, lr_at, scaled_lr, set_lr
 from curves import plot_run_or_warn
+from tblog import NoLog, config_markdown, open_log, require_tensorboard
 
 CSV_COLUMNS = ("epoch", "train_loss", "test_acc@1", "test_acc@5", "lr", "epoch_seconds",
                "train_images_per_second", "knn_seconds")
@@ -43,6 +45,9 @@ OOM_ADVICE = ("try --grad_checkpoint, --precision bf16, a smaller --batch_size o
               "or more GPUs with torchrun")
 # Under torchrun, ranks compare stop requests and non-finite losses every this many steps.
 AGREE_EVERY = 10
+# Seconds between two reads of the loss for the progress bar (and TensorBoard): each read waits for
+# the device, so a few per second, never one per step.
+READ_EVERY_S = 0.5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +93,8 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
     check_name(cfg.name)
     if cfg.warmup_epochs > cfg.epochs:
         raise UserError(f"--warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}")
+    if cfg.tensorboard and world.is_main:
+        require_tensorboard()
     if cfg.batch_size % world.world_size:
         raise UserError(f"--batch_size {cfg.batch_size} (the global batch) must divide by the {world.world_size} "
                         f"processes; use a multiple of {world.world_size}")
@@ -120,6 +127,7 @@ class Run:
     carried: dict = field(default_factory=lambda: dict(loss_sum=0.0, seconds=0.0))  # of a mid-epoch checkpoint
     history: list[dict] = field(default_factory=list)
     best_acc: float = -1.0
+    log: NoLog = field(default_factory=NoLog)  # TensorBoard (rank 0 with --tensorboard), else does nothing
 
     @property
     def steps_per_epoch(self) -> int:
@@ -149,26 +157,32 @@ def train_run(run: "Run", checkpoint: dict | None) -> int:
         restore(run, checkpoint)
     if world.is_main:
         write_config(run)
-    if cfg.knn_at_start and not run.history and run.start_step == 0:
-        top1, top5, seconds = evaluate(run)
-        run.history.append({"epoch": 0, "test_acc@1": top1, "test_acc@5": top5, "knn_seconds": seconds})
-        say(f"untrained encoder: kNN top-1 {top1:.2f}% top-5 {top5:.2f}%")
+        if cfg.tensorboard:
+            open_tensorboard(run)
+    try:
+        if cfg.knn_at_start and not run.history and run.start_step == 0:
+            top1, top5, seconds = evaluate(run)
+            run.history.append({"epoch": 0, "test_acc@1": top1, "test_acc@5": top5, "knn_seconds": seconds})
+            say(f"untrained encoder: kNN top-1 {top1:.2f}% top-5 {top5:.2f}%")
+            log_epoch(run, run.history[-1])
 
-    with StopRequest() as stop:
-        for epoch in range(run.start_epoch, cfg.epochs):
-            result = train_epoch(run, epoch, stop)
-            if result.done < run.steps_per_epoch:  # stopped mid-epoch: save exactly where we are
-                if world.is_main:
-                    save_last(run, epoch, result.done, result.loss_sum.item(), result.seconds)
-                    atomic_write_csv(run.paths["statistics.csv"], CSV_COLUMNS, run.history)
-                return stopped(stop, run)
-            row = end_epoch(run, epoch, result)
-            acc = (f"kNN top-1 {row['test_acc@1']:.2f}% top-5 {row['test_acc@5']:.2f}%"
-                   if row["test_acc@1"] is not None else "no kNN this epoch")
-            say(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, {acc}, "
-                f"{row['epoch_seconds']:.1f} s, {row['train_images_per_second']:.0f} images/s")
-            if epoch + 1 < cfg.epochs and any_rank([stop.requested], world, run.runtime.device)[0]:
-                return stopped(stop, run)
+        with StopRequest() as stop:
+            for epoch in range(run.start_epoch, cfg.epochs):
+                result = train_epoch(run, epoch, stop)
+                if result.done < run.steps_per_epoch:  # stopped mid-epoch: save exactly where we are
+                    if world.is_main:
+                        save_last(run, epoch, result.done, result.loss_sum.item(), result.seconds)
+                        atomic_write_csv(run.paths["statistics.csv"], CSV_COLUMNS, run.history)
+                    return stopped(stop, run)
+                row = end_epoch(run, epoch, result)
+                acc = (f"kNN top-1 {row['test_acc@1']:.2f}% top-5 {row['test_acc@5']:.2f}%"
+                       if row["test_acc@1"] is not None else "no kNN this epoch")
+                say(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, {acc}, "
+                    f"{row['epoch_seconds']:.1f} s, {row['train_images_per_second']:.0f} images/s")
+                if epoch + 1 < cfg.epochs and any_rank([stop.requested], world, run.runtime.device)[0]:
+                    return stopped(stop, run)
+    finally:
+        run.log.close()  # what was logged reaches the disk, also when the run stops or fails
     say(f"done: best kNN top-1 {run.best_acc:.2f}%; weights {run.paths['model.pth']}, "
         f"statistics {run.paths['statistics.csv']}")
     return 0
@@ -288,6 +302,24 @@ def restore(run: Run, checkpoint: dict) -> None:
             f"of {run.steps_per_epoch}")
 
 
+def open_tensorboard(run: Run) -> None:
+    """Event files in --tensorboard_dir (default RESULTS/NAME_tb), continuing at the run's first step to do.
+
+    Whatever an earlier writer logged at that step or later (a run killed after its last
+    checkpoint, or an earlier run of the same name started afresh) is purged, so the steps of the
+    log stay unique and increasing across stops and resumes.
+    """
+    cfg = run.cfg
+    logdir = cfg.tensorboard_dir or os.path.join(cfg.results_dir, f"{cfg.name}_tb")
+    first = run.start_epoch * run.steps_per_epoch + run.start_step
+    run.log = open_log(logdir, purge_step=first)
+    run.log.text("config", config_markdown(dataclasses.asdict(cfg)), first)
+    for row in run.history:  # only the untrained encoder's row, of a run resumed before its first step
+        if epoch_step(run, row["epoch"]) >= first:
+            log_epoch(run, row)
+    run.say(f"tensorboard: event files in {logdir} (tensorboard --logdir {os.path.dirname(logdir) or '.'})")
+
+
 def write_config(run: Run) -> None:
     """NAME_config.json: the resolved config (as in NAME_last.pth), plus data, model and versions."""
     import torchvision
@@ -337,6 +369,7 @@ def run_steps(run: Run, epoch: int, first: int, stop: StopRequest, bar, loss_sum
     """The steps of an epoch from `first`; loss_sum and first_bad are updated in place. Returns steps done."""
     cfg, world, steps = run.cfg, run.world, run.steps_per_epoch
     last_look, done, stop_now = time.perf_counter(), first, False
+    done_at_look = first
     for step, views in epoch_views(run, epoch, first):
         set_lr(run.optimizer, lr_at(epoch * steps + step, run.schedule["base_lr"], run.schedule["total_steps"],
                                     run.schedule["warmup_steps"], cfg.schedule))
@@ -351,11 +384,16 @@ def run_steps(run: Run, epoch: int, first: int, stop: StopRequest, bar, loss_sum
         else:
             stop_now = stop.requested
         now = time.perf_counter()
-        if now - last_look > 0.5 or done == steps:  # a few device syncs per second, never one per step
-            last_look = now
+        if now - last_look > READ_EVERY_S or done == steps:  # a few device syncs per second, never one per step
             if not world.distributed:
                 check_finite(run, first_bad, epoch)
-            bar.set_postfix(loss=f"{loss_sum.item() / done:.4f}")
+            mean, last = torch.stack([loss_sum / done, loss]).tolist()  # one transfer for both
+            bar.set_postfix(loss=f"{mean:.4f}")
+            speed = (done - done_at_look) * cfg.batch_size / max(now - last_look, 1e-9)
+            run.log.scalars({"step/loss": last, "step/loss_epoch_mean": mean,
+                             "step/lr": run.optimizer.param_groups[0]["lr"], "step/images_per_second": speed},
+                            epoch * steps + step)
+            last_look, done_at_look = now, done
         if stop_now and done < steps:
             break
     return done
@@ -427,8 +465,20 @@ def end_epoch(run: Run, epoch: int, result: EpochResult) -> dict:
     if run.world.is_main:
         atomic_write_csv(run.paths["statistics.csv"], CSV_COLUMNS, run.history)
         plot_run_or_warn(run.history, run.paths["curves.png"], cfg.name, run.say)
+        log_epoch(run, row)  # before the checkpoint that says this epoch is done
         save_last(run, epoch + 1, 0, 0.0, 0.0)
     return row
+
+
+def epoch_step(run: Run, epoch: int) -> int:
+    """TensorBoard step of an epoch's row: the global index of its last step (0 for the untrained encoder)."""
+    return max(0, epoch * run.steps_per_epoch - 1)
+
+
+def log_epoch(run: Run, row: dict) -> None:
+    """A CSV row as epoch/COLUMN scalars, flushed to disk (rank 0 with --tensorboard; else nothing)."""
+    run.log.row("epoch", row, epoch_step(run, row["epoch"]))
+    run.log.flush()
 
 
 def evaluate(run: Run) -> tuple[float, float, float]:

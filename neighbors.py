@@ -16,18 +16,14 @@ from typing import Callable, Iterable
 
 import torch
 
-from augment import normalize
-from checkpoint import config_path_for, encoder_state, load_strict, read_run_config, run_base
+from checkpoint import config_path_for, data_location, load_model, load_model_config, run_base
 from cli import UserError, first_line, run_cli
 from data import DataBundle, load_dataset
 from engine import Runtime, make_runtime
 from files import atomic_write_bytes
 from flags import Flag, build_parser, shared
-from knn import extract_features, nearest_neighbors
+from knn import encoder_features, nearest_neighbors
 from model import SimCLR
-
-# Keys of NAME_config.json needed to rebuild the model and reload its data.
-CONFIG_KEYS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "dataset", "data_root", "image_size")
 
 # Picture layout, in pixels.
 TILE = 96          # images are upscaled (nearest) by a whole factor to at least this side
@@ -57,14 +53,6 @@ def pick_queries(n_test: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))[:n]
 
 
-def encoder_features(model: SimCLR, images: torch.Tensor, bundle: DataBundle, runtime: Runtime,
-                     batch_size: int = 256, progress: Callable[[Iterable], Iterable] | None = None) -> torch.Tensor:
-    """Encoder features h of uint8 images (N, H, W, 3) -> fp32 (N, d), in eval mode."""
-    model.eval()  # BatchNorm running statistics, as in the kNN evaluation
-    to_input = lambda batch: normalize(batch, bundle.mean, bundle.std)  # noqa: E731
-    return extract_features(model.encode, images, to_input, runtime, batch_size, progress)
-
-
 def find_neighbors(model: SimCLR, bundle: DataBundle, n: int, k: int, seed: int, runtime: Runtime,
                    batch_size: int = 256, progress: Callable[[Iterable], Iterable] | None = None) -> Neighbors:
     """n random test images (chosen by seed) and their k nearest bank images by cosine of encoder features."""
@@ -76,32 +64,11 @@ def find_neighbors(model: SimCLR, bundle: DataBundle, n: int, k: int, seed: int,
     if k > n_bank:
         raise UserError(f"--k {k} is more than the {n_bank} labeled training images; use --k {n_bank} or less")
     queries = pick_queries(n_test, n, seed)
-    query_features = encoder_features(model, bundle.test.images[queries], bundle, runtime, batch_size)
-    bank_features = encoder_features(model, bundle.memory.images, bundle, runtime, batch_size, progress)
+    query_features = encoder_features(model, bundle.test.images[queries], bundle.mean, bundle.std, runtime, batch_size)
+    bank_features = encoder_features(model, bundle.memory.images, bundle.mean, bundle.std, runtime, batch_size,
+                                     progress)
     indices, similarities = nearest_neighbors(query_features, bank_features, k)
     return Neighbors(queries, indices.cpu(), similarities.cpu())
-
-
-# ----------------------------------------------------------------------------- loading
-
-def load_config(path: str) -> dict:
-    """The flat NAME_config.json of a run; UserError when it is missing or lacks CONFIG_KEYS."""
-    config = read_run_config(path)
-    missing = [key for key in CONFIG_KEYS if key not in config]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}: pass the NAME_config.json written by main.py")
-    return config
-
-
-def load_model(model_path: str, config: dict) -> SimCLR:
-    """SimCLR rebuilt from the config with the encoder of NAME_model.pth (or NAME_last.pth) loaded strictly."""
-    state = encoder_state(model_path)
-    try:
-        model = SimCLR(config["arch"], int(config["feature_dim"]), int(config["proj_hidden_dim"]), config["stem"])
-    except (ValueError, TypeError) as e:
-        raise UserError(f"the config does not describe a model ({first_line(e)})") from None
-    load_strict(model.f, state, model_path, f"{config['arch']} ({config['stem']} stem) encoder")
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------- picture
@@ -178,12 +145,11 @@ def same_class_fraction(bundle: DataBundle, result: Neighbors) -> float:
 # ----------------------------------------------------------------------------- command line
 
 NEIGHBORS_FLAGS: tuple[Flag, ...] = (
-    Flag("model_path", None, "results/NAME_model.pth written by main.py", str, group="input"),
-    Flag("config", None, "the run's config; None means NAME_config.json beside the weights", str, group="input",
-         optional=True),
+    shared("model_path"),
+    shared("config"),
     Flag("n", 8, "test images, one per row", int, group="picture", ge=1, le=10_000),
     Flag("k", 8, "neighbours per test image", int, group="picture", ge=1, le=1_000),
-    Flag("seed", 0, "chooses the random test images", int, group="picture", ge=0, le=2 ** 63 - 1),
+    shared("seed", group="picture", help="chooses the random test images"),
     Flag("out", None, "PNG to write; None means NAME_neighbors.png beside the weights", str, group="picture",
          optional=True),
     shared("dataset", default=None, optional=True, help="override the config's data set"),
@@ -221,14 +187,13 @@ def run(args) -> tuple[DataBundle, Neighbors, str]:
     """Load config, weights and data, find the neighbours; returns (bundle, result, output path)."""
     from tqdm import tqdm
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731 -- stdout only says what was written
-    config = load_config(args.config or config_path_for(args.model_path))
+    config = load_model_config(args.config or config_path_for(args.model_path))
     model = load_model(args.model_path, config)
     # fp32: similarities are compared to within rounding, not to bf16 noise
     runtime = make_runtime(args.device, "fp32", channels_last=False, threads=args.threads)
     if args.device == "auto" and runtime.device.type == "cpu":
         log("note: no CUDA GPU found, computing features on the CPU")
-    bundle = load_dataset(args.dataset or config["dataset"], args.data_root or config["data_root"],
-                          args.image_size or config["image_size"], cache_dir=config.get("cache_dir"), log=log)
+    bundle = load_dataset(**data_location(config, args.dataset, args.data_root, args.image_size), log=log)
     bar = lambda it: tqdm(it, desc="features of the labeled training images", leave=False, file=sys.stderr)  # noqa: E731
     result = find_neighbors(model.to(runtime.device), bundle, args.n, args.k, args.seed, runtime,
                             args.eval_batch_size, bar)

@@ -10,6 +10,7 @@ import main
 import neighbors
 import curves
 import plot
+from checkpoint import load_model, load_model_config
 from data import load_dataset
 from knn import nearest_neighbors
 from model import SimCLR
@@ -205,8 +206,8 @@ def tiny_run(tiny_folder, tmp_path_factory):
 
 
 def test_find_neighbors_matches_brute_force_on_a_trained_model(tiny_run, tiny_folder):
-    config = neighbors.load_config(str(tiny_run / "tiny_config.json"))
-    model = neighbors.load_model(str(tiny_run / "tiny_model.pth"), config)
+    config = load_model_config(str(tiny_run / "tiny_config.json"))
+    model = load_model(str(tiny_run / "tiny_model.pth"), config)
     bundle = load_dataset("folder", str(tiny_folder), 16, log=lambda *a: None)
     result = neighbors.find_neighbors(model, bundle, 5, 4, seed=3, runtime=Runtime(torch.device("cpu")), batch_size=7)
     assert torch.equal(result.queries, neighbors.pick_queries(len(bundle.test.labels), 5, 3))
@@ -291,6 +292,25 @@ def test_neighbors_bad_input_exits_2_and_writes_nothing(tiny_run, tmp_path, caps
         assert not out.exists()
     assert neighbors.main([]) == 2  # the weights are required
     assert "--model_path" in capsys.readouterr().err
+
+
+def test_the_runs_cache_folder_only_for_the_runs_data_folder(tmp_path, monkeypatch):
+    from checkpoint import data_location
+    config = {"dataset": "folder", "data_root": "data/small", "image_size": 32, "cache_dir": "/elsewhere/cache"}
+    monkeypatch.chdir(tmp_path)
+    assert data_location(config) == dict(name="folder", root="data/small", image_size=32, cache_dir="/elsewhere/cache")
+    same = data_location(config, data_root=str(tmp_path / "data" / "small"))  # the same folder, written otherwise
+    assert same["cache_dir"] == "/elsewhere/cache"
+    other = data_location(config, data_root="data/full", image_size=16)
+    assert other == dict(name="folder", root="data/full", image_size=16, cache_dir=None)
+    # linear.py: the same rule, and an explicit --cache_dir wins
+    import linear
+    saved = {**config, "arch": "resnet18", "stem": "cifar"}
+    def resolve(*flags):
+        return linear.resolve_encoder(linear.build_config(["--model_path", "x_model.pth", *flags]), saved)
+    assert resolve().cache_dir == "/elsewhere/cache"
+    assert resolve("--data_root", "data/full").cache_dir is None
+    assert resolve("--data_root", "data/full", "--cache_dir", "c").cache_dir == "c"
 
 
 def test_importing_does_nothing(tmp_path):
