@@ -222,8 +222,8 @@ def test_end_to_end_subprocess(trained, tmp_path):
     accuracies = frame[["train_acc@1", "train_acc@5", "test_acc@1", "test_acc@5"]]
     assert ((accuracies >= 0) & (accuracies <= 100)).all().all()
     assert (frame["test_acc@5"] == 100).all()  # 3 classes: the top 5 always hold the label
-    # cosine from 0.05 to 0 over 3 epochs x 3 steps: the last step's rate is lr_at(8 of 9)
-    assert frame["lr"].iloc[-1] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 8 / 9)))
+    # the default rate 0.05 x 5/256, cosine to 0 over 3 epochs x 3 steps: the last step's is lr_at(8 of 9)
+    assert frame["lr"].iloc[-1] == pytest.approx(0.05 * 5 / 256 * 0.5 * (1 + math.cos(math.pi * 8 / 9)))
     assert f"{frame['test_acc@1'].iloc[-1]:.2f}%" in proc.stdout
     state = torch.load(out / "run_finetune_5perclass_model.pth", weights_only=True)
     assert state["fc.weight"].shape == (3, 512)
@@ -249,7 +249,7 @@ def assert_same_run(a, b, prefix="run_finetune_0.25"):
 
 def test_resume_after_sigint_mid_epoch_equals_an_uninterrupted_run(trained, tmp_path, monkeypatch, capsys):
     model = trained / "run_model.pth"
-    extra = ("--from_layer", "head1", "--weight_decay", "1e-4")
+    extra = ("--from_layer", "head1", "--weight_decay", "1e-4", "--lr", "0.05")
     assert finetune.main(quick(model, tmp_path / "straight", *extra)) == 0
     real_step, count = finetune.train_step, [0]
 
