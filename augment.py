@@ -522,6 +522,18 @@ def two_views(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generat
     return augment(both, cfg, generator)
 
 
+def crop_flip(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random resized crop and horizontal flip only, per image (supervised fine-tuning, as SimCLR's):
+    (B, H, W, 3) uint8 -> (B, 3, S, S) float32 normalized. Colour, grayscale and blur settings are ignored."""
+    b, h, w, _ = images.shape
+    top, left, height, width = sample_crop_boxes(b, h, w, cfg.min_crop_scale, generator)
+    flip = torch.rand(b, generator=generator, device=generator.device) < 0.5
+    dev = images.device
+    x = crop_resize_flip(images, top.to(dev), left.to(dev), height.to(dev), width.to(dev), flip.to(dev),
+                         cfg.image_size)
+    return normalize_float(x, cfg.mean, cfg.std)
+
+
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """No augmentation: (B, H, W, 3) uint8 -> (B, 3, H, W) float32 normalized."""
     x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)  # (B, 3, H, W)

@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 
 from cli import UserError, first_line
 from files import atomic_save
-from model import SimCLR
+from model import ARCHS, STEMS, SimCLR
 
 # The suffixes main.py gives a run's files; NAME is what stands before them.
 RUN_SUFFIXES = ("_model.pth", "_last.pth", "_config.json", "_statistics.csv")
@@ -81,20 +82,24 @@ def is_training_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "optimizer" in obj
 
 
-def encoder_state(path: str) -> dict[str, torch.Tensor]:
-    """The encoder's tensors ('f.' stripped) of a NAME_model.pth or NAME_last.pth of main.py."""
+def model_state(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor (encoder `f.*` and head `g.*`) of a NAME_model.pth or NAME_last.pth of main.py."""
     obj = load_untrusted(path)
     if is_training_checkpoint(obj):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise UserError(f"{path} is not a state_dict (a dict of tensors) of main.py's SimCLR model")
-    state = {k[2:]: v for k, v in obj.items() if k.startswith("f.")}
-    if not state:
+    if not any(k.startswith("f.") for k in obj):
         raise UserError(f"{path} is not a SimCLR state_dict: it has no encoder keys 'f.*'")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise UserError(f"{path} is not a SimCLR state_dict: f.{bad[0]} is not a tensor")
-    return state
+        raise UserError(f"{path} is not a SimCLR state_dict: {bad[0]} is not a tensor")
+    return obj
+
+
+def encoder_state(path: str) -> dict[str, torch.Tensor]:
+    """The encoder's tensors ('f.' stripped) of a NAME_model.pth or NAME_last.pth of main.py."""
+    return {k[2:]: v for k, v in model_state(path).items() if k.startswith("f.")}
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: str, what: str, prefix: str = "f.") -> None:
@@ -192,6 +197,139 @@ def data_location(config: dict, dataset: str | None = None, data_root: str | Non
                 cache_dir=config.get("cache_dir") if same else None)
 
 
+def head_sizes(saved: dict, source: str) -> tuple[int, int]:
+    """(feature_dim, proj_hidden_dim) of a run config; main.py's defaults where it names none."""
+    sizes = []
+    for key, default in (("feature_dim", 128), ("proj_hidden_dim", 512)):
+        value = saved.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{source} has {key} {value!r}; a positive whole number was expected")
+        sizes.append(value)
+    return sizes[0], sizes[1]
+
+
+def load_run_model(weights: str, arch: str | None = None) -> SimCLR:
+    """The SimCLR model of a run, rebuilt from the NAME_config.json beside `weights` and loaded strictly
+    (encoder and head, weights_only=True), in eval mode. arch: refuse a run of another architecture."""
+    config_path = config_path_for(weights)
+    if not os.path.isfile(config_path):
+        raise UserError(f"no run config {config_path} beside {weights}: it says which model the weights fit")
+    saved = read_run_config(config_path)
+    run_arch, stem = saved.get("arch"), saved.get("stem", "cifar")
+    if run_arch not in ARCHS or stem not in STEMS:
+        raise UserError(f"{config_path} has arch {run_arch!r} and stem {stem!r}, not a model of this project")
+    if arch is not None and run_arch != arch:
+        raise UserError(f"{weights} holds a {run_arch} (says {config_path}), not a {arch}; "
+                        f"load it with the {run_arch} entry point")
+    feature_dim, hidden = head_sizes(saved, config_path)
+    model = SimCLR(run_arch, feature_dim, hidden, stem)
+    load_strict(model, model_state(weights), weights, f"{run_arch} ({stem} stem) SimCLR model with head "
+                f"{model.feature_width}-{hidden}-{feature_dim}", prefix="")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- what an evaluation reads and writes
+
+@dataclass(frozen=True)
+class Encoder:
+    """What the encoder is and where its data is: the saved run config with the flags applied."""
+    arch: str
+    stem: str
+    dataset: str
+    data_root: str
+    image_size: int | None
+    cache_dir: str | None
+    mean: tuple[float, float, float] | None  # normalisation the encoder was trained with (None: the data set's)
+    std: tuple[float, float, float] | None
+
+
+def find_run_config(model_path: str | None, config: str | None, arch: str | None, dataset: str | None) -> dict:
+    """The run config an evaluation starts from: --config, else NAME_config.json beside --model_path;
+    {} when there is none and the flags name the arch and data set themselves."""
+    path = config
+    if path is None and model_path is not None:
+        path = config_path_for(model_path)
+        if not os.path.isfile(path):
+            if arch is not None and dataset is not None:
+                return {}
+            raise UserError(f"no run config {path} next to the weights: pass --config, or --arch and --dataset "
+                            f"(and --data_root, --image_size, --stem as trained)")
+    if path is None:
+        if arch is None or dataset is None:
+            raise UserError("--untrained without --model_path needs --config, or --arch and --dataset")
+        return {}
+    return read_run_config(path)
+
+
+def resolve_encoder(saved: dict, arch: str | None = None, stem: str | None = None, dataset: str | None = None,
+                    data_root: str | None = None, image_size: int | None = None,
+                    cache_dir: str | None = None) -> Encoder:
+    """Flags (not None) over the saved run config; the training normalisation is kept only for the same
+    data. An unknown data set name is left to data.load_dataset, which refuses it before any file is written."""
+    def pick(key: str, flag, default=None):
+        return flag if flag is not None else saved.get(key, default)
+
+    arch, dataset, stem = pick("arch", arch), pick("dataset", dataset), pick("stem", stem, "cifar")
+    if arch is None or dataset is None:
+        raise UserError("the run config names no arch or dataset: pass --arch and --dataset")
+    if arch not in ARCHS or stem not in STEMS or not isinstance(dataset, str):
+        raise UserError(f"the run config has arch {arch!r}, stem {stem!r}, dataset {dataset!r}; "
+                        f"override them with --arch, --stem, --dataset")
+    same_data = dataset == saved.get("dataset") and data_root in (None, saved.get("data_root"))
+    mean, std = saved.get("mean"), saved.get("std")
+    usable = same_data and isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3
+    # the run's cache folder holds the run's data folder; another data folder keeps its own cache
+    cache_dir = cache_dir if cache_dir is not None else saved.get("cache_dir") if same_data else None
+    return Encoder(arch=arch, stem=stem, dataset=dataset, data_root=pick("data_root", data_root, "data"),
+                   image_size=pick("image_size", image_size), cache_dir=cache_dir,
+                   mean=tuple(float(v) for v in mean) if usable else None,
+                   std=tuple(float(v) for v in std) if usable else None)
+
+
+def evaluated_name(name: str | None, model_path: str | None, config: str | None, untrained: bool,
+                   enc: Encoder) -> str:
+    """--name, else NAME of NAME_model.pth (NAME_last for NAME_last.pth); '_untrained' added for the baseline."""
+    if name is not None:
+        return name
+    if model_path is not None:
+        name = run_name(model_path, ("_model.pth",))
+    elif config is not None:
+        name = run_name(config, ("_config.json",))
+    else:
+        name = f"{enc.dataset}_{enc.arch}"
+    return f"{name}_untrained" if untrained else name
+
+
+def evaluation_dir(results_dir: str | None, model_path: str | None, config: str | None) -> str:
+    """--results_dir, else the folder of the weights (or of the config), else results."""
+    if results_dir is not None:
+        return results_dir
+    source = model_path if model_path is not None else config
+    return (os.path.dirname(source) or ".") if source is not None else "results"
+
+
+def source_id(model_path: str | None, config: str | None, untrained: bool) -> str:
+    """Which encoder a set of output files belongs to: the weights' absolute path, or the untrained baseline."""
+    where = os.path.abspath(model_path or config or "")
+    return f"untrained:{where}" if untrained else where
+
+
+def check_not_taken(paths: dict[str, str], source: str, what: str) -> None:
+    """Refuse to overwrite the files (paths["config"] says whose) that `what` wrote for another checkpoint."""
+    try:
+        with open(paths["config"]) as f:
+            previous = json.load(f).get("source")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if os.path.exists(paths["config"]):
+        taken = previous != source
+    else:  # files of unknown origin: keep them too
+        taken = any(os.path.exists(p) for p in paths.values())
+    if taken:
+        raise UserError(f"{paths['statistics']} already holds the {what} of "
+                        f"{previous or 'another run'}; pass another --name or --results_dir")
+
+
 # ----------------------------------------------------------------------------- writing
 
 def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -243,8 +381,10 @@ def restore_rng(state: dict) -> None:
 
 def save_training_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                              scaler: torch.amp.GradScaler | None, schedule: dict, config: dict, epoch: int,
-                             step: int, loss_sum: float, seconds: float, best_acc: float, history: list) -> None:
-    """NAME_last.pth: everything --resume needs to continue exactly (epoch = completed epochs)."""
+                             step: int, loss_sum: float, seconds: float, best_acc: float, history: list,
+                             extra: dict | None = None) -> None:
+    """NAME_last.pth: everything --resume needs to continue exactly (epoch = completed epochs); extra: more
+    entries a script needs (plain values and tensors only)."""
     atomic_save({
         "model": cpu_state_dict(model), "optimizer": _to_cpu(optimizer.state_dict()),
         # the learning rate is a pure function of the global step (optim.lr_at): this is its whole state
@@ -252,6 +392,7 @@ def save_training_checkpoint(path: str, *, model: nn.Module, optimizer: torch.op
         "scaler": scaler.state_dict() if scaler is not None else {},
         "epoch": epoch, "step_in_epoch": step, "epoch_loss_sum": loss_sum, "epoch_seconds": seconds,
         "best_acc": best_acc, "history": list(history), "rng": rng_state(), "config": dict(config),
+        **(extra or {}),
     }, path)
 
 

@@ -117,6 +117,27 @@ def subset(images: ImageSet, n: int | None, seed: int) -> ImageSet:
     return ImageSet(images.images[keep], images.labels[keep])
 
 
+def balanced_label_indices(labels: torch.Tensor, num_classes: int, per_class: int, seed: int) -> torch.Tensor:
+    """Sorted indices (per_class * num_classes,) of labels (N,): per_class images of every class, drawn by seed.
+
+    One seeded permutation of all images; each class keeps its first per_class images in that order.
+    So for one seed a smaller subset is part of every larger one (the 1% labels are among the 10%),
+    and a class with fewer images than asked is a DataError naming it.
+    """
+    labels = labels.cpu()
+    counts = torch.bincount(labels.clamp_min(0), minlength=num_classes)[:num_classes]
+    if (labels < 0).any() or int(counts.min()) < per_class:
+        short = int(counts.argmin())
+        raise DataError(f"{per_class} labels per class asked for, but class {short} has only "
+                        f"{int(counts[short])} labeled images; ask for fewer")
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    shuffled = labels[perm]                                                  # (N,)
+    by_class = torch.argsort(shuffled, stable=True)                          # classes in blocks, in perm order
+    starts = torch.cumsum(counts, 0) - counts                                # (C,) first position of each block
+    rank = torch.arange(len(labels)) - starts[shuffled[by_class]]           # position within its class block
+    return perm[by_class[rank < per_class]].sort().values
+
+
 class PilViews(torch.utils.data.Dataset):
     """The classic path: two torchvision PIL-transformed views per image, in DataLoader workers.
 

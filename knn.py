@@ -66,14 +66,20 @@ def knn_scores(test_features: torch.Tensor, bank_features: torch.Tensor, bank_la
     return votes
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
-    """Percent of rows whose label is among the top-k scores, for each k (k capped at C)."""
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
+    """How many rows of scores (T, C) have their label (T,) among the top-k, for each k (k capped at C):
+    a float tensor (len(ks),) on the scores' device, so that a training loop can sum it without a sync."""
     labels = labels.to(scores.device)
-    if scores.shape[0] == 0:
-        return [float("nan")] * len(ks)
     order = scores.argsort(dim=1, descending=True)
     hits = order == labels[:, None]                              # (T, C)
-    return [hits[:, :min(k, scores.shape[1])].any(dim=1).float().mean().item() * 100 for k in ks]
+    return torch.stack([hits[:, :min(k, scores.shape[1])].any(dim=1).sum() for k in ks]).float()
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
+    """Percent of rows whose label is among the top-k scores, for each k (k capped at C)."""
+    if scores.shape[0] == 0:
+        return [float("nan")] * len(ks)
+    return [(hits / scores.shape[0]).item() * 100 for hits in topk_hits(scores, labels, ks)]
 
 
 def knn_accuracy(test_features: torch.Tensor, test_labels: torch.Tensor, bank_features: torch.Tensor,

@@ -13,12 +13,10 @@ folder of the weights unless --results_dir is given.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -26,14 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from augment import normalize, normalize_float
-from checkpoint import config_path_for, encoder_state, load_strict, read_run_config as load_run_config, run_name
+from checkpoint import (Encoder, check_not_taken, encoder_state, evaluated_name, evaluation_dir, find_run_config,
+                        load_strict, resolve_encoder, source_id)
 from cli import InvalidResult, UserError, run_cli
-from data import DATASETS, load_dataset, subset
+from data import load_dataset, subset
 from engine import Runtime, make_runtime, mix_seed, seed_everything
 from files import atomic_save, atomic_save_json, atomic_write_csv
 from flags import MAX_LR, Flag, build_parser as flags_parser, check_name, config_class, shared
 from knn import extract_features, topk_accuracy
-from model import ARCHS, STEMS, SimCLR
+from model import SimCLR
 from optim import build_optimizer, lr_at, set_lr
 from curves import plot_run_or_warn
 from tblog import NoLog, config_markdown, open_log, require_tensorboard
@@ -91,19 +90,6 @@ LINEAR_FLAGS: tuple[Flag, ...] = (
 LinearConfig = config_class("LinearConfig", LINEAR_FLAGS, "Every resolved flag of a linear evaluation.")
 
 
-@dataclass(frozen=True)
-class Encoder:
-    """What the encoder is and where its data is: the saved run config with the flags applied."""
-    arch: str
-    stem: str
-    dataset: str
-    data_root: str
-    image_size: int | None
-    cache_dir: str | None
-    mean: tuple[float, float, float] | None  # normalisation the encoder was trained with (None: the data set's)
-    std: tuple[float, float, float] | None
-
-
 def build_config(argv: list[str] | None = None) -> LinearConfig:
     """Flags -> validated LinearConfig (reads no file)."""
     parser = flags_parser(LINEAR_FLAGS, "Linear evaluation of a SimCLR encoder (frozen encoder, trained linear "
@@ -120,92 +106,6 @@ def build_config(argv: list[str] | None = None) -> LinearConfig:
     if values["tensorboard"]:
         require_tensorboard()
     return LinearConfig(**values)
-
-
-# ----------------------------------------------------------------------------- config and names
-
-def read_run_config(cfg: LinearConfig) -> dict:
-    """The saved run config as a dict ({} when none is found and the flags name arch and data set)."""
-    path = cfg.config
-    if path is None and cfg.model_path is not None:
-        path = config_path_for(cfg.model_path)
-        if not os.path.isfile(path):
-            if cfg.arch is not None and cfg.dataset is not None:
-                return {}
-            raise UserError(f"no run config {path} next to the weights: pass --config, or --arch and --dataset "
-                            f"(and --data_root, --image_size, --stem as trained)")
-    if path is None:
-        if cfg.arch is None or cfg.dataset is None:
-            raise UserError("--untrained without --model_path needs --config, or --arch and --dataset")
-        return {}
-    return load_run_config(path)
-
-
-def resolve_encoder(cfg: LinearConfig, saved: dict) -> Encoder:
-    """Flags over the saved run config; the training normalisation is kept only for the same data set."""
-    def pick(key: str, default=None):
-        flag = getattr(cfg, key)
-        return flag if flag is not None else saved.get(key, default)
-
-    arch, dataset = pick("arch"), pick("dataset")
-    if arch is None or dataset is None:
-        raise UserError("the run config names no arch or dataset: pass --arch and --dataset")
-    stem = pick("stem", "cifar")
-    if arch not in ARCHS or stem not in STEMS or dataset not in DATASETS:
-        raise UserError(f"the run config has arch {arch!r}, stem {stem!r}, dataset {dataset!r}; "
-                        f"override them with --arch, --stem, --dataset")
-    same_data = dataset == saved.get("dataset") and cfg.data_root in (None, saved.get("data_root"))
-    mean, std = saved.get("mean"), saved.get("std")
-    usable = same_data and isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3
-    # the run's cache folder holds the run's data folder; another data folder keeps its own cache
-    cache_dir = cfg.cache_dir if cfg.cache_dir is not None else saved.get("cache_dir") if same_data else None
-    return Encoder(arch=arch, stem=stem, dataset=dataset, data_root=pick("data_root", "data"),
-                   image_size=pick("image_size"), cache_dir=cache_dir,
-                   mean=tuple(float(v) for v in mean) if usable else None,
-                   std=tuple(float(v) for v in std) if usable else None)
-
-
-def output_name(cfg: LinearConfig, enc: Encoder) -> str:
-    """--name, else NAME of NAME_model.pth (NAME_last for NAME_last.pth); '_untrained' added for the baseline."""
-    if cfg.name is not None:
-        return cfg.name
-    if cfg.model_path is not None:
-        name = run_name(cfg.model_path, ("_model.pth",))
-    elif cfg.config is not None:
-        name = run_name(cfg.config, ("_config.json",))
-    else:
-        name = f"{enc.dataset}_{enc.arch}"
-    return f"{name}_untrained" if cfg.untrained else name
-
-
-def output_dir(cfg: LinearConfig) -> str:
-    """--results_dir, else the folder of the weights (or of the config), else results."""
-    if cfg.results_dir is not None:
-        return cfg.results_dir
-    source = cfg.model_path if cfg.model_path is not None else cfg.config
-    return (os.path.dirname(source) or ".") if source is not None else "results"
-
-
-def source_id(cfg: LinearConfig) -> str:
-    """Which encoder a set of output files belongs to: the weights' absolute path, or the untrained baseline."""
-    where = os.path.abspath(cfg.model_path or cfg.config or "")
-    return f"untrained:{where}" if cfg.untrained else where
-
-
-def check_not_taken(paths: dict[str, str], source: str) -> None:
-    """Refuse to overwrite the files of a linear evaluation of another checkpoint."""
-    try:
-        with open(paths["config"]) as f:
-            previous = json.load(f).get("source")
-    except (OSError, ValueError, AttributeError):
-        previous = None
-    if os.path.exists(paths["config"]):
-        taken = previous != source
-    else:  # files of unknown origin: keep them too
-        taken = any(os.path.exists(p) for p in paths.values())
-    if taken:
-        raise UserError(f"{paths['statistics']} already holds the linear evaluation of "
-                        f"{previous or 'another run'}; pass another --name or --results_dir")
 
 
 # ----------------------------------------------------------------------------- loading the encoder
@@ -366,7 +266,8 @@ def run(cfg: LinearConfig) -> int:
         f"{len(train)} train, {len(test)} test images, {num_classes} classes, {bundle.image_size}x{bundle.image_size}")
 
     os.makedirs(os.path.dirname(paths["config"]) or ".", exist_ok=True)
-    atomic_save_json({**dataclasses.asdict(cfg), "source": source_id(cfg), "name": name,
+    source_key = source_id(cfg.model_path, cfg.config, cfg.untrained)
+    atomic_save_json({**dataclasses.asdict(cfg), "source": source_key, "name": name,
                       "results_dir": os.path.dirname(paths["config"]), "encoder": dataclasses.asdict(enc),
                       "image_size": bundle.image_size, "mean": list(mean), "std": list(std),
                       "num_classes": num_classes, "classes": bundle.classes, "feature_width": model.feature_width,
@@ -410,13 +311,14 @@ def run(cfg: LinearConfig) -> int:
 
 def plan(cfg: LinearConfig) -> tuple[Encoder, str, dict[str, str], dict | None]:
     """What to evaluate and where its files go, checked before anything is written: (encoder, name, paths, weights)."""
-    enc = resolve_encoder(cfg, read_run_config(cfg))
+    saved = find_run_config(cfg.model_path, cfg.config, cfg.arch, cfg.dataset)
+    enc = resolve_encoder(saved, cfg.arch, cfg.stem, cfg.dataset, cfg.data_root, cfg.image_size, cfg.cache_dir)
     state = None if cfg.untrained else encoder_state(cfg.model_path)
-    name = output_name(cfg, enc)
-    results_dir = output_dir(cfg)
+    name = evaluated_name(cfg.name, cfg.model_path, cfg.config, cfg.untrained, enc)
+    results_dir = evaluation_dir(cfg.results_dir, cfg.model_path, cfg.config)
     paths = {kind: os.path.join(results_dir, f"{name}_linear_{kind}.{ext}")
              for kind, ext in (("statistics", "csv"), ("model", "pth"), ("config", "json"), ("curves", "png"))}
-    check_not_taken(paths, source_id(cfg))
+    check_not_taken(paths, source_id(cfg.model_path, cfg.config, cfg.untrained), "linear evaluation")
     paths["tensorboard"] = os.path.join(results_dir, f"{name}_linear_tb")  # a folder, not one of the files checked
     return enc, name, paths, state
 

@@ -49,25 +49,58 @@ class SimCLR(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder features h: (N, 3, S, S) -> (N, feature_width)."""
-        f = self.f
-        x = f.maxpool(f.relu(f.bn1(f.conv1(x))))
         recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
-        for stage in (f.layer1, f.layer2, f.layer3, f.layer4):
-            if not recompute:
-                x = stage(x)
-                continue
-            for block in stage:
-                # keep only each residual block's input; its inner activations are recomputed in backward.
-                # Compiled, the recomputation is part of the traced backward graph, where buffer updates
-                # are applied once by construction; eager, the wrapper keeps them from happening twice.
-                fn = block if torch.compiler.is_compiling() else _once_updating_bn(block)
-                x = checkpoint(fn, x, use_reentrant=False)
-        return torch.flatten(f.avgpool(x), 1)  # (N, feature_width)
+        return resnet_features(self.f, x, recompute)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, S, S) -> h (N, feature_width), z (N, feature_dim)."""
         h = self.encode(x)
         return h, self.g(h)
+
+
+def resnet_features(f: torchvision.models.ResNet, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    """Features of a ResNet without its classifier: (N, 3, S, S) -> (N, width); recompute: gradient checkpointing."""
+    x = f.maxpool(f.relu(f.bn1(f.conv1(x))))
+    for stage in (f.layer1, f.layer2, f.layer3, f.layer4):
+        if not recompute:
+            x = stage(x)
+            continue
+        for block in stage:
+            # keep only each residual block's input; its inner activations are recomputed in backward.
+            # Compiled, the recomputation is part of the traced backward graph, where buffer updates
+            # are applied once by construction; eager, the wrapper keeps them from happening twice.
+            fn = block if torch.compiler.is_compiling() else _once_updating_bn(block)
+            x = checkpoint(fn, x, use_reentrant=False)
+    return torch.flatten(f.avgpool(x), 1)  # (N, width)
+
+
+FROM_LAYERS = ("encoder", "head1")
+
+
+class Classifier(nn.Module):
+    """A SimCLR encoder f, optionally the head's first layer (Linear + BatchNorm1d + ReLU of g, from which
+    SimCLRv2 fine-tunes), and a new Linear classifier; forward(x) returns logits (N, num_classes).
+
+    The state_dict holds `f.*`, `head.*` (g.0 and g.1 as head.0 and head.1; empty for from_layer
+    'encoder') and `fc.*`.
+    """
+
+    def __init__(self, simclr: SimCLR, from_layer: str, num_classes: int):
+        super().__init__()
+        if from_layer not in FROM_LAYERS:
+            raise ValueError(f"unknown from_layer {from_layer!r}; choose one of {', '.join(FROM_LAYERS)}")
+        self.f = simclr.f
+        # the same module objects as in `simclr`: their loaded weights are the starting point
+        self.head = nn.Sequential(*simclr.g[:3]) if from_layer == "head1" else nn.Sequential()
+        width = simclr.g[0].out_features if from_layer == "head1" else simclr.feature_width
+        self.fc = nn.Linear(width, num_classes)
+        # a zero classifier starts every run from the same function of the features, whatever the seed
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> logits (N, num_classes)."""
+        return self.fc(self.head(resnet_features(self.f, x)))
 
 
 def _once_updating_bn(block: nn.Module):

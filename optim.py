@@ -72,12 +72,13 @@ def scaled_lr(lr: float, batch_size: int, scaling: str) -> float:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
-                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    """Adam (the seed's, L2 weight decay on every parameter), SGD with momentum, or LARS."""
+                    momentum: float = 0.9, nesterov: bool = False) -> torch.optim.Optimizer:
+    """Adam (the seed's, L2 weight decay on every parameter), SGD with momentum (Nesterov's if asked), or LARS."""
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov)
     if name == "lars":
         weights, excluded = split_decay_groups(model)
         return LARS([{"params": weights}, {"params": excluded, "lars_exclude": True, "weight_decay": 0.0}],

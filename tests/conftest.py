@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny image-folder data set made by the tests (never a download)."""
+"""Shared fixtures: a tiny image-folder data set made by the tests (never a download), and a tiny trained run."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,3 +29,17 @@ def write_folder(root, train_per_class=16, test_per_class=6, size=16, seed=0):
 def tiny_folder(tmp_path_factory):
     """A 3-class folder data set: 48 train and 18 test 16x16 images."""
     return write_folder(tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_folder, tmp_path_factory):
+    """A real (tiny) main.py run, as a subprocess: its results folder holds run_model.pth and run_config.json."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = tmp_path_factory.mktemp("trained") / "results"
+    args = ["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16", "--arch", "resnet18",
+            "--batch_size", "8", "--train_subset", "16", "--epochs", "1", "--k", "5", "--feature_dim", "16",
+            "--proj_hidden_dim", "32", "--device", "cpu", "--workers", "0", "--results_dir", str(results),
+            "--name", "run"]
+    proc = subprocess.run([sys.executable, "main.py", *args], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return results

@@ -14,26 +14,13 @@ import torch
 import linear
 from model import SimCLR
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the `trained` run is in conftest.py
 COLUMNS = ["epoch", "train_loss", "train_acc@1", "train_acc@5", "test_loss", "test_acc@1", "test_acc@5"]
 
 
 def probe_config(*extra: str) -> linear.LinearConfig:
     """A LinearConfig for calling the training functions directly (the model path is never read)."""
     return linear.build_config(["--model_path", "unused_model.pth", *extra])
-
-
-@pytest.fixture(scope="session")
-def trained(tiny_folder, tmp_path_factory):
-    """A real (tiny) main.py run, as a subprocess: its results folder holds run_model.pth and run_config.json."""
-    results = tmp_path_factory.mktemp("trained") / "results"
-    args = ["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16", "--arch", "resnet18",
-            "--batch_size", "8", "--train_subset", "16", "--epochs", "1", "--k", "5", "--feature_dim", "16",
-            "--proj_hidden_dim", "32", "--device", "cpu", "--workers", "0", "--results_dir", str(results),
-            "--name", "run"]
-    proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return results
 
 
 def copy_run(trained, folder, name: str, state: dict | None = None) -> str:
