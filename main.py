@@ -28,7 +28,7 @@ from augment import AugmentConfig, normalize, pil_transform, two_views
 from data import DATASETS, DEFAULT_IMAGE_SIZE, DataBundle, DataError, ImageSet, load_dataset
 from distributed import (World, close_world, convert_batchnorm, gather_rows, global_nt_xent,
                          in_turn, init_world, mean_over_ranks, shard, any_rank)
-from model import ARCHS, STEMS, SimCLR, at_least_fp32
+from model import ARCHS, BN_STATS, STEMS, SimCLR, at_least_fp32
 from plot import plot_run_or_warn
 from optim import LR_SCALINGS, OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, scaled_lr, set_lr
 from utils import (OneLineParser, Runtime, UserError, atomic_save, atomic_save_json, atomic_write_csv, extract_features,
@@ -46,6 +46,7 @@ DEFAULTS = dict(
     dataset="cifar10", data_root="data", image_size=None, cache_dir=None, train_subset=None,
     seed=0, device="auto", workers=min(8, os.cpu_count() or 1), results_dir="results", name=None,
     aug_backend="tensor", precision="auto", channels_last=True, compile=False, grad_checkpoint=False,
+    bn_stats="per_view",
     eval_batch_size=1024, knn_at_start=False, recipe="seed", resume=None,
 )
 
@@ -60,7 +61,11 @@ RECIPES = {
 # Flags that define what a run computes: a resumed run must keep them.
 RUN_KEYS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "temperature", "batch_size", "optimizer", "lr",
             "weight_decay", "momentum", "lr_scaling", "warmup_epochs", "schedule", "jitter_strength", "blur",
-            "min_crop_scale", "dataset", "image_size", "train_subset", "seed", "aug_backend", "recipe")
+            "min_crop_scale", "dataset", "image_size", "train_subset", "seed", "aug_backend", "recipe", "bn_stats")
+
+# Run-altering flags added after checkpoints were first written: the value an older checkpoint,
+# which lacks the key, was trained with.
+LEGACY_VALUES = dict(bn_stats="joint")
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class Config:
     channels_last: bool
     compile: bool
     grad_checkpoint: bool
+    bn_stats: str
     eval_batch_size: int
     knn_at_start: bool
     recipe: str
@@ -125,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_g("--temperature", "NT-Xent temperature", type=float)
     add_g("--grad_checkpoint", "recompute encoder activations in backward: less memory, ~30%% slower",
           action=argparse.BooleanOptionalAction)
+    add_g("--bn_stats", "BatchNorm statistics in training: per_view (each view its own, as two forward passes) "
+          "or joint (both views together); the convolutions run once over both views either way",
+          choices=BN_STATS)
 
     g = p.add_argument_group("evaluation")
     add_g("--k", "neighbours in the weighted kNN", type=int)
@@ -247,6 +256,7 @@ def load_checkpoint(path: str) -> dict:
 
 def merge_resume(explicit: dict, saved: dict) -> tuple[dict, list[str]]:
     """Flags for a resumed run: the saved ones, then explicit flags; error on run-altering changes."""
+    saved = {**LEGACY_VALUES, **saved}
     values = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
     def same(key: str) -> bool:
         if key == "image_size" and saved.get(key) is None:  # the default: the data set's own size
@@ -416,7 +426,7 @@ class Trainer:
         self.knn_temperature = cfg.knn_temperature if cfg.knn_temperature is not None else cfg.temperature
 
         seed_everything(cfg.seed)
-        model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint)
+        model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint, cfg.bn_stats)
         self.params, self.macs = count_macs(model, bundle.image_size)
         say(f"model: {cfg.arch} ({cfg.stem} stem) + head {model.feature_width}-{cfg.proj_hidden_dim}-"
             f"{cfg.feature_dim}: {self.params / 1e6:.2f} M parameters, {self.macs / 1e9:.3f} G MACs per "

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 STEMS = ("cifar", "imagenet")
+BN_STATS = ("per_view", "joint")
 
 
 def resnet_encoder(arch: str, stem: str = "cifar") -> tuple[torchvision.models.ResNet, int]:
@@ -36,8 +37,10 @@ class SimCLR(nn.Module):
     """Encoder f and projection head g; forward(x) returns (h, z)."""
 
     def __init__(self, arch: str = "resnet50", feature_dim: int = 128, proj_hidden_dim: int = 512,
-                 stem: str = "cifar", grad_checkpoint: bool = False):
+                 stem: str = "cifar", grad_checkpoint: bool = False, bn_stats: str = "joint"):
         super().__init__()
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"unknown bn_stats {bn_stats!r}; choose one of {', '.join(BN_STATS)}")
         self.f, self.feature_width = resnet_encoder(arch, stem)
         self.g = nn.Sequential(
             nn.Linear(self.feature_width, proj_hidden_dim, bias=False),  # bias is redundant before BN
@@ -46,6 +49,10 @@ class SimCLR(nn.Module):
             nn.Linear(proj_hidden_dim, feature_dim, bias=True),
         )
         self.grad_checkpoint = grad_checkpoint
+        if bn_stats == "per_view":
+            # forward(x) gets x = [view 1; view 2]: each view is normalised with its own batch statistics,
+            # as when the views ran through the network one after the other
+            per_view_batchnorm(self)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder features h: (N, 3, S, S) -> (N, feature_width)."""
@@ -65,6 +72,66 @@ class SimCLR(nn.Module):
         """(N, 3, S, S) -> h (N, feature_width), z (N, feature_dim)."""
         h = self.encode(x)
         return h, self.g(h)
+
+
+class PerViewStatistics:
+    """BatchNorm mixin: in training, rows [0, N/2) and [N/2, N) of the input (two views) are normalised
+    with their own batch statistics, by the base class's forward once per half.
+
+    Running statistics are therefore updated exactly as by two forward passes, view 1 then view 2
+    (momentum applied twice, `num_batches_tracked` counted twice, `momentum=None` averaging over
+    both). In eval mode the running statistics normalise the whole input at once. Parameters and
+    buffers are the base class's, so the `state_dict` is a plain BatchNorm's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        uses_batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        if not uses_batch_statistics:
+            return super().forward(x)
+        n = x.shape[0]
+        if n % 2:
+            raise ValueError(f"per-view BatchNorm needs an even number of rows (two views), got {n}")
+        # slices along the batch dimension are views (no copies), contiguous or channels-last alike;
+        # the one copy is the concatenation of the two outputs
+        return torch.cat([super().forward(x[: n // 2]), super().forward(x[n // 2:])])
+
+
+class PerViewBatchNorm(PerViewStatistics, nn.modules.batchnorm._BatchNorm):
+    """BatchNorm1d/2d with per-view batch statistics (see PerViewStatistics); input (N, C, ...)."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-d input, got {x.dim()}-d")
+
+
+def swap_batchnorm(module: nn.Module, make) -> nn.Module:
+    """Replace, in place, every BatchNorm below `module` by `make(old)` (None: keep it), which receives
+    the very same Parameter and buffer objects: an optimizer built before still updates them, the
+    `state_dict` keeps its keys and nothing is copied."""
+    for name, child in module.named_children():
+        if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+            swap_batchnorm(child, make)
+            continue
+        new = make(child)
+        if new is None:
+            continue
+        for key, value in child._parameters.items():
+            new._parameters[key] = value
+        for key, value in child._buffers.items():
+            new._buffers[key] = value
+        new.train(child.training)
+        setattr(module, name, new)
+    return module
+
+
+def per_view_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm below `module` normalise the two halves of its input (two views) separately."""
+    def make(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module | None:
+        if isinstance(bn, PerViewStatistics):
+            return None
+        return PerViewBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                                device="meta")
+    return swap_batchnorm(module, make)
 
 
 def _once_updating_bn(block: nn.Module):
