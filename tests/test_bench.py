@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("aug tensor two_views, 1 thread(s)", "aug pil per image, 1 process(es)", "aug ratio tensor/pil, 1 thread(s)",
         "step naive", "step project ", "step project fp32 contiguous", "step project bf16 channels_last",
         "step project bf16 contiguous", "step ratio project/naive", "step fastest project variant",
+        "step --bn_stats joint", "step --bn_stats per_view", "step ratio per_view/joint",
         "== targets")
 
 
@@ -33,6 +34,8 @@ def test_quick_cpu_run_prints_every_row_and_json(tmp_path):
     assert {"project_pairs_per_s", "naive_pairs_per_s", "ratio", "variants", "fastest_project_variant"} <= set(step)
     assert set(step["variants"]) == {"naive", "project", "project fp32 contiguous", "project bf16 channels_last",
                                      "project bf16 contiguous"}
+    bn = record["bn_stats"]
+    assert bn["joint_seconds_per_step"] > 0 and bn["ratio"] == bn["per_view_seconds_per_step"] / bn["joint_seconds_per_step"]
 
 
 def test_import_does_nothing():
