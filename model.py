@@ -35,7 +35,12 @@ def resnet_encoder(arch: str, stem: str = "cifar") -> tuple[torchvision.models.R
 
 
 class SimCLR(nn.Module):
-    """Encoder f and projection head g; forward(x) returns (h, z)."""
+    """Encoder f and projection head g; forward(x) returns (h, z).
+
+    bn_stats: joint (plain torchvision BatchNorm, the default here: what evaluation and your own
+    code load) or per_view (training input x = [view 1; view 2], each view normalised with its own
+    batch statistics; the same parameters, buffers and state_dict keys).
+    """
 
     def __init__(self, arch: str = "resnet50", feature_dim: int = 128, proj_hidden_dim: int = 512,
                  stem: str = "cifar", grad_checkpoint: bool = False, bn_stats: str = "joint"):
