@@ -234,6 +234,8 @@ def train_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: in
     runs: dict[str, Callable[[int], None]] = {}
     for v in variants:
         net = copy.deepcopy(base).to(device)  # same initial weights for every variant
+        if not v.naive and main.DEFAULTS["bn_stats"] == "per_view":
+            per_view_batchnorm(net)  # the project's default; the naive step's two passes need plain BatchNorm
         if v.channels_last:
             net = net.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
@@ -361,7 +363,8 @@ def epoch_row(arch: str, batch: int, data: torch.Tensor, cfg: AugmentConfig, dev
               steps: int, compile_net: bool, macs: int, peak: float | None) -> dict:
     """One (arch, batch) configuration of main.run's loop: epoch seconds, TFLOP/s, memory, data share."""
     torch.manual_seed(0)
-    model = SimCLR(arch, feature_dim=128, proj_hidden_dim=512).to(device).to(memory_format=torch.channels_last)
+    model = SimCLR(arch, feature_dim=128, proj_hidden_dim=512, bn_stats=main.DEFAULTS["bn_stats"])
+    model = model.to(device).to(memory_format=torch.channels_last)
     runtime = Runtime(device, main.resolve_precision("auto", device), True)
     optimizer = build_optimizer(model, "adam", LR, WEIGHT_DECAY)
     scaler = torch.amp.GradScaler(device.type) if runtime.precision == "fp16" else None
