@@ -1,4 +1,5 @@
-"""Speed benchmark: tensor vs PIL augmentation, the project's training step vs a naive one, and GPU epochs.
+"""Speed benchmark: tensor vs PIL augmentation, the project's training step vs a naive one, per-view vs joint
+BatchNorm statistics, and GPU epochs.
 
     python bench.py                       # CUDA if present, else CPU
     python bench.py --device cpu --quick  # tiny sizes, under a minute (the test suite runs this)
@@ -27,9 +28,9 @@ from cli import UserError, run_cli
 from files import atomic_write_text
 from data import CHANNEL_STATS
 from engine import bf16_peak_tflops, count_macs, make_runtime, mix_seed, train_step, usable_cores
-from flags import Flag, build_parser as flags_parser
+from flags import TRAIN_DEFAULTS, Flag, build_parser as flags_parser
 from knn import extract_features, knn_accuracy
-from model import SimCLR, naive_nt_xent
+from model import SimCLR, naive_nt_xent, per_view_batchnorm
 from optim import build_optimizer, set_lr
 
 # CIFAR-10 channel statistics: the exact values only matter for realism, not speed.
@@ -42,6 +43,7 @@ TARGET_AUG_RATIO = 5.0
 TARGET_STEP_RATIO = 1.3
 TARGET_EPOCH_SECONDS = {("resnet50", 1024): 3.0, ("resnet18", 1024): 1.5}
 TARGET_DATA_SHARE = 0.05
+TARGET_PER_VIEW_OVERHEAD = 1.05  # --bn_stats per_view step time / joint step time
 
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 
@@ -208,6 +210,8 @@ def train_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: in
     runs: dict[str, Callable[[int], None]] = {}
     for v in variants:
         net = copy.deepcopy(base).to(device)  # same initial weights for every variant
+        if not v.naive and TRAIN_DEFAULTS["bn_stats"] == "per_view":
+            per_view_batchnorm(net)  # the project's default; the naive step's two passes need plain BatchNorm
         if v.channels_last:
             net = net.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
@@ -244,6 +248,58 @@ def make_step(v: Variant, net: torch.nn.Module, optimizer: torch.optim.Optimizer
     return step
 
 
+# ----------------------------------------------------------------------------- BatchNorm statistics section
+
+def bn_stats_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: int, device: torch.device,
+                     warmup: int, steps: int, precision: str = "auto") -> dict:
+    """Seconds per engine.train_step with --bn_stats joint vs per_view: same weights, views and runtime
+    (channels-last; precision auto: the device's default), interleaved in alternating order."""
+    torch.manual_seed(0)
+    joint = SimCLR(arch, feature_dim=128, proj_hidden_dim=512).to(device).to(memory_format=torch.channels_last)
+    per_view = per_view_batchnorm(copy.deepcopy(joint))
+    runtime = make_runtime(device, precision, True)
+    generator = torch.Generator(device=device).manual_seed(0)
+    data = images.to(device)
+    # the augmentation is the same work in both modes: made once, outside the timed step
+    views = [two_views(data[i * batch:(i + 1) * batch], cfg, generator) for i in range(max(1, data.shape[0] // batch))]
+
+    def timed_step(net: torch.nn.Module) -> Callable[[int], None]:
+        optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
+
+        def run(i: int) -> None:
+            train_step(net, optimizer, views[i % len(views)], TEMPERATURE, runtime)
+            sync(device)
+        return run
+
+    runs = {"joint": timed_step(joint), "per_view": timed_step(per_view)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(warmup + steps):
+        order = list(runs) if i % 2 == 0 else list(runs)[::-1]  # neither mode always runs right after the other
+        for name in order:
+            t0 = time.perf_counter()
+            runs[name](i)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    joint_s, per_view_s = median(times["joint"]), median(times["per_view"])
+    # on a shared machine the load drifts: the ratio of the two steps of one iteration cancels most of it
+    paired = median([p / j for p, j in zip(times["per_view"], times["joint"])])
+    return {"arch": arch, "batch_size": batch, "image_size": cfg.image_size, "precision": runtime.precision,
+            "steps": steps, "joint_seconds_per_step": joint_s, "per_view_seconds_per_step": per_view_s,
+            "ratio": per_view_s / joint_s, "paired_ratio": paired}
+
+
+def report_bn_stats(bn: dict) -> list[str]:
+    """Print the per-view vs joint table; returns target lines."""
+    rows = [("step --bn_stats joint", bn["joint_seconds_per_step"], "s/step"),
+            ("step --bn_stats per_view", bn["per_view_seconds_per_step"], "s/step"),
+            ("step ratio per_view/joint", bn["ratio"], "x (of the medians)"),
+            ("step ratio per_view/joint, paired", bn["paired_ratio"], "x (median of each iteration's ratio)")]
+    print_table(f"BatchNorm statistics ({bn['arch']}, batch {bn['batch_size']}, {bn['image_size']}px, "
+                f"{bn['precision']}, median of {bn['steps']} steps)", rows)
+    return [f"per_view step <= {TARGET_PER_VIEW_OVERHEAD:g}x joint: {bn['ratio']:.3f}x, "
+            f"{verdict(bn['ratio'] <= TARGET_PER_VIEW_OVERHEAD)}"]
+
+
 # ----------------------------------------------------------------------------- GPU epoch section
 
 class StepTimer:
@@ -278,7 +334,8 @@ def epoch_row(arch: str, batch: int, data: torch.Tensor, cfg: AugmentConfig, dev
               steps: int, compile_net: bool, macs: int, peak: float | None) -> dict:
     """One (arch, batch) configuration of main.py's loop: epoch seconds, TFLOP/s, memory, data share."""
     torch.manual_seed(0)
-    model = SimCLR(arch, feature_dim=128, proj_hidden_dim=512).to(device).to(memory_format=torch.channels_last)
+    model = SimCLR(arch, feature_dim=128, proj_hidden_dim=512, bn_stats=TRAIN_DEFAULTS["bn_stats"])
+    model = model.to(device).to(memory_format=torch.channels_last)
     runtime = make_runtime(device, "auto", True, compile_net)  # the settings main.py trains with
     optimizer = build_optimizer(model, "adam", LR, WEIGHT_DECAY)
     scaler = runtime.grad_scaler()
@@ -465,15 +522,16 @@ def settings(args, device: torch.device) -> dict:
     cpu = device.type == "cpu"
     if args.quick:
         # 16px crops of the 32px images keep resnet18 steps a fraction of a second on 2 loaded cores
-        s = dict(batch=8, steps=2, warmup=1, image_size=16, aug_batch=64, aug_steps=3)
+        s = dict(batch=8, steps=2, warmup=1, image_size=16, aug_batch=64, aug_steps=3, bn_steps=3)
     else:
         # CPU: a resnet18 step at batch 32 takes seconds on 2 cores; 5 variants x 4 steps stay in minutes
+        # per_view vs joint differ by a few percent: more steps for their medians
         s = dict(batch=32 if cpu else 512, steps=3 if cpu else 10, warmup=1 if cpu else 3, image_size=32,
-                 aug_batch=256, aug_steps=5)
+                 aug_batch=256, aug_steps=5, bn_steps=10 if cpu else 30)
     if args.batch_size is not None:
         s["batch"] = args.batch_size
     if args.steps is not None:
-        s["steps"] = s["aug_steps"] = args.steps
+        s["steps"] = s["aug_steps"] = s["bn_steps"] = args.steps
     s["arch"] = args.arch or "resnet18"
     # --quick runs one thread by default: on a loaded machine, OpenMP threads that wait for a busy
     # core at every op's barrier can make a tiny 2-thread step many times slower than 1 thread.
@@ -506,6 +564,9 @@ def run(args) -> dict:
 
     record["train_step"] = train_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["steps"])
     targets += report_train(record["train_step"])
+
+    record["bn_stats"] = bn_stats_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["bn_steps"])
+    targets += report_bn_stats(record["bn_stats"])
 
     if device.type == "cuda":
         batches = (512, 1024) if args.batch_size is None else (args.batch_size,)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from model import at_least_fp32, nt_xent
+from model import PerViewStatistics, at_least_fp32, nt_xent, swap_batchnorm
 
 
 @dataclass(frozen=True)
@@ -89,25 +89,28 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
+class PerViewGlobalBatchNorm(PerViewStatistics, GlobalBatchNorm):
+    """GlobalBatchNorm per view: each process's input is [view 1 (b); view 2 (b)], and each view is
+    normalised with that view's statistics over every process (one all-reduce per view)."""
+
+
+class PerViewSyncBatchNorm(PerViewStatistics, nn.SyncBatchNorm):
+    """torch's SyncBatchNorm per view (GPUs): as PerViewGlobalBatchNorm, with torch's fused kernels."""
+
+
 def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Make every BatchNorm compute global-batch statistics: SyncBatchNorm on GPUs, GlobalBatchNorm on CPUs."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                  child.track_running_stats, device="meta")
-            # the same Parameter and buffer objects: an optimizer built before the conversion still
-            # updates them, and nothing is copied
-            for key, value in child._parameters.items():
-                new._parameters[key] = value
-            for key, value in child._buffers.items():
-                new._buffers[key] = value
-            new.train(child.training)
-            setattr(module, name, new)
+    """Make every BatchNorm compute global-batch statistics: SyncBatchNorm on GPUs, GlobalBatchNorm on
+    CPUs, each in its per-view form where the BatchNorm was per view (model.PerViewStatistics)."""
+    def make(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module | None:
+        if isinstance(bn, (GlobalBatchNorm, nn.SyncBatchNorm)):
+            return None  # already global
+        per_view = isinstance(bn, PerViewStatistics)
+        if device.type == "cuda":
+            kind = PerViewSyncBatchNorm if per_view else nn.SyncBatchNorm
         else:
-            convert_batchnorm(child, device)
-    return module
+            kind = PerViewGlobalBatchNorm if per_view else GlobalBatchNorm
+        return kind(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
+    return swap_batchnorm(module, make)
 
 
 def global_nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 from cli import OneLineParser, UserError
 from data import DATASETS, DEFAULT_IMAGE_SIZE
 from engine import PRECISIONS, usable_cores
-from model import ARCHS, STEMS
+from model import ARCHS, BN_STATS, STEMS
 from optim import LR_SCALINGS, OPTIMIZERS, SCHEDULES
 
 AUG_BACKENDS = ("tensor", "pil")
@@ -220,6 +220,9 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("proj_hidden_dim", 512, "projection head hidden width", int, group="model and loss", role="run",
          ge=1, le=65536),
     Flag("temperature", 0.5, "NT-Xent temperature", float, group="model and loss", role="run", gt=0, le=100),
+    Flag("bn_stats", "per_view", "BatchNorm statistics in training: per_view (each view its own, as the seed's two "
+         "forward passes) or joint (both views together); the convolutions run once over both views either way",
+         str, BN_STATS, "model and loss", "run"),
     Flag("grad_checkpoint", False, "recompute encoder activations in backward: less memory, ~30% slower",
          group="model and loss", role="machine"),
 
@@ -320,9 +323,15 @@ def derive(values: dict) -> dict:
     return values
 
 
+# Run-defining flags added after checkpoints were first written: the value an older checkpoint, which
+# lacks the key, was trained with (not today's default).
+LEGACY_VALUES = dict(bn_stats="joint")
+
+
 def resume_values(explicit: dict, saved: dict, source: str) -> tuple[dict, list[str]]:
     """Flags of a resumed run: what the run computes and its plan from the checkpoint, machine settings
     afresh, explicit flags over both; a UserError when an explicit flag would change what is computed."""
+    saved = {**LEGACY_VALUES, **saved}
     saved = check_values(derive({**TRAIN_DEFAULTS, **saved}), [f for f in TRAIN_FLAGS if f.role != "machine"], source)
     machine = {k: TRAIN_DEFAULTS[k] for k in MACHINE_KEYS}
     wanted = derive({**saved, **machine, **explicit})

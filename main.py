@@ -238,7 +238,7 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
 
 def build_model(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> tuple[SimCLR, int, int]:
     """The SimCLR model on the run's device, with its size printed; returns (model, parameters, MACs)."""
-    model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint)
+    model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint, cfg.bn_stats)
     params, macs, counted = count_macs(model, bundle.image_size)
     say(f"model: {cfg.arch} ({cfg.stem} stem) + head {model.feature_width}-{cfg.proj_hidden_dim}-"
         f"{cfg.feature_dim}: {params / 1e6:.2f} M parameters, {macs / 1e9:.3f} G MACs per "

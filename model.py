@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 STEMS = ("cifar", "imagenet")
+BN_STATS = ("per_view", "joint")
 
 
 def resnet_encoder(arch: str, stem: str = "cifar") -> tuple[torchvision.models.ResNet, int]:
@@ -33,11 +35,18 @@ def resnet_encoder(arch: str, stem: str = "cifar") -> tuple[torchvision.models.R
 
 
 class SimCLR(nn.Module):
-    """Encoder f and projection head g; forward(x) returns (h, z)."""
+    """Encoder f and projection head g; forward(x) returns (h, z).
+
+    bn_stats: joint (plain torchvision BatchNorm, the default here: what evaluation and your own
+    code load) or per_view (training input x = [view 1; view 2], each view normalised with its own
+    batch statistics; the same parameters, buffers and state_dict keys).
+    """
 
     def __init__(self, arch: str = "resnet50", feature_dim: int = 128, proj_hidden_dim: int = 512,
-                 stem: str = "cifar", grad_checkpoint: bool = False):
+                 stem: str = "cifar", grad_checkpoint: bool = False, bn_stats: str = "joint"):
         super().__init__()
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"unknown bn_stats {bn_stats!r}; choose one of {', '.join(BN_STATS)}")
         self.f, self.feature_width = resnet_encoder(arch, stem)
         self.g = nn.Sequential(
             nn.Linear(self.feature_width, proj_hidden_dim, bias=False),  # bias is redundant before BN
@@ -46,6 +55,10 @@ class SimCLR(nn.Module):
             nn.Linear(proj_hidden_dim, feature_dim, bias=True),
         )
         self.grad_checkpoint = grad_checkpoint
+        if bn_stats == "per_view":
+            # forward(x) gets x = [view 1; view 2]: each view is normalised with its own batch statistics,
+            # as when the views ran through the network one after the other
+            per_view_batchnorm(self)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder features h: (N, 3, S, S) -> (N, feature_width)."""
@@ -101,6 +114,143 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> logits (N, num_classes)."""
         return self.fc(self.head(resnet_features(self.f, x)))
+
+
+class PerViewStatistics:
+    """BatchNorm mixin: in training, rows [0, N/2) and [N/2, N) of the input (two views) are normalised
+    with their own batch statistics, by the base class's forward once per half.
+
+    Running statistics are therefore updated exactly as by two forward passes, view 1 then view 2
+    (momentum applied twice, `num_batches_tracked` counted twice, `momentum=None` averaging over
+    both). In eval mode the running statistics normalise the whole input at once. Parameters and
+    buffers are the base class's, so the `state_dict` is a plain BatchNorm's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _uses_batch_statistics(self):
+            return super().forward(x)
+        _check_two_views(x)
+        # chunks along the batch dimension are views, contiguous or channels-last alike. chunk(), not
+        # two slices: the gradient of two slices is two zero-filled full-size tensors added together
+        view1, view2 = x.chunk(2)
+        return torch.cat([super().forward(view1), super().forward(view2)])
+
+
+class PerViewBatchNorm(PerViewStatistics, nn.modules.batchnorm._BatchNorm):
+    """BatchNorm1d/2d with per-view batch statistics (see PerViewStatistics); input (N, C, ...).
+
+    Eager training runs torch's BatchNorm kernels on each view's rows, writing into one output
+    (_PerViewBatchNormFunction): the concatenation of the generic path costs a copy of every
+    BatchNorm output, about 3% of a CPU ResNet-18 step (bench.py). Under torch.compile the generic
+    path is used, and the compiler fuses the concatenation away.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-d input, got {x.dim()}-d")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _uses_batch_statistics(self) or not self.affine or torch.compiler.is_compiling():
+            return super().forward(x)
+        _check_two_views(x)
+        factors = (self._next_average_factor(), self._next_average_factor())  # view 1's update, then view 2's
+        tracked = self.track_running_stats
+        return _PerViewBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean if tracked else None,
+                                               self.running_var if tracked else None, factors, self.eps)
+
+    def _next_average_factor(self) -> float:
+        """Count one batch and return its weight in the running statistics, as _BatchNorm.forward does."""
+        if not self.track_running_stats:
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        return self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+
+
+def _uses_batch_statistics(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """True where torch's BatchNorm normalises with the batch's statistics: training, or no running ones."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _check_two_views(x: torch.Tensor) -> None:
+    if x.shape[0] % 2:
+        raise ValueError(f"per-view BatchNorm needs an even number of rows (two views), got {x.shape[0]}")
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-d channels-last tensor, else the ordinary contiguous format."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _PerViewBatchNormFunction(torch.autograd.Function):
+    """Training BatchNorm of x (2B, C, ...) with separate statistics for rows [0, B) and [B, 2B).
+
+    Each view goes through aten's own batch-norm kernels (the ones F.batch_norm runs), writing into
+    its rows of a single output and gradient, so the result and the running-statistic updates
+    are those of two stock BatchNorm calls, without concatenating their outputs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
+                running_var: torch.Tensor | None, factors: tuple[float, float], eps: float) -> torch.Tensor:
+        memory_format = _memory_format(x)
+        x = x.contiguous(memory_format=memory_format)
+        y = torch.empty_like(x)                                       # same layout as x
+        # the kernels keep their statistics in fp32 for half-precision inputs (autocast)
+        stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        mean = torch.empty(2, x.shape[1], dtype=stat_dtype, device=x.device)      # (2, C): per view
+        invstd = torch.empty_like(mean)
+        for v, (x_v, y_v) in enumerate(zip(x.chunk(2), y.chunk(2))):
+            torch.ops.aten.native_batch_norm.out(x_v, weight, bias, running_mean, running_var, True, factors[v], eps,
+                                                 out=y_v, save_mean=mean[v], save_invstd=invstd[v])
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.memory_format, ctx.eps = memory_format, eps
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_y = grad_y.contiguous(memory_format=ctx.memory_format)
+        grad_x = torch.empty_like(x)
+        grad_weight = torch.empty(2, x.shape[1], dtype=weight.dtype, device=weight.device)  # (2, C): per view
+        grad_bias = torch.empty_like(grad_weight)
+        for v, (grad_y_v, x_v, grad_x_v) in enumerate(zip(grad_y.chunk(2), x.chunk(2), grad_x.chunk(2))):
+            torch.ops.aten.native_batch_norm_backward.out(
+                grad_y_v, x_v, weight, None, None, mean[v], invstd[v], True, ctx.eps, [True, True, True],
+                out0=grad_x_v, out1=grad_weight[v], out2=grad_bias[v])
+        return grad_x, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
+
+
+def swap_batchnorm(module: nn.Module, make) -> nn.Module:
+    """Replace, in place, every BatchNorm below `module` by `make(old)` (None: keep it), which receives
+    the very same Parameter and buffer objects: an optimizer built before still updates them, the
+    `state_dict` keeps its keys and nothing is copied."""
+    for name, child in module.named_children():
+        if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+            swap_batchnorm(child, make)
+            continue
+        new = make(child)
+        if new is None:
+            continue
+        for key, value in child._parameters.items():
+            new._parameters[key] = value
+        for key, value in child._buffers.items():
+            new._buffers[key] = value
+        new.train(child.training)
+        setattr(module, name, new)
+    return module
+
+
+def per_view_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm below `module` normalise the two halves of its input (two views) separately."""
+    def make(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module | None:
+        if isinstance(bn, PerViewStatistics):
+            return None
+        return PerViewBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                                device="meta")
+    return swap_batchnorm(module, make)
 
 
 def _once_updating_bn(block: nn.Module):

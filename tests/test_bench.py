@@ -17,7 +17,8 @@ OTHERS = {f"project {p} {m}" for p in ("fp32", "bf16") for m in ("channels_last"
     f"project {DEFAULT[0]} {DEFAULT[1]}"}
 ROWS = ("aug tensor two_views, 1 thread(s)", "aug pil per image, 1 process(es)", "aug ratio tensor/pil, 1 thread(s)",
         "step naive", "step project ", *sorted(f"step {v}" for v in OTHERS), "step ratio project/naive",
-        "step fastest project variant", "== targets")
+        "step fastest project variant", "step --bn_stats joint", "step --bn_stats per_view",
+        "step ratio per_view/joint", "== targets")
 
 
 def test_quick_cpu_run_prints_every_row_and_json(tmp_path):
@@ -37,6 +38,8 @@ def test_quick_cpu_run_prints_every_row_and_json(tmp_path):
     assert {"project_pairs_per_s", "naive_pairs_per_s", "ratio", "variants", "fastest_project_variant"} <= set(step)
     assert set(step["variants"]) == {"naive", "project", *OTHERS}
     assert step["variants"]["project"]["precision"] == DEFAULT[0]
+    bn = record["bn_stats"]
+    assert bn["joint_seconds_per_step"] > 0 and bn["ratio"] == bn["per_view_seconds_per_step"] / bn["joint_seconds_per_step"]
 
 
 def test_import_does_nothing():

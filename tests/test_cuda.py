@@ -4,7 +4,7 @@ import torch
 
 import main
 from augment import AugmentConfig, apply_params, sample_params, two_views
-from model import SimCLR
+from model import SimCLR, nt_xent
 from optim import build_optimizer
 from engine import Runtime, train_step
 
@@ -12,11 +12,12 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 CFG = AugmentConfig(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-def test_training_step_never_waits_for_the_gpu():
+@pytest.mark.parametrize("bn_stats", ["joint", "per_view"])
+def test_training_step_never_waits_for_the_gpu(bn_stats):
     device = torch.device("cuda")
     images = torch.randint(0, 256, (512, 32, 32, 3), dtype=torch.uint8, device=device)
     perm = torch.randperm(512, device=device)
-    model = SimCLR("resnet18").to(device).to(memory_format=torch.channels_last)
+    model = SimCLR("resnet18", bn_stats=bn_stats).to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, "lars", 0.1, 1e-6)
     runtime = Runtime(device, "bf16", True)
     generator = torch.Generator(device=device)
@@ -63,3 +64,24 @@ def test_a_device_index_beyond_the_gpus_is_one_line(tmp_path, capsys):
     code = main.main(["--device", f"cuda:{torch.cuda.device_count()}", "--results_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "cuda:0 to cuda:" in err
+
+
+def test_per_view_on_the_gpu_equals_two_forward_passes():
+    # float64: a B-row and a 2B-row convolution round differently in fp32/TF32
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    stock = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32).double()
+    per_view = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32, bn_stats="per_view").double()
+    per_view.load_state_dict(stock.state_dict())
+    stock, per_view = (m.to(device).to(memory_format=torch.channels_last) for m in (stock, per_view))
+    x = torch.randn(16, 3, 32, 32, device=device, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x[8:] = 0.5 * x[8:] + 1  # views with different statistics
+    z_ref = torch.cat([stock(x[:8])[1], stock(x[8:])[1]])
+    z = per_view(x)[1]
+    assert torch.allclose(z, z_ref, atol=1e-8)
+    nt_xent(z_ref, 0.5).backward()
+    nt_xent(z, 0.5).backward()
+    for (name, a), (_, b) in zip(stock.named_parameters(), per_view.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-8, rtol=1e-6), name
+    for (name, a), (_, b) in zip(stock.named_buffers(), per_view.named_buffers()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-10), name

@@ -26,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def views_and_model():
+def views_and_model(bn_stats: str = "joint"):
     """The same global batch of views [view 1 (B); view 2 (B)] and initial model in every process.
 
     float64: at random init the first layers' gradients cancel so much that fp32 rounding alone
@@ -35,7 +35,7 @@ def views_and_model():
     g = torch.Generator().manual_seed(0)
     views = torch.randn(2 * B, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
     torch.manual_seed(1)
-    return views, SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32).double()
+    return views, SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32, bn_stats=bn_stats).double()
 
 
 def local_share(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -44,18 +44,18 @@ def local_share(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return torch.cat([views[rank * b:(rank + 1) * b], views[B + rank * b:B + (rank + 1) * b]])
 
 
-def single_process_step():
-    views, model = views_and_model()
+def single_process_step(bn_stats: str = "joint"):
+    views, model = views_and_model(bn_stats)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss = train_step(model, opt, views, 0.5, Runtime(torch.device("cpu")))
     return loss.item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, mode: str):
+def _worker(rank: int, world: int, port: int, out_dir: str, mode: str, bn_stats: str = "joint"):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        views, model = views_and_model()
+        views, model = views_and_model(bn_stats)
         mine = local_share(views, rank, world)
         if mode == "step":
             model = convert_batchnorm(model, torch.device("cpu"))
@@ -72,14 +72,18 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str):
         dist.destroy_process_group()
 
 
-def run_two(tmp_path, mode):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), mode), nprocs=2, join=True)
+def run_two(tmp_path, mode, bn_stats="joint"):
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), mode, bn_stats), nprocs=2, join=True)
     return [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
 
 
-def test_two_ranks_equal_one_process_step(tmp_path):
-    loss, state = single_process_step()
-    results = run_two(tmp_path, "step")
+@pytest.mark.parametrize("bn_stats", ["joint", "per_view"])
+def test_two_ranks_equal_one_process_step(tmp_path, bn_stats):
+    # per_view: each rank holds [its view 1 rows; its view 2 rows], and each view's statistics are
+    # those of that view over both ranks, as in one process with the whole batch (itself tested
+    # against two stock forward passes in test_bn_stats.py)
+    loss, state = single_process_step(bn_stats)
+    results = run_two(tmp_path, "step", bn_stats)
     # each rank's loss is the mean over its own anchors; their mean is the global loss
     assert sum(r["loss"] for r in results) / 2 == pytest.approx(loss, abs=1e-5)
     for r in results:
