@@ -34,6 +34,7 @@ from curves import plot_run_or_warn
 from data import DataBundle, ImageSet, balanced_label_indices, load_dataset
 from engine import Runtime, make_runtime, mix_seed, seed_everything
 from files import atomic_save_json, atomic_write_csv
+from tblog import NoLog, config_markdown, open_log, require_tensorboard
 from flags import BIG, MAX_LR, Flag, build_parser, by_name, check_name, config_class, shared
 from knn import extract_features, topk_accuracy, topk_hits
 from model import FROM_LAYERS, Classifier, SimCLR
@@ -90,6 +91,8 @@ FINETUNE_FLAGS: tuple[Flag, ...] = (
     shared("results_dir", default=None, optional=True,
            help="where the files go; None means the folder of --model_path (or of --config, else results)"),
     shared("name", help="file prefix before _finetune_TAG; None means NAME of NAME_model.pth (+ _untrained)"),
+    shared("tensorboard", help="also write TensorBoard event files, tags finetune/COLUMN of the CSV per epoch"),
+    shared("tensorboard_dir", help="folder of the TensorBoard event files; None means RESULTS/NAME_finetune_TAG_tb"),
     Flag("resume", None, "continue from a NAME_finetune_TAG_last.pth checkpoint, or 'auto' for this run's", str,
          group="run", optional=True),
 )
@@ -119,7 +122,18 @@ def run(argv: list[str] | None) -> int:
         restore(ft, job.checkpoint)
     os.makedirs(os.path.dirname(job.paths["config.json"]) or ".", exist_ok=True)
     write_config(ft)
+    if cfg.tensorboard:  # one point per epoch; a resumed run drops what was logged past its checkpoint
+        tb_dir = cfg.tensorboard_dir or os.path.join(os.path.dirname(job.paths["config.json"]) or ".", f"{job.prefix}_tb")
+        ft.log = open_log(tb_dir, purge_step=ft.start_epoch + 1)
+        ft.log.text("config", config_markdown(dataclasses.asdict(cfg)), ft.start_epoch)
+    try:
+        return train(ft, cfg, job, labels, say)
+    finally:
+        ft.log.close()
 
+
+def train(ft: "FineTune", cfg: "FinetuneConfig", job: "Job", labels: torch.Tensor, say) -> int:
+    """Epoch by epoch, until the end or a stop request; returns the exit code."""
     with StopRequest() as stop:
         for epoch in range(ft.start_epoch, cfg.epochs):
             result = train_epoch(ft, epoch, stop)
@@ -146,7 +160,10 @@ def parse(argv: list[str] | None) -> dict:
     parser = build_parser(FINETUNE_FLAGS, "Fine-tune a SimCLR encoder with a few labels.",
                           "Files: RESULTS/NAME_finetune_TAG_statistics.csv (" + ", ".join(CSV_COLUMNS) +
                           "), _model.pth, _last.pth, _config.json, _curves.png.", explicit_only=True)
-    return vars(parser.parse_args(argv))
+    explicit = vars(parser.parse_args(argv))
+    if explicit.get("tensorboard"):
+        require_tensorboard()
+    return explicit
 
 
 @dataclass(frozen=True)
@@ -286,6 +303,7 @@ class FineTune:
     start_step: int = 0
     carried: dict = field(default_factory=lambda: dict(sums=[0.0, 0.0, 0.0], seconds=0.0))
     history: list[dict] = field(default_factory=list)
+    log: object = field(default_factory=NoLog)  # tblog.TBLog with --tensorboard
 
     @property
     def steps_per_epoch(self) -> int:
@@ -431,6 +449,8 @@ def end_epoch(ft: FineTune, epoch: int, result: EpochResult) -> dict:
            "train_acc@5": 100 * hits5 / seen, "test_acc@1": test1, "test_acc@5": test5,
            "lr": ft.optimizer.param_groups[0]["lr"], "epoch_seconds": result.seconds}
     ft.history.append(row)
+    ft.log.row("finetune", row, epoch + 1)
+    ft.log.flush()
     paths = ft.job.paths
     atomic_write_csv(paths["statistics.csv"], CSV_COLUMNS, ft.history)
     plot_run_or_warn(ft.history, paths["curves.png"], f"{ft.job.prefix}: fine-tuning", ft.say,

@@ -147,3 +147,23 @@ def test_missing_tensorboard_is_one_line_exit_2(tiny_folder, tmp_path, monkeypat
     assert main.main(args(tiny_folder, tmp_path, "none", "--epochs", "1")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --tensorboard needs the tensorboard package"), err
+
+
+def test_finetune_logs_each_epoch_and_a_resume_does_not_repeat_steps(trained, tmp_path, monkeypatch):
+    import pandas as pd
+    import finetune
+    common = ["--model_path", str(trained / "run_model.pth"), "--batch_size", "4", "--device", "cpu",
+              "--label_fraction", "0.25", "--results_dir", str(tmp_path), "--tensorboard", "--epochs", "2"]
+    real_end = finetune.end_epoch
+
+    def end_then_die(ft, epoch, result):
+        row = real_end(ft, epoch, result)
+        raise KeyboardInterrupt  # killed right after epoch 1 was written and logged
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, "end_epoch", end_then_die)
+        assert finetune.main(common) == 130
+    assert finetune.main([*common, "--resume", "auto"]) == 0
+    events = read(tmp_path / "run_finetune_0.25_tb")
+    assert steps(events, "finetune/test_acc@1") == [1, 2]  # once each, in order, across the resume
+    frame = pd.read_csv(tmp_path / "run_finetune_0.25_statistics.csv")
+    assert values(events, "finetune/test_acc@1") == pytest.approx(frame["test_acc@1"].tolist(), abs=1e-4)
