@@ -303,14 +303,12 @@ def test_the_runs_cache_folder_only_for_the_runs_data_folder(tmp_path, monkeypat
     assert same["cache_dir"] == "/elsewhere/cache"
     other = data_location(config, data_root="data/full", image_size=16)
     assert other == dict(name="folder", root="data/full", image_size=16, cache_dir=None)
-    # linear.py: the same rule, and an explicit --cache_dir wins
-    import linear
+    # linear.py and finetune.py (checkpoint.resolve_encoder): the same rule, and an explicit --cache_dir wins
+    from checkpoint import resolve_encoder
     saved = {**config, "arch": "resnet18", "stem": "cifar"}
-    def resolve(*flags):
-        return linear.resolve_encoder(linear.build_config(["--model_path", "x_model.pth", *flags]), saved)
-    assert resolve().cache_dir == "/elsewhere/cache"
-    assert resolve("--data_root", "data/full").cache_dir is None
-    assert resolve("--data_root", "data/full", "--cache_dir", "c").cache_dir == "c"
+    assert resolve_encoder(saved).cache_dir == "/elsewhere/cache"
+    assert resolve_encoder(saved, data_root="data/full").cache_dir is None
+    assert resolve_encoder(saved, data_root="data/full", cache_dir="c").cache_dir == "c"
 
 
 def test_importing_does_nothing(tmp_path):
