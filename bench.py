@@ -14,7 +14,6 @@ import copy
 import json
 import math
 import multiprocessing
-import os
 import statistics
 import sys
 import time

@@ -80,6 +80,16 @@ class StopRequest:
               f"(send it again to stop at once)", file=sys.stderr, flush=True)
 
 
+def resume_command(script: str) -> str:
+    """The command line that continues a stopped run: this one, with `--resume auto` instead of any --resume."""
+    args = list(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(script) else []
+    if "--resume" in args:
+        i = args.index("--resume")
+        del args[i:i + 2]
+    args = [a for a in args if not a.startswith("--resume=")]
+    return " ".join(["python", script, *args, "--resume", "auto"])
+
+
 class Interrupted(KeyboardInterrupt):
     """A second signal during a StopRequest: leave now, with the code of the first one."""
 

@@ -29,7 +29,7 @@ from augment import AugmentConfig, crop_flip, normalize
 from checkpoint import (Encoder, check_not_taken, encoder_state, evaluated_name, evaluation_dir, find_run_config,
                         head_sizes, load_strict, load_training_checkpoint, model_state, resolve_encoder,
                         save_training_checkpoint, save_weights, source_id)
-from cli import NonFiniteLoss, StopRequest, UserError, run_cli
+from cli import NonFiniteLoss, StopRequest, UserError, resume_command, run_cli
 from curves import plot_run_or_warn
 from data import DataBundle, ImageSet, balanced_label_indices, load_dataset
 from engine import Runtime, make_runtime, mix_seed, seed_everything
@@ -485,12 +485,7 @@ def save_last(ft: FineTune, epoch: int, result: EpochResult) -> None:
 
 def stopped(stop: StopRequest, ft: FineTune) -> int:
     """Print how to continue after a signal; the exit code is 128 + signal number."""
-    args = list(sys.argv[1:]) if os.path.basename(sys.argv[0]) == "finetune.py" else []
-    if "--resume" in args:
-        i = args.index("--resume")
-        del args[i:i + 2]
-    args = [a for a in args if not a.startswith("--resume=")]
-    command = " ".join(["python", "finetune.py", *args, "--resume", "auto"])
+    command = resume_command("finetune.py")
     print(f"stopped; checkpoint {ft.job.paths['last.pth']}. Resume with:\n  {command}", file=sys.stderr, flush=True)
     return stop.exit_code
 

@@ -24,7 +24,7 @@ import torch
 
 from augment import AugmentConfig, normalize, pil_transform, two_views
 from checkpoint import load_strict, load_training_checkpoint, restore_rng, save_training_checkpoint, save_weights
-from cli import NonFiniteLoss, StopRequest, UserError, first_line, run_cli
+from cli import NonFiniteLoss, StopRequest, UserError, first_line, resume_command, run_cli
 from data import DataBundle, ImageSet, load_dataset, pil_view_batches, subset
 from distributed import World, any_rank, close_world, convert_batchnorm, in_turn, init_world, mean_over_ranks
 from engine import (Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision,
@@ -517,13 +517,7 @@ def stopped(stop: StopRequest, run: Run) -> int:
         if run.world.distributed:
             print(f"{where} Resume with the same torchrun command plus --resume auto", file=sys.stderr, flush=True)
         else:
-            args = list(sys.argv[1:])
-            if "--resume" in args:
-                i = args.index("--resume")
-                del args[i:i + 2]
-            args = [a for a in args if not a.startswith("--resume=")]
-            command = " ".join(["python", "main.py", *args, "--resume", "auto"])
-            print(f"{where} Resume with:\n  {command}", file=sys.stderr, flush=True)
+            print(f"{where} Resume with:\n  {resume_command('main.py')}", file=sys.stderr, flush=True)
     return stop.exit_code
 
 
