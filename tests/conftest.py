@@ -1,10 +1,12 @@
 """Shared fixtures: a tiny image-folder data set made by the tests (never a download), and a tiny trained run."""
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 CLASSES = ("cat", "dog", "frog")
@@ -43,3 +45,15 @@ def trained(tiny_folder, tmp_path_factory):
     proc = subprocess.run([sys.executable, "main.py", *args], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return results
+
+
+def copy_run(trained, folder, name: str, state: dict | None = None) -> str:
+    """folder/NAME_model.pth (the trained weights, or `state`) with the trained run's config beside it."""
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(trained / "run_config.json", os.path.join(folder, f"{name}_config.json"))
+    path = os.path.join(folder, f"{name}_model.pth")
+    if state is None:
+        shutil.copy(trained / "run_model.pth", path)
+    else:
+        torch.save(state, path)
+    return path

@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import finetune
 from augment import AugmentConfig, crop_flip, sample_crop_boxes
 from cli import DataError
 from data import balanced_label_indices, load_dataset
+from conftest import copy_run
 from model import SimCLR, resnet_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,18 +36,6 @@ def quick(model_path, results, *extra: str) -> list[str]:
 
 def config_of(results, prefix="run_finetune_0.25") -> dict:
     return json.loads((results / f"{prefix}_config.json").read_text())
-
-
-def copy_run(trained, folder, name: str, state: dict | None = None) -> str:
-    """folder/NAME_model.pth (the trained weights, or `state`) with the trained run's config beside it."""
-    os.makedirs(folder, exist_ok=True)
-    shutil.copy(trained / "run_config.json", os.path.join(folder, f"{name}_config.json"))
-    path = os.path.join(folder, f"{name}_model.pth")
-    if state is None:
-        shutil.copy(trained / "run_model.pth", path)
-    else:
-        torch.save(state, path)
-    return path
 
 
 # ----------------------------------------------------------------------------- the label subset

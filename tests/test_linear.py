@@ -3,7 +3,6 @@ import io
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 import linear
+from conftest import copy_run
 from model import SimCLR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the `trained` run is in conftest.py
@@ -21,18 +21,6 @@ COLUMNS = ["epoch", "train_loss", "train_acc@1", "train_acc@5", "test_loss", "te
 def probe_config(*extra: str) -> linear.LinearConfig:
     """A LinearConfig for calling the training functions directly (the model path is never read)."""
     return linear.build_config(["--model_path", "unused_model.pth", *extra])
-
-
-def copy_run(trained, folder, name: str, state: dict | None = None) -> str:
-    """folder/NAME_model.pth (the trained weights, or `state`) with the trained run's config beside it."""
-    os.makedirs(folder, exist_ok=True)
-    shutil.copy(trained / "run_config.json", os.path.join(folder, f"{name}_config.json"))
-    path = os.path.join(folder, f"{name}_model.pth")
-    if state is None:
-        shutil.copy(trained / "run_model.pth", path)
-    else:
-        torch.save(state, path)
-    return path
 
 
 def quick(model_path, *extra: str) -> list[str]:
