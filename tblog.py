@@ -13,6 +13,9 @@ Importing TensorBoard takes seconds, so it happens in open_log, never at import.
 from __future__ import annotations
 
 import math
+import os
+import re
+import time
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -93,7 +96,30 @@ def open_log(logdir: str | None, purge_step: int | None = None) -> NoLog:
     """A TBLog writing event files into logdir (a NoLog for None); a missing package is a one-line UserError."""
     if logdir is None:
         return NoLog()
-    return TBLog(require_tensorboard()(logdir, purge_step=purge_step))
+    writer_class = require_tensorboard()
+    wait_for_a_later_second(logdir)
+    return TBLog(writer_class(logdir, purge_step=purge_step))
+
+
+def wait_for_a_later_second(logdir: str) -> None:
+    """Sleep (under a second) until a new event file's name sorts after every one already in logdir.
+
+    TensorBoard reads a folder's event files in name order, and a name starts with the second it was
+    made in, then host, pid and a counter. A run resumed within the same second as the last file
+    was opened (fast runs, tests) could otherwise sort before it, and its purge of the steps it
+    repeats would be read first and undone.
+    """
+    try:
+        names = os.listdir(logdir)
+    except OSError:
+        return  # no folder yet: nothing to sort after
+    seconds = [int(match.group(1)) for match in map(EVENT_FILE.match, names) if match]
+    wait = max(seconds, default=0) + 1 - time.time()
+    if 0 < wait <= 1:  # a file from the future (a clock set back) is not waited for
+        time.sleep(wait + 0.01)
+
+
+EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")
 
 
 def config_markdown(config: Mapping[str, Any]) -> str:

@@ -1,4 +1,5 @@
 """TensorBoard logs of main.py and linear.py, read back with TensorBoard's own reader, also across a resume."""
+import os
 import sys
 
 import pandas as pd
@@ -167,3 +168,19 @@ def test_finetune_logs_each_epoch_and_a_resume_does_not_repeat_steps(trained, tm
     assert steps(events, "finetune/test_acc@1") == [1, 2]  # once each, in order, across the resume
     frame = pd.read_csv(tmp_path / "run_finetune_0.25_statistics.csv")
     assert values(events, "finetune/test_acc@1") == pytest.approx(frame["test_acc@1"].tolist(), abs=1e-4)
+
+
+def test_a_log_reopened_within_the_same_second_sorts_after_the_old_file(tmp_path):
+    """TensorBoard reads event files in name order; the name starts with the second it was made in.
+
+    A file made in this second whose counter has more digits than the next one's would sort after
+    the new file (".10" < ".9"), so the new run's purge of repeated steps would be read first.
+    """
+    import socket
+    import time
+    old = tmp_path / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.999999"
+    old.write_bytes(b"")
+    log = tblog.open_log(str(tmp_path), purge_step=2)
+    log.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0] == old.name, names
