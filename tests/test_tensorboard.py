@@ -158,7 +158,7 @@ def test_finetune_logs_each_epoch_and_a_resume_does_not_repeat_steps(trained, tm
     real_end = finetune.end_epoch
 
     def end_then_die(ft, epoch, result):
-        row = real_end(ft, epoch, result)
+        real_end(ft, epoch, result)
         raise KeyboardInterrupt  # killed right after epoch 1 was written and logged
     with monkeypatch.context() as patch:
         patch.setattr(finetune, "end_epoch", end_then_die)
