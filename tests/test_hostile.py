@@ -16,7 +16,7 @@ from PIL import Image
 
 import data
 import main
-from data import DataError, load_dataset
+from data import load_dataset
 from conftest import write_folder
 
 
