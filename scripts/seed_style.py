@@ -10,6 +10,12 @@ dropped. After every epoch it prints the weighted kNN top-1/top-5 of the project
 (knn.knn_accuracy on encoder features h, running BatchNorm statistics). It imports only
 library modules, never main.py, so it measures the two-pass semantics independently of the
 one-pass training loop.
+
+The random stream (batch order and views) is a DataLoader's by default (`--stream loader`: a
+shuffling sampler, worker-seeded transforms), as in the original tool. `--stream project` draws
+the batches and views exactly as `main.py --aug_backend pil` does for the same seed (the epoch
+permutation and the per-image seeded views), so that the two scripts differ only in how the
+step is computed: then their losses agree step by step, up to float rounding.
 """
 from __future__ import annotations
 
@@ -17,15 +23,16 @@ import argparse
 import os
 import sys
 import time
+from typing import Callable, Iterable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library modules
 
 from augment import AugmentConfig, normalize, pil_transform  # noqa: E402
-from data import DATASETS, load_dataset  # noqa: E402
+from data import DATASETS, PilViews, collate_views, load_dataset  # noqa: E402
 from model import ARCHS, SimCLR, nt_xent  # noqa: E402
-from engine import Runtime, seed_everything  # noqa: E402
+from engine import Runtime, mix_seed, seed_everything  # noqa: E402
 from knn import extract_features, knn_accuracy  # noqa: E402
 
 
@@ -53,7 +60,8 @@ def train_epoch(model: SimCLR, loader, optimizer: torch.optim.Optimizer, tempera
     """One epoch of two-pass steps; returns the mean loss."""
     model.train()
     total, steps = 0.0, 0
-    for view1, view2 in loader:                                   # each (B, 3, S, S)
+    for views in loader:                                          # (2B, 3, S, S) = [view 1; view 2]
+        view1, view2 = views.chunk(2)                             # each (B, 3, S, S)
         _, z1 = model(view1.to(device))                           # BatchNorm: view 1's statistics
         _, z2 = model(view2.to(device))                           # BatchNorm: view 2's statistics
         loss = nt_xent(torch.cat([z1, z2]), temperature)          # rows i and i+B are partners
@@ -62,6 +70,28 @@ def train_epoch(model: SimCLR, loader, optimizer: torch.optim.Optimizer, tempera
         optimizer.step()
         total, steps = total + loss.item(), steps + 1
     return total / max(steps, 1)
+
+
+def loader_batches(images: torch.Tensor, transform, args) -> Callable[[int], Iterable[torch.Tensor]]:
+    """epoch -> batches of views (2B, 3, S, S): a shuffling DataLoader with persistent workers."""
+    loader = torch.utils.data.DataLoader(
+        TwoViews(images, transform), batch_size=args.batch_size, shuffle=True, drop_last=True,
+        num_workers=args.workers, worker_init_fn=_one_thread, collate_fn=collate_views,
+        generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)
+    return lambda epoch: loader
+
+
+def project_batches(images: torch.Tensor, transform, args) -> Callable[[int], Iterable[torch.Tensor]]:
+    """epoch -> batches of views (2B, 3, S, S) in main.py's order, with its per-image seeded views."""
+    steps = len(images) // args.batch_size
+
+    def batches(epoch: int) -> Iterable[torch.Tensor]:
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(mix_seed(args.seed, epoch - 1)))
+        sampler = [order[s * args.batch_size:(s + 1) * args.batch_size].tolist() for s in range(steps)]
+        return torch.utils.data.DataLoader(PilViews(images, transform, args.seed, epoch - 1), batch_sampler=sampler,
+                                           num_workers=args.workers, worker_init_fn=_one_thread,
+                                           collate_fn=collate_views)
+    return batches
 
 
 def knn_top1_top5(model: SimCLR, bundle, k: int, knn_temperature: float, runtime: Runtime,
@@ -90,6 +120,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--stream", default="loader", choices=("loader", "project"),
+                   help="batch order and views: a DataLoader's (the original way) or main.py's for this seed")
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -98,21 +130,19 @@ def main() -> int:
     model = SimCLR(args.arch, feature_dim=args.feature_dim).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-6)
     aug = AugmentConfig(image_size=bundle.image_size, mean=bundle.mean, std=bundle.std)
-    loader = torch.utils.data.DataLoader(
-        TwoViews(bundle.train.images, pil_transform(aug)), batch_size=args.batch_size, shuffle=True,
-        drop_last=True, num_workers=args.workers, worker_init_fn=_one_thread,
-        generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)
+    make = project_batches if args.stream == "project" else loader_batches
+    batches = make(bundle.train.images, pil_transform(aug), args)
     runtime = Runtime(device)
     knn_temperature = args.knn_temperature if args.knn_temperature is not None else args.temperature
 
-    print(f"seed_style: {args.arch}, batch {args.batch_size}, {len(loader)} steps per epoch, seed {args.seed}",
-          flush=True)
+    print(f"seed_style: {args.arch}, batch {args.batch_size}, {len(bundle.train) // args.batch_size} steps per "
+          f"epoch, seed {args.seed}, {args.stream} stream", flush=True)
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
-        loss = train_epoch(model, loader, optimizer, args.temperature, device)
+        loss = train_epoch(model, batches(epoch), optimizer, args.temperature, device)
         seconds = time.perf_counter() - t0
         top1, top5 = knn_top1_top5(model, bundle, args.k, knn_temperature, runtime)
-        print(f"epoch {epoch}: loss {loss:.4f}, kNN top-1 {top1:.2f}% top-5 {top5:.2f}%, {seconds:.1f} s",
+        print(f"epoch {epoch}: loss {loss:.6f}, kNN top-1 {top1:.2f}% top-5 {top5:.2f}%, {seconds:.1f} s",
               flush=True)
     return 0
 
