@@ -15,7 +15,8 @@ The random stream (batch order and views) is a DataLoader's by default (`--strea
 shuffling sampler, worker-seeded transforms), as in the original tool. `--stream project` draws
 the batches and views exactly as `main.py --aug_backend pil` does for the same seed (the epoch
 permutation and the per-image seeded views), so that the two scripts differ only in how the
-step is computed: then their losses agree step by step, up to float rounding.
+step is computed: then their first steps give the same losses up to float rounding (after
+that, equivalent runs drift apart as float rounding grows through Adam).
 """
 from __future__ import annotations
 
