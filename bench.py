@@ -22,15 +22,15 @@ from typing import Callable
 
 import torch
 
-from augment import AugmentConfig, normalize, pil_transform, two_views
-from cli import UserError, run_cli
-from files import atomic_write_text
-from data import CHANNEL_STATS
-from engine import bf16_peak_tflops, count_macs, make_runtime, mix_seed, train_step, usable_cores
-from flags import TRAIN_DEFAULTS, Flag, build_parser as flags_parser
-from knn import extract_features, knn_accuracy
-from model import SimCLR, naive_nt_xent, per_view_batchnorm
-from optim import build_optimizer, set_lr
+from simclr.augment import AugmentConfig, normalize, pil_transform, two_views
+from simclr.cli import UserError, run_cli
+from simclr.files import atomic_write_text
+from simclr.data import CHANNEL_STATS
+from simclr.engine import bf16_peak_tflops, count_macs, make_runtime, mix_seed, train_step, usable_cores
+from simclr.flags import BENCH_FLAGS, TRAIN_DEFAULTS, build_parser as flags_parser
+from simclr.knn import extract_features, knn_accuracy
+from simclr.model import SimCLR, naive_nt_xent, per_view_batchnorm
+from simclr.optim import build_optimizer, set_lr
 
 # CIFAR-10 channel statistics: the exact values only matter for realism, not speed.
 CIFAR_MEAN, CIFAR_STD = CHANNEL_STATS["cifar10"]
@@ -499,21 +499,6 @@ def report_epochs(ep: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- entry point
 
-BENCH_FLAGS: tuple[Flag, ...] = (
-    Flag("device", None, "cpu or cuda; None means cuda if available, else cpu", str, ("cpu", "cuda"), "bench",
-         optional=True),
-    Flag("quick", False, "tiny sizes (CPU run under a minute; figures not meaningful)", group="bench"),
-    Flag("threads", None, "torch threads / PIL processes on both sides; None means all cores (1 with --quick)",
-         int, group="bench", ge=1, le=1024, optional=True),
-    Flag("arch", None, "arch of the step comparison; None means resnet18 (and resnet50 for CUDA epochs)", str,
-         ("resnet18", "resnet34", "resnet50"), "bench", optional=True),
-    Flag("batch_size", None, "images per step in the step comparison; None means cpu 32, cuda 512; quick 8", int,
-         group="bench", ge=2, le=2 ** 20, optional=True),
-    Flag("steps", None, "timed steps per variant after warm-up; None means cpu 3, cuda 10; quick 2", int,
-         group="bench", ge=1, le=10_000, optional=True),
-    Flag("json", None, "also write the JSON to this file", str, group="bench", optional=True),
-    Flag("compile", False, "torch.compile the project's network (cuda epochs)", group="bench"),
-)
 
 
 def settings(args, device: torch.device) -> dict:

@@ -21,19 +21,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-from checkpoint import config_path_for, data_location, load_model, load_model_config, run_base
-from cli import UserError, first_line, run_cli
-from data import load_dataset
-from engine import make_runtime, usable_cores
-from files import atomic_write_bytes, atomic_write_csv
-from flags import BIG, Flag, build_parser, shared
-from knn import encoder_features
-from tblog import open_log, require_tensorboard
+from simclr.checkpoint import config_path_for, data_location, load_model, load_model_config, run_base
+from simclr.cli import UserError, first_line, run_cli
+from simclr.data import load_dataset
+from simclr.engine import make_runtime, usable_cores
+from simclr.files import atomic_write_bytes, atomic_write_csv
+from simclr.flags import EMBED_FLAGS, MIN_POINTS, THUMBNAILS, build_parser
+from simclr.knn import encoder_features
+from simclr.tblog import open_log, require_tensorboard
 
-METHODS = ("tsne", "pca")
-MIN_POINTS = 5            # t-SNE needs perplexity >= 1 < (n - 1) / 3; a map of fewer points says nothing
 AGREEMENT_K = 10          # neighbours for the printed class-agreement figure
-THUMBNAILS = 150          # --thumbnails: at most this many, spread over the map
 THUMBNAIL_GAP = 0.045     # smallest distance between two thumbnails, as a fraction of the map's side
 THUMBNAIL_PX = 24         # displayed thumbnail side in pixels
 SPRITE_MAX = 8192         # TensorBoard's projector refuses sprite images larger than 8192 x 8192
@@ -122,7 +119,7 @@ def class_agreement(points: torch.Tensor, labels: torch.Tensor, k: int = AGREEME
 
 def class_colours(num_classes: int) -> list:
     """One colour per class: matplotlib's qualitative tab10 / tab20, a spread of turbo beyond 20 classes."""
-    from curves import pyplot
+    from simclr.curves import pyplot
     plt = pyplot()
     if num_classes <= 10:
         return [plt.get_cmap("tab10")(i) for i in range(num_classes)]
@@ -148,7 +145,7 @@ def draw_map(coords: torch.Tensor, labels: torch.Tensor, classes: list[str], tit
              axis_names: tuple[str, str], thumbnails: list[tuple[int, torch.Tensor]] = ()) -> bytes:
     """PNG bytes of the map: coords (n, 2) as points coloured by labels (n,), a legend of the classes,
     and optional (row, uint8 image (H, W, 3)) thumbnails framed in their class colour."""
-    from curves import pyplot
+    from simclr.curves import pyplot
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
     plt = pyplot()
     colours = class_colours(len(classes))
@@ -194,31 +191,6 @@ def sprite_images(images: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- command line
 
-EMBED_FLAGS: tuple[Flag, ...] = (
-    shared("model_path"),
-    shared("config"),
-    Flag("method", "tsne", "tsne (openTSNE; about 70 s for 10,000 images on 2 CPU cores) or pca (torch SVD, "
-         "seconds)", str, METHODS, "map"),
-    Flag("n", None, "test images to draw, class-balanced and chosen by --seed; None means all", int, group="map",
-         ge=MIN_POINTS, le=BIG, optional=True),
-    Flag("perplexity", 30.0, "t-SNE perplexity (lowered to (n - 1) / 3 for few images)", float, group="map",
-         ge=1, le=10_000),
-    Flag("thumbnails", False, f"draw image thumbnails at up to {THUMBNAILS} points spread over the map",
-         group="map"),
-    shared("seed", group="map", help="chooses the --n test images, t-SNE's random state and the thumbnails"),
-    Flag("out", None, "PNG to write; None means NAME_embed_METHOD.png beside the weights; the CSV of "
-         "coordinates goes beside it (same name, .csv)", str, group="map", optional=True),
-    shared("dataset", default=None, optional=True, help="override the config's data set"),
-    shared("data_root", default=None, optional=True,
-           help="override the config's data folder (moved data, or the full test set of a subset run)"),
-    shared("image_size", help="override the config's image side"),
-    shared("device"),
-    shared("eval_batch_size", default=256),
-    shared("threads", help="CPU threads for PyTorch and t-SNE; 0 means one per core"),
-    shared("tensorboard", help="also write the features, labels and a thumbnail sprite for TensorBoard's "
-           "embedding projector"),
-    shared("tensorboard_dir", help="where the projector files go; None means the run's NAME_tb beside the weights"),
-)
 
 
 def main(argv: list[str] | None = None) -> int:

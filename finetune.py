@@ -25,82 +25,29 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from augment import AugmentConfig, crop_flip, normalize
-from checkpoint import (Encoder, check_not_taken, encoder_state, evaluated_name, evaluation_dir, find_run_config,
+from simclr.augment import AugmentConfig, crop_flip, normalize
+from simclr.checkpoint import (Encoder, check_not_taken, encoder_state, evaluated_name, evaluation_dir, find_run_config,
                         head_sizes, load_strict, load_training_checkpoint, model_state, resolve_encoder,
                         save_training_checkpoint, save_weights, source_id)
-from cli import NonFiniteLoss, StopRequest, UserError, resume_command, run_cli
-from curves import plot_run_or_warn
-from data import DataBundle, ImageSet, balanced_label_indices, load_dataset
-from engine import Runtime, make_runtime, mix_seed, seed_everything
-from files import atomic_save_json, atomic_write_csv
-from tblog import NoLog, config_markdown, open_log, require_tensorboard
-from flags import BIG, MAX_LR, Flag, build_parser, by_name, check_name, config_class, shared
-from knn import extract_features, topk_accuracy, topk_hits
-from model import FROM_LAYERS, Classifier, SimCLR
-from optim import build_optimizer, lr_at, set_lr
+from simclr.cli import NonFiniteLoss, StopRequest, UserError, resume_command, run_cli
+from simclr.curves import plot_run_or_warn
+from simclr.data import DataBundle, ImageSet, balanced_label_indices, load_dataset
+from simclr.engine import Runtime, make_runtime, mix_seed, seed_everything
+from simclr.files import atomic_save_json, atomic_write_csv
+from simclr.tblog import NoLog, config_markdown, open_log, require_tensorboard
+from simclr.flags import (DEFAULT_FRACTION, FINETUNE_DEFAULTS as DEFAULTS, FINETUNE_FLAGS,
+                          FINETUNE_RUN_KEYS as RUN_KEYS, FINETUNE as FLAGS, FinetuneConfig, build_parser, check_name)
+from simclr.knn import extract_features, topk_accuracy, topk_hits
+from simclr.model import Classifier, SimCLR
+from simclr.optim import build_optimizer, lr_at, set_lr
 
 CSV_COLUMNS = ("epoch", "train_loss", "train_acc@1", "train_acc@5", "test_acc@1", "test_acc@5", "lr",
                "epoch_seconds")
 RESULT_FILES = ("statistics.csv", "model.pth", "last.pth", "config.json", "curves.png")
-DEFAULT_FRACTION = 0.1
 # Keeps the label draw apart from every other use of --seed (initialisation, batch order, crops).
 LABEL_STREAM = 0x1AB
 OOM_ADVICE = "use a smaller --batch_size or --eval_batch_size, or --precision bf16"
 
-FROM_CONFIG = "None means the run config's"
-FINETUNE_FLAGS: tuple[Flag, ...] = (
-    Flag("model_path", None, "weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)", str,
-         group="encoder", optional=True),
-    Flag("config", None, "run config JSON; None means NAME_config.json next to --model_path", str,
-         group="encoder", optional=True),
-    Flag("untrained", False, "start from a random initialisation of the same model (the baseline); the weights "
-         "are not read, only the config", group="encoder", role="run"),
-    Flag("from_layer", "encoder", "where the new linear classifier sits: encoder (on h) or head1 (on the "
-         "projection head's first Linear + BatchNorm + ReLU, loaded from the checkpoint, as SimCLRv2)", str,
-         FROM_LAYERS, "encoder", "run"),
-    shared("arch", default=None, optional=True, group="encoder", help=f"override the encoder; {FROM_CONFIG}"),
-    shared("stem", default=None, optional=True, group="encoder", help=f"override the first layer; {FROM_CONFIG}"),
-    shared("dataset", default=None, optional=True, help=f"override the data set; {FROM_CONFIG}"),
-    shared("data_root", default=None, optional=True, role="run", help=f"override the data folder; {FROM_CONFIG}"),
-    shared("image_size", help=f"override the image side; {FROM_CONFIG}"),
-    shared("cache_dir", help=f"override the folder-data cache folder; {FROM_CONFIG}"),
-    Flag("label_fraction", None, f"fraction of the labeled training images to use, the same number from every "
-         f"class (0.01, 0.1, ..., 1); None means {DEFAULT_FRACTION} unless --labels_per_class", float,
-         group="labels", role="run", gt=0, le=1, optional=True),
-    Flag("labels_per_class", None, "use N labeled images of every class instead of a fraction", int,
-         group="labels", role="run", ge=1, le=BIG, optional=True),
-    Flag("batch_size", 64, "labeled images per step (the last incomplete batch of an epoch is dropped)", int,
-         group="fine-tuning", role="run", ge=2, le=2 ** 20),
-    Flag("epochs", 30, "epochs over the labeled subset (SimCLR: 60 for 1%, 30 for 10% of ImageNet)", int,
-         group="fine-tuning", role="run", ge=1, le=10 ** 6),
-    Flag("lr", None, "learning rate of SGD with Nesterov momentum, cosine decay to 0 over all steps; None means "
-         "0.05 x batch_size / 256 (SimCLR's fine-tuning rule)", float, group="fine-tuning", role="run", gt=0,
-         le=MAX_LR, optional=True),
-    Flag("momentum", 0.9, "Nesterov momentum (0: plain SGD)", float, group="fine-tuning", role="run", ge=0, lt=1),
-    Flag("weight_decay", 0.0, "L2 penalty on every weight (SimCLR's fine-tuning uses none)", float,
-         group="fine-tuning", role="run", ge=0, le=10),
-    Flag("min_crop_scale", 0.08, "smallest crop area fraction of the random resized crop", float,
-         group="fine-tuning", role="run", gt=0, le=1),
-    shared("eval_batch_size", help="images per forward pass when testing"),
-    shared("device"),
-    shared("precision"),
-    shared("channels_last"),
-    shared("threads"),
-    shared("seed", help="seed of the label subset, the batch order, the crops and --untrained's initialisation"),
-    shared("results_dir", default=None, optional=True,
-           help="where the files go; None means the folder of --model_path (or of --config, else results)"),
-    shared("name", help="file prefix before _finetune_TAG; None means NAME of NAME_model.pth (+ _untrained)"),
-    shared("tensorboard", help="also write TensorBoard event files, tags finetune/COLUMN of the CSV per epoch"),
-    shared("tensorboard_dir", help="folder of the TensorBoard event files; None means RESULTS/NAME_finetune_TAG_tb"),
-    Flag("resume", None, "continue from a NAME_finetune_TAG_last.pth checkpoint, or 'auto' for this run's", str,
-         group="run", optional=True),
-)
-FLAGS = by_name(FINETUNE_FLAGS)
-DEFAULTS = {f.name: f.default for f in FINETUNE_FLAGS}
-RUN_KEYS = tuple(f.name for f in FINETUNE_FLAGS if f.role == "run")
-
-FinetuneConfig = config_class("FinetuneConfig", FINETUNE_FLAGS, "Every resolved flag of a fine-tuning run.")
 
 
 def main(argv: list[str] | None = None) -> int:

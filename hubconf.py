@@ -8,17 +8,18 @@ imported under private names. Importing it runs nothing: no script, no file read
 """
 import os as _os
 
-import checkpoint as _checkpoint
-import model as _model
+from simclr import checkpoint as _checkpoint
+from simclr import model as _model
 
 dependencies = ["torch", "torchvision"]
 
-# torch.hub puts this folder first on sys.path while importing this file; a module of the same name
+# torch.hub puts this folder first on sys.path while importing this file; a package of the same name
 # imported earlier by the caller's own code would be used instead of ours, silently.
+_ours = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "simclr")
 for _module in (_checkpoint, _model):
-    if _os.path.dirname(_os.path.abspath(_module.__file__)) != _os.path.dirname(_os.path.abspath(__file__)):
-        raise ImportError(f"hubconf needs this repository's {_module.__name__}.py, but {_module.__file__} was "
-                          f"imported first; load the hub model in a process without that module")
+    if _os.path.dirname(_os.path.abspath(_module.__file__)) != _ours:
+        raise ImportError(f"hubconf needs this repository's simclr package, but {_module.__file__} was "
+                          f"imported first; load the hub model in a process without that package")
 
 
 def _build(arch: str, weights: str | None, encoder_only: bool, sizes: dict):

@@ -23,71 +23,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from augment import normalize, normalize_float
-from checkpoint import (Encoder, check_not_taken, encoder_state, evaluated_name, evaluation_dir, find_run_config,
+from simclr.augment import normalize, normalize_float
+from simclr.checkpoint import (Encoder, check_not_taken, encoder_state, evaluated_name, evaluation_dir, find_run_config,
                         load_strict, resolve_encoder, source_id)
-from cli import InvalidResult, UserError, run_cli
-from data import load_dataset, subset
-from engine import Runtime, make_runtime, mix_seed, seed_everything
-from files import atomic_save, atomic_save_json, atomic_write_csv
-from flags import MAX_LR, Flag, build_parser as flags_parser, check_name, config_class, shared
-from knn import extract_features, topk_accuracy
-from model import SimCLR
-from optim import build_optimizer, lr_at, set_lr
-from curves import plot_run_or_warn
-from tblog import NoLog, config_markdown, open_log, require_tensorboard
+from simclr.cli import InvalidResult, UserError, run_cli
+from simclr.data import load_dataset, subset
+from simclr.engine import Runtime, make_runtime, mix_seed, seed_everything
+from simclr.files import atomic_save, atomic_save_json, atomic_write_csv
+from simclr.flags import DEFAULT_LR, LINEAR_FLAGS, LinearConfig, build_parser as flags_parser, check_name
+from simclr.knn import extract_features, topk_accuracy
+from simclr.model import SimCLR
+from simclr.optim import build_optimizer, lr_at, set_lr
+from simclr.curves import plot_run_or_warn
+from simclr.tblog import NoLog, config_markdown, open_log, require_tensorboard
 
 CSV_COLUMNS = ("epoch", "train_loss", "train_acc@1", "train_acc@5", "test_loss", "test_acc@1", "test_acc@5",
                "lr", "epoch_seconds")
 
-# Default learning rate per optimizer: SGD on standardised features tolerates a large step
-# (the loss is convex); Adam's usual 1e-3 is its robust default.
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 
 # Seconds between two redraws of the curves PNG: on cached features an epoch takes milliseconds,
 # and redrawing after each of them would make plotting most of the run time.
 PLOT_INTERVAL_S = 2.0
 
-FROM_CONFIG = "None means the run config's"
-LINEAR_FLAGS: tuple[Flag, ...] = (
-    shared("model_path", group="encoder"),
-    shared("config", group="encoder"),
-    Flag("untrained", False, "probe a randomly initialised encoder of the same architecture (the baseline); "
-         "the weights are not read, only the config is needed", group="encoder"),
-    shared("arch", default=None, optional=True, group="encoder", help=f"override the encoder; {FROM_CONFIG}"),
-    shared("stem", default=None, optional=True, group="encoder", help=f"override the first layer; {FROM_CONFIG}"),
-    shared("dataset", default=None, optional=True, help=f"override the data set; {FROM_CONFIG}"),
-    shared("data_root", default=None, optional=True, help=f"override the data folder; {FROM_CONFIG}"),
-    shared("image_size", help=f"override the image side; {FROM_CONFIG}"),
-    shared("cache_dir", help=f"override the folder-data cache folder; {FROM_CONFIG}"),
-    shared("train_subset", help="train the probe on a fixed random subset of N labeled images (quick runs)"),
-    Flag("batch_size", 512, "examples per step", int, group="probe training", ge=1, le=2 ** 20),
-    Flag("epochs", 100, "epochs over the labeled train split", int, group="probe training", ge=1, le=10 ** 6),
-    Flag("optimizer", "sgd", "sgd (with --momentum) or adam; cosine decay to 0 over all steps either way", str,
-         tuple(DEFAULT_LR), "probe training"),
-    Flag("lr", None, "learning rate; None means 0.1 for sgd, 1e-3 for adam", float, group="probe training",
-         gt=0, le=MAX_LR, optional=True),
-    Flag("momentum", 0.9, "SGD momentum", float, group="probe training", ge=0, lt=1),
-    Flag("weight_decay", 0.0, "L2 penalty on the linear layer (the paper uses none on CIFAR)", float,
-         group="probe training", ge=0, le=10),
-    Flag("standardize", True, "scale each feature to zero mean, unit variance with train-split statistics only "
-         "(folded into the saved layer, which stays linear in raw features)", group="probe training"),
-    Flag("augment", False, "train through the frozen encoder with random crop (padding size/8) and flip on "
-         "every batch instead of on features computed once", group="probe training"),
-    shared("eval_batch_size"),
-    shared("device"),
-    shared("precision"),
-    shared("channels_last", help="channels-last memory format for the encoder"),
-    shared("threads", aliases=("workers",)),
-    shared("seed", help="seed of the probe (and of --untrained's encoder)"),
-    shared("results_dir", default=None, optional=True,
-           help="where the files go; None means the folder of --model_path (or of --config, else results)"),
-    shared("name", help="file prefix; None means NAME of NAME_model.pth (+ _untrained)"),
-    shared("tensorboard", help="also write TensorBoard event files, tags linear/COLUMN of the CSV"),
-    shared("tensorboard_dir", help="folder of the TensorBoard event files; None means RESULTS/NAME_linear_tb"),
-)
-
-LinearConfig = config_class("LinearConfig", LINEAR_FLAGS, "Every resolved flag of a linear evaluation.")
 
 
 def build_config(argv: list[str] | None = None) -> LinearConfig:

@@ -22,21 +22,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from augment import AugmentConfig, normalize, pil_transform, two_views
-from checkpoint import load_strict, load_training_checkpoint, restore_rng, save_training_checkpoint, save_weights
-from cli import NonFiniteLoss, StopRequest, UserError, first_line, resume_command, run_cli
-from data import DataBundle, ImageSet, load_dataset, pil_view_batches, subset
-from distributed import World, any_rank, close_world, convert_batchnorm, in_turn, init_world, mean_over_ranks
-from engine import (Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision,
+from simclr.augment import AugmentConfig, normalize, pil_transform, two_views
+from simclr.checkpoint import load_strict, load_training_checkpoint, restore_rng, save_training_checkpoint, save_weights
+from simclr.cli import NonFiniteLoss, StopRequest, UserError, first_line, resume_command, run_cli
+from simclr.data import DataBundle, ImageSet, load_dataset, pil_view_batches, subset
+from simclr.distributed import World, any_rank, close_world, convert_batchnorm, in_turn, init_world, mean_over_ranks
+from simclr.engine import (Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision,
                     seed_everything, train_step)
-from files import RunLock, atomic_save_json, atomic_write_csv
-from flags import (TRAIN_FLAGS, TrainConfig, build_parser, check_name, check_values, resume_values,
+from simclr.files import RunLock, atomic_save_json, atomic_write_csv
+from simclr.flags import (TRAIN_FLAGS, TrainConfig, build_parser, check_name, check_values, resume_values,
                    train_values)
-from knn import knn_accuracy, sharded_features
-from model import SimCLR
-from optim import build_optimizer, lr_at, scaled_lr, set_lr
-from curves import plot_run_or_warn
-from tblog import NoLog, config_markdown, open_log, require_tensorboard
+from simclr.knn import knn_accuracy, sharded_features
+from simclr.model import SimCLR
+from simclr.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from simclr.curves import plot_run_or_warn
+from simclr.tblog import NoLog, config_markdown, open_log, require_tensorboard
 
 CSV_COLUMNS = ("epoch", "train_loss", "test_acc@1", "test_acc@5", "lr", "epoch_seconds",
                "train_images_per_second", "knn_seconds")

@@ -16,14 +16,14 @@ from typing import Callable, Iterable
 
 import torch
 
-from checkpoint import config_path_for, data_location, load_model, load_model_config, run_base
-from cli import UserError, first_line, run_cli
-from data import DataBundle, load_dataset
-from engine import Runtime, make_runtime
-from files import atomic_write_bytes
-from flags import Flag, build_parser, shared
-from knn import encoder_features, nearest_neighbors
-from model import SimCLR
+from simclr.checkpoint import config_path_for, data_location, load_model, load_model_config, run_base
+from simclr.cli import UserError, first_line, run_cli
+from simclr.data import DataBundle, load_dataset
+from simclr.engine import Runtime, make_runtime
+from simclr.files import atomic_write_bytes
+from simclr.flags import NEIGHBORS_FLAGS, build_parser
+from simclr.knn import encoder_features, nearest_neighbors
+from simclr.model import SimCLR
 
 # Picture layout, in pixels.
 TILE = 96          # images are upscaled (nearest) by a whole factor to at least this side
@@ -144,21 +144,6 @@ def same_class_fraction(bundle: DataBundle, result: Neighbors) -> float:
 
 # ----------------------------------------------------------------------------- command line
 
-NEIGHBORS_FLAGS: tuple[Flag, ...] = (
-    shared("model_path"),
-    shared("config"),
-    Flag("n", 8, "test images, one per row", int, group="picture", ge=1, le=10_000),
-    Flag("k", 8, "neighbours per test image", int, group="picture", ge=1, le=1_000),
-    shared("seed", group="picture", help="chooses the random test images"),
-    Flag("out", None, "PNG to write; None means NAME_neighbors.png beside the weights", str, group="picture",
-         optional=True),
-    shared("dataset", default=None, optional=True, help="override the config's data set"),
-    shared("data_root", default=None, optional=True, help="override the config's data folder (e.g. run from elsewhere)"),
-    shared("image_size", help="override the config's image side"),
-    shared("device"),
-    shared("eval_batch_size", default=256, aliases=("batch_size",)),
-    shared("threads"),
-)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library modules
 
-from augment import AugmentConfig, normalize, pil_transform  # noqa: E402
-from data import DATASETS, PilViews, collate_views, load_dataset  # noqa: E402
-from model import ARCHS, SimCLR, nt_xent  # noqa: E402
-from engine import Runtime, mix_seed, seed_everything  # noqa: E402
-from knn import extract_features, knn_accuracy  # noqa: E402
+from simclr.augment import AugmentConfig, normalize, pil_transform  # noqa: E402
+from simclr.data import DATASETS, PilViews, collate_views, load_dataset  # noqa: E402
+from simclr.model import ARCHS, SimCLR, nt_xent  # noqa: E402
+from simclr.engine import Runtime, mix_seed, seed_everything  # noqa: E402
+from simclr.knn import extract_features, knn_accuracy  # noqa: E402
 
 
 class TwoViews(torch.utils.data.Dataset):

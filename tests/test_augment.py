@@ -16,7 +16,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import augment as A  # noqa: E402
+from simclr import augment as A  # noqa: E402
 
 # Linear ops (crop, brightness, contrast, saturation, grayscale, blur, normalize) differ
 # from torchvision only in float32 summation order: a few ulp of values in [0, 1].
@@ -388,7 +388,7 @@ def test_pil_transform_shape_and_normalization() -> None:
 
 def test_import_has_no_side_effects() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", "import augment"], cwd=root, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", "import simclr.augment"], cwd=root, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
 
 

@@ -7,7 +7,7 @@ import sys
 import torch
 
 import bench
-from engine import bf16_peak_tflops, make_runtime
+from simclr.engine import bf16_peak_tflops, make_runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

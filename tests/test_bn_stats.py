@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-import flags
-from cli import UserError
-from distributed import GlobalBatchNorm, PerViewGlobalBatchNorm, PerViewSyncBatchNorm, convert_batchnorm
-from model import PerViewBatchNorm, SimCLR, nt_xent, per_view_batchnorm
+from simclr import flags
+from simclr.cli import UserError
+from simclr.distributed import GlobalBatchNorm, PerViewGlobalBatchNorm, PerViewSyncBatchNorm, convert_batchnorm
+from simclr.model import PerViewBatchNorm, SimCLR, nt_xent, per_view_batchnorm
 
 B, SIZE = 4, 16
 STOCK = (nn.BatchNorm1d, nn.BatchNorm2d)

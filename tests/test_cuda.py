@@ -3,10 +3,10 @@ import pytest
 import torch
 
 import main
-from augment import AugmentConfig, apply_params, sample_params, two_views
-from model import SimCLR, nt_xent
-from optim import build_optimizer
-from engine import Runtime, train_step
+from simclr.augment import AugmentConfig, apply_params, sample_params, two_views
+from simclr.model import SimCLR, nt_xent
+from simclr.optim import build_optimizer
+from simclr.engine import Runtime, train_step
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CFG = AugmentConfig(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

@@ -16,8 +16,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for plain `pytest`
 
-import data  # noqa: E402
-from data import DataError, load_dataset  # noqa: E402
+from simclr import data  # noqa: E402
+from simclr.data import DataError, load_dataset  # noqa: E402
 
 SIZE = 8
 

@@ -13,12 +13,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import augment
-from augment import AugmentConfig, two_views
-from distributed import global_nt_xent
-from engine import Runtime
-from model import SimCLR
-from optim import build_optimizer, lr_at, set_lr
+from simclr import augment
+from simclr.augment import AugmentConfig, two_views
+from simclr.distributed import global_nt_xent
+from simclr.engine import Runtime
+from simclr.model import SimCLR
+from simclr.optim import build_optimizer, lr_at, set_lr
 
 CFG = AugmentConfig(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), blur=True)
 

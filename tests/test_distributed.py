@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed import GlobalBatchNorm, World, convert_batchnorm, global_nt_xent, shard
-from engine import train_step
-from model import SimCLR, nt_xent
-from engine import Runtime
+from simclr.distributed import GlobalBatchNorm, World, convert_batchnorm, global_nt_xent, shard
+from simclr.engine import train_step
+from simclr.model import SimCLR, nt_xent
+from simclr.engine import Runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, SIZE = 8, 16
@@ -124,9 +124,9 @@ def test_torchrun_two_processes_end_to_end(tiny_folder, tmp_path):
     assert frame["epoch"].tolist() == [1, 2]
 
     # the saved weights, evaluated in this single process, give the kNN accuracy the two ranks reported
-    from augment import normalize
-    from data import load_dataset
-    from knn import extract_features, knn_accuracy
+    from simclr.augment import normalize
+    from simclr.data import load_dataset
+    from simclr.knn import extract_features, knn_accuracy
     bundle = load_dataset("folder", str(tiny_folder), 16, log=lambda *a: None)
     model = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32)
     model.load_state_dict(torch.load(results / "ddp_model.pth", weights_only=True))

@@ -13,8 +13,8 @@ from PIL import Image
 
 import embed
 import main
-from checkpoint import load_model, load_model_config
-from data import load_dataset
+from simclr.checkpoint import load_model, load_model_config
+from simclr.data import load_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

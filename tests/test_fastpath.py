@@ -7,9 +7,9 @@ import torch
 
 import bench
 import main
-from augment import AugmentConfig, two_views
-from engine import Runtime, train_step
-from model import SimCLR, naive_nt_xent, nt_xent
+from simclr.augment import AugmentConfig, two_views
+from simclr.engine import Runtime, train_step
+from simclr.model import SimCLR, naive_nt_xent, nt_xent
 
 CFG = AugmentConfig(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

@@ -12,11 +12,11 @@ import torch
 import torchvision.transforms.functional as TF
 
 import finetune
-from augment import AugmentConfig, crop_flip, sample_crop_boxes
-from cli import DataError
-from data import balanced_label_indices, load_dataset
+from simclr.augment import AugmentConfig, crop_flip, sample_crop_boxes
+from simclr.cli import DataError
+from simclr.data import balanced_label_indices, load_dataset
 from conftest import copy_run
-from model import SimCLR, resnet_features
+from simclr.model import SimCLR, resnet_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ["epoch", "train_loss", "train_acc@1", "train_acc@5", "test_acc@1", "test_acc@5", "lr", "epoch_seconds"]

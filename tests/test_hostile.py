@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from simclr import data
 import main
-from data import load_dataset
+from simclr.data import load_dataset
 from conftest import write_folder
 
 
@@ -172,7 +172,7 @@ def test_linear_threads_bound(tmp_path, capsys):
 # ----------------------------------------------------------------------------- results files and run names
 
 def test_a_second_run_of_the_same_name_stops_at_once_naming_the_holder(tiny_folder, tmp_path, capsys):
-    from files import RunLock
+    from simclr.files import RunLock
     results = tmp_path / "r"
     holder = RunLock(str(results), "same").acquire()  # stands for a live run of that name
     try:
@@ -202,7 +202,7 @@ def test_results_dir_that_is_a_file(tiny_folder, tmp_path, capsys):
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_files(tiny_folder, tmp_path, monkeypatch,
                                                                              capsys):
-    import files
+    from simclr import files
     results = tmp_path / "r"
     assert main.main(tiny_args(tiny_folder, results, "--name", "d")) == 0
     capsys.readouterr()
@@ -271,7 +271,7 @@ def test_a_tampered_run_config_is_refused_by_linear_and_neighbors(finished, tmp_
 
 
 def test_nan_in_the_first_epoch_says_no_checkpoint_exists(tiny_folder, tmp_path, monkeypatch, capsys):
-    import engine
+    from simclr import engine
     real = engine.global_nt_xent
     monkeypatch.setattr(engine, "global_nt_xent", lambda z, t: real(z, t) * float("nan"))
     code = main.main(tiny_args(tiny_folder, tmp_path / "r", "--name", "n"))
@@ -313,8 +313,7 @@ def test_sigterm_during_the_cache_build_exits_143_and_leaves_no_temporary(tmp_pa
 
 
 def test_a_read_only_file_system_is_one_error_naming_the_file(tmp_path, monkeypatch):
-    import files
-
+    from simclr import files
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
     monkeypatch.setattr(files.os, "replace", read_only)

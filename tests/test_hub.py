@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from cli import UserError
-from model import SimCLR, resnet_features
+from simclr.cli import UserError
+from simclr.model import SimCLR, resnet_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = ["resnet18", "resnet34", "resnet50"]

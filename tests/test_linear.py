@@ -12,7 +12,7 @@ import torch
 
 import linear
 from conftest import copy_run
-from model import SimCLR
+from simclr.model import SimCLR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the `trained` run is in conftest.py
 COLUMNS = ["epoch", "train_loss", "train_acc@1", "train_acc@5", "test_loss", "test_acc@1", "test_acc@5"]

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-import flags
+from simclr import flags
 import main
-from model import SimCLR
+from simclr.model import SimCLR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

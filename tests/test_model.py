@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ARCHS, SimCLR, naive_nt_xent, nt_xent
-from knn import knn_accuracy, knn_scores, topk_accuracy
+from simclr.model import ARCHS, SimCLR, naive_nt_xent, nt_xent
+from simclr.knn import knn_accuracy, knn_scores, topk_accuracy
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 16])
@@ -147,7 +147,7 @@ def test_knn_weights_votes_by_similarity():
 
 def test_mac_count_without_thop_is_close_to_thops(monkeypatch):
     import builtins
-    import engine
+    from simclr import engine
     model = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32)
     params, with_thop, how = engine.count_macs(model, 32)
     assert how == "thop" and params == sum(p.numel() for p in model.parameters())

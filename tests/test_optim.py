@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from optim import LARS, build_optimizer, lr_at, scaled_lr, split_decay_groups
+from simclr.optim import LARS, build_optimizer, lr_at, scaled_lr, split_decay_groups
 
 
 def reference_lars(params, grads, bufs, lr, momentum, wd, eta, excluded):

@@ -8,13 +8,13 @@ from PIL import Image
 
 import main
 import neighbors
-import curves
+from simclr import curves
 import plot
-from checkpoint import load_model, load_model_config
-from data import load_dataset
-from knn import nearest_neighbors
-from model import SimCLR
-from engine import Runtime
+from simclr.checkpoint import load_model, load_model_config
+from simclr.data import load_dataset
+from simclr.knn import nearest_neighbors
+from simclr.model import SimCLR
+from simclr.engine import Runtime
 
 ROWS = [{"epoch": 1, "train_loss": 5.1, "test_acc@1": 30.0, "test_acc@5": 70.0},
         {"epoch": 2, "train_loss": 4.8, "test_acc@1": None, "test_acc@5": None},  # an epoch without kNN
@@ -94,7 +94,7 @@ def test_compare_one_and_several_runs(tmp_path, capsys):
 
 
 def test_compare_reads_main_py_statistics(tmp_path):
-    from files import atomic_write_csv
+    from simclr.files import atomic_write_csv
     path = tmp_path / "r_statistics.csv"
     atomic_write_csv(str(path), main.CSV_COLUMNS, ROWS)
     rows = plot.read_statistics(str(path))
@@ -295,7 +295,7 @@ def test_neighbors_bad_input_exits_2_and_writes_nothing(tiny_run, tmp_path, caps
 
 
 def test_the_runs_cache_folder_only_for_the_runs_data_folder(tmp_path, monkeypatch):
-    from checkpoint import data_location
+    from simclr.checkpoint import data_location
     config = {"dataset": "folder", "data_root": "data/small", "image_size": 32, "cache_dir": "/elsewhere/cache"}
     monkeypatch.chdir(tmp_path)
     assert data_location(config) == dict(name="folder", root="data/small", image_size=32, cache_dir="/elsewhere/cache")
@@ -304,7 +304,7 @@ def test_the_runs_cache_folder_only_for_the_runs_data_folder(tmp_path, monkeypat
     other = data_location(config, data_root="data/full", image_size=16)
     assert other == dict(name="folder", root="data/full", image_size=16, cache_dir=None)
     # linear.py and finetune.py (checkpoint.resolve_encoder): the same rule, and an explicit --cache_dir wins
-    from checkpoint import resolve_encoder
+    from simclr.checkpoint import resolve_encoder
     saved = {**config, "arch": "resnet18", "stem": "cifar"}
     assert resolve_encoder(saved).cache_dir == "/elsewhere/cache"
     assert resolve_encoder(saved, data_root="data/full").cache_dir is None

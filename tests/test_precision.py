@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine
-from engine import cpu_has_native_bf16
-from knn import cosine_topk, knn_scores, nearest_neighbors
-from model import SimCLR, naive_nt_xent, nt_xent
+from simclr import engine
+from simclr.engine import cpu_has_native_bf16
+from simclr.knn import cosine_topk, knn_scores, nearest_neighbors
+from simclr.model import SimCLR, naive_nt_xent, nt_xent
 
 
 def bf16_autocast():

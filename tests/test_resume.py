@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-import engine
-import flags
+from simclr import engine
+from simclr import flags
 import main
-from cli import UserError
+from simclr.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETERMINISTIC = ["epoch", "train_loss", "test_acc@1", "test_acc@5", "lr"]  # timings differ run to run

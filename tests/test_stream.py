@@ -11,9 +11,9 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from augment import AugmentConfig, pil_transform
-from data import PilViews
-from engine import mix_seed
+from simclr.augment import AugmentConfig, pil_transform
+from simclr.data import PilViews
+from simclr.engine import mix_seed
 
 N = 1500  # images; 2 views each
 

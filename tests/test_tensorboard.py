@@ -8,8 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import linear
 import main
-import tblog
-from cli import UserError
+from simclr import tblog
+from simclr.cli import UserError
 
 # 24 training images at batch 8: 3 steps per epoch
 STEPS = 3

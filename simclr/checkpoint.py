@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cli import UserError, first_line
-from files import atomic_save
-from model import ARCHS, STEMS, SimCLR
+from .cli import UserError, first_line
+from .files import atomic_save
+from .model import ARCHS, STEMS, SimCLR
 
 # The suffixes main.py gives a run's files; NAME is what stands before them.
 RUN_SUFFIXES = ("_model.pth", "_last.pth", "_config.json", "_statistics.csv")
@@ -146,7 +146,7 @@ def check_run_config(saved: dict, path: str) -> dict:
     """The values of a run config that later scripts use, checked against the flag declarations;
     the normalisation must be 3 finite means and 3 positive finite stds (a NaN or a zero would make
     every feature NaN, and the probe would report chance accuracy as if it were a result)."""
-    from flags import TRAIN
+    from .flags import TRAIN
     for key in CONFIG_FLAGS:
         if key in saved:
             TRAIN[key].check(saved[key], path)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from model import PerViewStatistics, at_least_fp32, nt_xent, swap_batchnorm
+from .model import PerViewStatistics, at_least_fp32, nt_xent, swap_batchnorm
 
 
 @dataclass(frozen=True)

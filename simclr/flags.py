@@ -18,13 +18,28 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from cli import OneLineParser, UserError
-from data import DATASETS, DEFAULT_IMAGE_SIZE
-from engine import PRECISIONS, usable_cores
-from model import ARCHS, BN_STATS, STEMS
-from optim import LR_SCALINGS, OPTIMIZERS, SCHEDULES
+from .cli import OneLineParser, UserError
+from .encoders import ARCHS, STEMS
 
+# The choices of the flags, here so that parsing (and --help) never waits for torch to import; the
+# modules that act on them (data, engine, model, optim) import them from here.
+DATASETS = ("cifar10", "cifar100", "stl10", "folder")
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "folder": 32}
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("adam", "sgd", "lars")
+SCHEDULES = ("constant", "cosine")
+LR_SCALINGS = ("none", "linear", "sqrt")
+BN_STATS = ("per_view", "joint")
+FROM_LAYERS = ("encoder", "head1")
 AUG_BACKENDS = ("tensor", "pil")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may use (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 # Bounds that every numeric flag shares: far beyond any sensible run, inside what float32 and
 # memory can hold, so that an absurd value is refused with its bound instead of a traceback later.
@@ -343,3 +358,189 @@ def resume_values(explicit: dict, saved: dict, source: str) -> tuple[dict, list[
     notes = [f"resume: changed --{k} {saved[k]} -> {wanted[k]}" for k in explicit
              if k not in RUN_KEYS and k not in MACHINE_KEYS and k != "resume" and wanted[k] != saved.get(k)]
     return wanted, notes
+
+
+# ----------------------------------------------------------------------------- linear.py
+
+FROM_CONFIG = "None means the run config's"
+# Default learning rate per optimizer: SGD on standardised features tolerates a large step
+# (the loss is convex); Adam's usual 1e-3 is its robust default.
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
+
+LINEAR_FLAGS: tuple[Flag, ...] = (
+    shared("model_path", group="encoder"),
+    shared("config", group="encoder"),
+    Flag("untrained", False, "probe a randomly initialised encoder of the same architecture (the baseline); "
+         "the weights are not read, only the config is needed", group="encoder"),
+    shared("arch", default=None, optional=True, group="encoder", help=f"override the encoder; {FROM_CONFIG}"),
+    shared("stem", default=None, optional=True, group="encoder", help=f"override the first layer; {FROM_CONFIG}"),
+    shared("dataset", default=None, optional=True, help=f"override the data set; {FROM_CONFIG}"),
+    shared("data_root", default=None, optional=True, help=f"override the data folder; {FROM_CONFIG}"),
+    shared("image_size", help=f"override the image side; {FROM_CONFIG}"),
+    shared("cache_dir", help=f"override the folder-data cache folder; {FROM_CONFIG}"),
+    shared("train_subset", help="train the probe on a fixed random subset of N labeled images (quick runs)"),
+    Flag("batch_size", 512, "examples per step", int, group="probe training", ge=1, le=2 ** 20),
+    Flag("epochs", 100, "epochs over the labeled train split", int, group="probe training", ge=1, le=10 ** 6),
+    Flag("optimizer", "sgd", "sgd (with --momentum) or adam; cosine decay to 0 over all steps either way", str,
+         tuple(DEFAULT_LR), "probe training"),
+    Flag("lr", None, "learning rate; None means 0.1 for sgd, 1e-3 for adam", float, group="probe training",
+         gt=0, le=MAX_LR, optional=True),
+    Flag("momentum", 0.9, "SGD momentum", float, group="probe training", ge=0, lt=1),
+    Flag("weight_decay", 0.0, "L2 penalty on the linear layer (the paper uses none on CIFAR)", float,
+         group="probe training", ge=0, le=10),
+    Flag("standardize", True, "scale each feature to zero mean, unit variance with train-split statistics only "
+         "(folded into the saved layer, which stays linear in raw features)", group="probe training"),
+    Flag("augment", False, "train through the frozen encoder with random crop (padding size/8) and flip on "
+         "every batch instead of on features computed once", group="probe training"),
+    shared("eval_batch_size"),
+    shared("device"),
+    shared("precision"),
+    shared("channels_last", help="channels-last memory format for the encoder"),
+    shared("threads", aliases=("workers",)),
+    shared("seed", help="seed of the probe (and of --untrained's encoder)"),
+    shared("results_dir", default=None, optional=True,
+           help="where the files go; None means the folder of --model_path (or of --config, else results)"),
+    shared("name", help="file prefix; None means NAME of NAME_model.pth (+ _untrained)"),
+    shared("tensorboard", help="also write TensorBoard event files, tags linear/COLUMN of the CSV"),
+    shared("tensorboard_dir", help="folder of the TensorBoard event files; None means RESULTS/NAME_linear_tb"),
+)
+
+LinearConfig = config_class("LinearConfig", LINEAR_FLAGS, "Every resolved flag of a linear evaluation.")
+
+
+# ----------------------------------------------------------------------------- finetune.py
+
+DEFAULT_FRACTION = 0.1
+
+FINETUNE_FLAGS: tuple[Flag, ...] = (
+    Flag("model_path", None, "weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)", str,
+         group="encoder", optional=True),
+    Flag("config", None, "run config JSON; None means NAME_config.json next to --model_path", str,
+         group="encoder", optional=True),
+    Flag("untrained", False, "start from a random initialisation of the same model (the baseline); the weights "
+         "are not read, only the config", group="encoder", role="run"),
+    Flag("from_layer", "encoder", "where the new linear classifier sits: encoder (on h) or head1 (on the "
+         "projection head's first Linear + BatchNorm + ReLU, loaded from the checkpoint, as SimCLRv2)", str,
+         FROM_LAYERS, "encoder", "run"),
+    shared("arch", default=None, optional=True, group="encoder", help=f"override the encoder; {FROM_CONFIG}"),
+    shared("stem", default=None, optional=True, group="encoder", help=f"override the first layer; {FROM_CONFIG}"),
+    shared("dataset", default=None, optional=True, help=f"override the data set; {FROM_CONFIG}"),
+    shared("data_root", default=None, optional=True, role="run", help=f"override the data folder; {FROM_CONFIG}"),
+    shared("image_size", help=f"override the image side; {FROM_CONFIG}"),
+    shared("cache_dir", help=f"override the folder-data cache folder; {FROM_CONFIG}"),
+    Flag("label_fraction", None, f"fraction of the labeled training images to use, the same number from every "
+         f"class (0.01, 0.1, ..., 1); None means {DEFAULT_FRACTION} unless --labels_per_class", float,
+         group="labels", role="run", gt=0, le=1, optional=True),
+    Flag("labels_per_class", None, "use N labeled images of every class instead of a fraction", int,
+         group="labels", role="run", ge=1, le=BIG, optional=True),
+    Flag("batch_size", 64, "labeled images per step (the last incomplete batch of an epoch is dropped)", int,
+         group="fine-tuning", role="run", ge=2, le=2 ** 20),
+    Flag("epochs", 30, "epochs over the labeled subset (SimCLR: 60 for 1%, 30 for 10% of ImageNet)", int,
+         group="fine-tuning", role="run", ge=1, le=10 ** 6),
+    Flag("lr", None, "learning rate of SGD with Nesterov momentum, cosine decay to 0 over all steps; None means "
+         "0.05 x batch_size / 256 (SimCLR's fine-tuning rule)", float, group="fine-tuning", role="run", gt=0,
+         le=MAX_LR, optional=True),
+    Flag("momentum", 0.9, "Nesterov momentum (0: plain SGD)", float, group="fine-tuning", role="run", ge=0, lt=1),
+    Flag("weight_decay", 0.0, "L2 penalty on every weight (SimCLR's fine-tuning uses none)", float,
+         group="fine-tuning", role="run", ge=0, le=10),
+    Flag("min_crop_scale", 0.08, "smallest crop area fraction of the random resized crop", float,
+         group="fine-tuning", role="run", gt=0, le=1),
+    shared("eval_batch_size", help="images per forward pass when testing"),
+    shared("device"),
+    shared("precision"),
+    shared("channels_last"),
+    shared("threads"),
+    shared("seed", help="seed of the label subset, the batch order, the crops and --untrained's initialisation"),
+    shared("results_dir", default=None, optional=True,
+           help="where the files go; None means the folder of --model_path (or of --config, else results)"),
+    shared("name", help="file prefix before _finetune_TAG; None means NAME of NAME_model.pth (+ _untrained)"),
+    shared("tensorboard", help="also write TensorBoard event files, tags finetune/COLUMN of the CSV per epoch"),
+    shared("tensorboard_dir", help="folder of the TensorBoard event files; None means RESULTS/NAME_finetune_TAG_tb"),
+    Flag("resume", None, "continue from a NAME_finetune_TAG_last.pth checkpoint, or 'auto' for this run's", str,
+         group="run", optional=True),
+)
+
+FINETUNE = by_name(FINETUNE_FLAGS)
+FINETUNE_DEFAULTS = {f.name: f.default for f in FINETUNE_FLAGS}
+FINETUNE_RUN_KEYS = tuple(f.name for f in FINETUNE_FLAGS if f.role == "run")
+FinetuneConfig = config_class("FinetuneConfig", FINETUNE_FLAGS, "Every resolved flag of a fine-tuning run.")
+
+
+# ----------------------------------------------------------------------------- neighbors.py
+
+NEIGHBORS_FLAGS: tuple[Flag, ...] = (
+    shared("model_path"),
+    shared("config"),
+    Flag("n", 8, "test images, one per row", int, group="picture", ge=1, le=10_000),
+    Flag("k", 8, "neighbours per test image", int, group="picture", ge=1, le=1_000),
+    shared("seed", group="picture", help="chooses the random test images"),
+    Flag("out", None, "PNG to write; None means NAME_neighbors.png beside the weights", str, group="picture",
+         optional=True),
+    shared("dataset", default=None, optional=True, help="override the config's data set"),
+    shared("data_root", default=None, optional=True, help="override the config's data folder (e.g. run from elsewhere)"),
+    shared("image_size", help="override the config's image side"),
+    shared("device"),
+    shared("eval_batch_size", default=256, aliases=("batch_size",)),
+    shared("threads"),
+)
+
+
+# ----------------------------------------------------------------------------- embed.py
+
+METHODS = ("tsne", "pca")
+MIN_POINTS = 5            # embed.py: t-SNE needs perplexity >= 1 < (n - 1) / 3; a map of fewer points says nothing
+THUMBNAILS = 150          # --thumbnails: at most this many, spread over the map
+
+EMBED_FLAGS: tuple[Flag, ...] = (
+    shared("model_path"),
+    shared("config"),
+    Flag("method", "tsne", "tsne (openTSNE; about 70 s for 10,000 images on 2 CPU cores) or pca (torch SVD, "
+         "seconds)", str, METHODS, "map"),
+    Flag("n", None, "test images to draw, class-balanced and chosen by --seed; None means all", int, group="map",
+         ge=MIN_POINTS, le=BIG, optional=True),
+    Flag("perplexity", 30.0, "t-SNE perplexity (lowered to (n - 1) / 3 for few images)", float, group="map",
+         ge=1, le=10_000),
+    Flag("thumbnails", False, f"draw image thumbnails at up to {THUMBNAILS} points spread over the map",
+         group="map"),
+    shared("seed", group="map", help="chooses the --n test images, t-SNE's random state and the thumbnails"),
+    Flag("out", None, "PNG to write; None means NAME_embed_METHOD.png beside the weights; the CSV of "
+         "coordinates goes beside it (same name, .csv)", str, group="map", optional=True),
+    shared("dataset", default=None, optional=True, help="override the config's data set"),
+    shared("data_root", default=None, optional=True,
+           help="override the config's data folder (moved data, or the full test set of a subset run)"),
+    shared("image_size", help="override the config's image side"),
+    shared("device"),
+    shared("eval_batch_size", default=256),
+    shared("threads", help="CPU threads for PyTorch and t-SNE; 0 means one per core"),
+    shared("tensorboard", help="also write the features, labels and a thumbnail sprite for TensorBoard's "
+           "embedding projector"),
+    shared("tensorboard_dir", help="where the projector files go; None means the run's NAME_tb beside the weights"),
+)
+
+
+# ----------------------------------------------------------------------------- bench.py
+
+BENCH_FLAGS: tuple[Flag, ...] = (
+    Flag("device", None, "cpu or cuda; None means cuda if available, else cpu", str, ("cpu", "cuda"), "bench",
+         optional=True),
+    Flag("quick", False, "tiny sizes (CPU run under a minute; figures not meaningful)", group="bench"),
+    Flag("threads", None, "torch threads / PIL processes on both sides; None means all cores (1 with --quick)",
+         int, group="bench", ge=1, le=1024, optional=True),
+    Flag("arch", None, "arch of the step comparison; None means resnet18 (and resnet50 for CUDA epochs)", str,
+         ARCHS, "bench", optional=True),
+    Flag("batch_size", None, "images per step in the step comparison; None means cpu 32, cuda 512; quick 8", int,
+         group="bench", ge=2, le=2 ** 20, optional=True),
+    Flag("steps", None, "timed steps per variant after warm-up; None means cpu 3, cuda 10; quick 2", int,
+         group="bench", ge=1, le=10_000, optional=True),
+    Flag("json", None, "also write the JSON to this file", str, group="bench", optional=True),
+    Flag("compile", False, "torch.compile the project's network (cuda epochs)", group="bench"),
+)
+
+
+# ----------------------------------------------------------------------------- every script's table
+
+# The flags of each script, in --help order: docs/flags.md is generated from this table.
+SCRIPT_FLAGS: dict[str, tuple[Flag, ...]] = {
+    "main.py": TRAIN_FLAGS, "linear.py": LINEAR_FLAGS, "finetune.py": FINETUNE_FLAGS,
+    "neighbors.py": NEIGHBORS_FLAGS, "embed.py": EMBED_FLAGS, "bench.py": BENCH_FLAGS,
+}

@@ -6,9 +6,8 @@ import math
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adam", "sgd", "lars")
-SCHEDULES = ("constant", "cosine")
-LR_SCALINGS = ("none", "linear", "sqrt")
+from .flags import LR_SCALINGS, OPTIMIZERS, SCHEDULES  # noqa: F401 (re-exported)
+
 
 
 class LARS(torch.optim.Optimizer):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from typing import Sequence
 
-from files import atomic_write_bytes
+from .files import atomic_write_bytes
 
 
 def pyplot():

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from cli import UserError
+from .cli import UserError
 
 def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write through `write` into a temp file beside `path`, fsync, then rename over `path`.

@@ -10,8 +10,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from augment import normalize
-from distributed import World, gather_rows, shard
+from .augment import normalize
+from .distributed import World, gather_rows, shard
 
 
 def _fp32(device: torch.device):

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from cli import UserError
+from .cli import UserError
 
 
 class NoLog:

@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cli import DataError, Interrupted
-from engine import mix_seed, usable_cores
-from files import atomic_write
+from .cli import DataError, Interrupted
+from .engine import mix_seed
+from .flags import DATASETS, DEFAULT_IMAGE_SIZE, usable_cores  # noqa: F401 (re-exported)
+from .files import atomic_write
 
-DEFAULT_IMAGE_SIZE = {'cifar10': 32, 'cifar100': 32, 'stl10': 96, 'folder': 32}
-DATASETS = ('cifar10', 'cifar100', 'stl10', 'folder')
 
 # Per-channel statistics of the [0, 1]-scaled training images (population std over all pixels).
 # These are the widely used figures for the torchvision training sets (the CIFAR-10 mean agrees to

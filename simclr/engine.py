@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from cli import UserError
-from distributed import global_nt_xent
+from .cli import UserError
+from .distributed import global_nt_xent
+from .flags import PRECISIONS, usable_cores  # noqa: F401 (re-exported)
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -83,14 +82,6 @@ def resolve_device(name: str) -> tuple[torch.device, str | None]:
         if device.index is not None and device.index >= count:
             raise UserError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     return device, None
-
-
-def usable_cores() -> int:
-    """CPU cores this process may use (at least 1)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:

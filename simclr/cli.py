@@ -98,6 +98,12 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def _is_out_of_memory(e: BaseException) -> bool:
+    """True for torch's out-of-memory error; torch is not imported for this (a script may fail before it is)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(e, torch.OutOfMemoryError)
+
+
 DEFAULT_OOM_ADVICE = "use a smaller batch (--batch_size, --eval_batch_size) or --precision bf16"
 
 
@@ -107,8 +113,6 @@ def run_cli(job: Callable[[], int], oom_advice: str = DEFAULT_OOM_ADVICE,
 
     prefix() is put before each message (under torchrun: the rank); cleanup() runs at the end either way.
     """
-    import torch
-
     def say(message: str) -> None:
         print(f"{prefix()}error: {message}", file=sys.stderr, flush=True)
 
@@ -120,12 +124,14 @@ def run_cli(job: Callable[[], int], oom_advice: str = DEFAULT_OOM_ADVICE,
     except InvalidResult as e:
         say(str(e))
         return 1
-    except torch.OutOfMemoryError:
-        say(f"out of GPU memory; {oom_advice}")
-        return 2
     except OSError as e:  # a full disk, a read-only or missing folder: the environment, not a bug
         where = f"{e.filename}: " if e.filename else ""
         say(f"{where}{e.strerror or first_line(e)}; free space or choose another folder, then run again")
+        return 2
+    except Exception as e:
+        if not _is_out_of_memory(e):
+            raise
+        say(f"out of GPU memory; {oom_advice}")
         return 2
     except KeyboardInterrupt as e:
         print("interrupted; files on disk are complete (each is written whole or not at all)", file=sys.stderr)

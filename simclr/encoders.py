@@ -1,0 +1,108 @@
+"""The table of encoders: an architecture name -> how to build the encoder and how to run it.
+
+A new backbone is one entry here: `--arch`, the SimCLR model, the classifier of finetune.py,
+hubconf's entry points and bench.py's list all read this table. Importing this module does not
+import torch (the flag table and `--help` read the names), so the constructors import it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+STEMS = ("cifar", "imagenet")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One architecture: build(stem) -> (encoder without classifier, feature width), and its forward."""
+    name: str
+    summary: str
+    build: Callable[[str], tuple[Any, int]]
+    features: Callable[..., Any]     # (encoder, x (N, 3, S, S), recompute: bool) -> h (N, width)
+
+
+ENCODERS: dict[str, EncoderSpec] = {}
+
+
+def encoder_spec(arch: str) -> EncoderSpec:
+    """The table's entry for `arch`; ValueError naming the choices when there is none."""
+    if arch not in ENCODERS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[arch]
+
+
+def build_encoder(arch: str, stem: str = "cifar"):
+    """A randomly initialised encoder of `arch` with the given stem; returns (encoder, feature width)."""
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+    return encoder_spec(arch).build(stem)
+
+
+# ----------------------------------------------------------------------------- torchvision ResNets
+
+def resnet_encoder(arch: str, stem: str = "cifar"):
+    """A randomly initialised torchvision ResNet without its classifier; returns (encoder, feature width)."""
+    import torchvision
+    from torch import nn
+    net = getattr(torchvision.models, arch)(weights=None)
+    if stem == "cifar":
+        # 32x32 inputs: a 7x7 stride-2 conv plus max-pool would throw away 15/16 of the pixels
+        # before the first block, which costs several points of accuracy on CIFAR.
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    width = net.fc.in_features
+    del net.fc  # no classifier: keeps `f.fc.*` out of the saved weights
+    return net, width
+
+
+def resnet_features(f, x, recompute: bool = False):
+    """Features of a ResNet without its classifier: (N, 3, S, S) -> (N, width); recompute: gradient checkpointing."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+    x = f.maxpool(f.relu(f.bn1(f.conv1(x))))
+    for stage in (f.layer1, f.layer2, f.layer3, f.layer4):
+        if not recompute:
+            x = stage(x)
+            continue
+        for block in stage:
+            # keep only each residual block's input; its inner activations are recomputed in backward.
+            # Compiled, the recomputation is part of the traced backward graph, where buffer updates
+            # are applied once by construction; eager, the wrapper keeps them from happening twice.
+            fn = block if torch.compiler.is_compiling() else _once_updating_bn(block)
+            x = checkpoint(fn, x, use_reentrant=False)
+    return torch.flatten(f.avgpool(x), 1)  # (N, width)
+
+
+def _once_updating_bn(block):
+    """`block` for checkpoint(): the backward-time recomputation must not update BatchNorm's
+    running statistics a second time (it still normalises with the same batch statistics)."""
+    from torch import nn
+    calls = 0
+
+    def run(x):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return block(x)
+        norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                 for m in norms]
+        for m in norms:
+            m.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
+        try:
+            return block(x)
+        finally:
+            for m, (momentum, tracked) in zip(norms, saved):
+                m.momentum = momentum
+                if tracked is not None:
+                    m.num_batches_tracked.copy_(tracked)
+
+    return run
+
+
+for _name, _summary in (("resnet18", "ResNet-18, 512-d features"), ("resnet34", "ResNet-34, 512-d features"),
+                        ("resnet50", "ResNet-50, 2048-d features")):
+    ENCODERS[_name] = EncoderSpec(_name, _summary, lambda stem, arch=_name: resnet_encoder(arch, stem),
+                                  resnet_features)
+
+ARCHS = tuple(ENCODERS)

@@ -1,0 +1,262 @@
+"""SimCLR model: a ResNet encoder f with a CIFAR stem, a projection head g, and the NT-Xent loss.
+
+The saved `state_dict` has the encoder under `f.*` (torchvision ResNet names, no `fc`) and the
+head under `g.*`; `SimCLR(...).load_state_dict(torch.load(path, weights_only=True))` restores it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .encoders import ARCHS, STEMS, build_encoder, encoder_spec, resnet_features  # noqa: F401 (re-exported)
+from .flags import BN_STATS, FROM_LAYERS
+
+
+class SimCLR(nn.Module):
+    """Encoder f and projection head g; forward(x) returns (h, z).
+
+    bn_stats: joint (plain torchvision BatchNorm, the default here: what evaluation and your own
+    code load) or per_view (training input x = [view 1; view 2], each view normalised with its own
+    batch statistics; the same parameters, buffers and state_dict keys).
+    """
+
+    def __init__(self, arch: str = "resnet50", feature_dim: int = 128, proj_hidden_dim: int = 512,
+                 stem: str = "cifar", grad_checkpoint: bool = False, bn_stats: str = "joint"):
+        super().__init__()
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"unknown bn_stats {bn_stats!r}; choose one of {', '.join(BN_STATS)}")
+        self.arch = arch
+        self.f, self.feature_width = build_encoder(arch, stem)
+        self.g = nn.Sequential(
+            nn.Linear(self.feature_width, proj_hidden_dim, bias=False),  # bias is redundant before BN
+            nn.BatchNorm1d(proj_hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(proj_hidden_dim, feature_dim, bias=True),
+        )
+        self.grad_checkpoint = grad_checkpoint
+        if bn_stats == "per_view":
+            # forward(x) gets x = [view 1; view 2]: each view is normalised with its own batch statistics,
+            # as when the views ran through the network one after the other
+            per_view_batchnorm(self)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder features h: (N, 3, S, S) -> (N, feature_width)."""
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        return encoder_spec(self.arch).features(self.f, x, recompute)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, S, S) -> h (N, feature_width), z (N, feature_dim)."""
+        h = self.encode(x)
+        return h, self.g(h)
+
+
+
+
+class Classifier(nn.Module):
+    """A SimCLR encoder f, optionally the head's first layer (Linear + BatchNorm1d + ReLU of g, from which
+    SimCLRv2 fine-tunes), and a new Linear classifier; forward(x) returns logits (N, num_classes).
+
+    The state_dict holds `f.*`, `head.*` (g.0 and g.1 as head.0 and head.1; empty for from_layer
+    'encoder') and `fc.*`.
+    """
+
+    def __init__(self, simclr: SimCLR, from_layer: str, num_classes: int):
+        super().__init__()
+        if from_layer not in FROM_LAYERS:
+            raise ValueError(f"unknown from_layer {from_layer!r}; choose one of {', '.join(FROM_LAYERS)}")
+        self.f, self.arch = simclr.f, simclr.arch
+        # the same module objects as in `simclr`: their loaded weights are the starting point
+        self.head = nn.Sequential(*simclr.g[:3]) if from_layer == "head1" else nn.Sequential()
+        width = simclr.g[0].out_features if from_layer == "head1" else simclr.feature_width
+        self.fc = nn.Linear(width, num_classes)
+        # a zero classifier starts every run from the same function of the features, whatever the seed
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> logits (N, num_classes)."""
+        return self.fc(self.head(encoder_spec(self.arch).features(self.f, x)))
+
+
+class PerViewStatistics:
+    """BatchNorm mixin: in training, rows [0, N/2) and [N/2, N) of the input (two views) are normalised
+    with their own batch statistics, by the base class's forward once per half.
+
+    Running statistics are therefore updated exactly as by two forward passes, view 1 then view 2
+    (momentum applied twice, `num_batches_tracked` counted twice, `momentum=None` averaging over
+    both). In eval mode the running statistics normalise the whole input at once. Parameters and
+    buffers are the base class's, so the `state_dict` is a plain BatchNorm's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _uses_batch_statistics(self):
+            return super().forward(x)
+        _check_two_views(x)
+        # chunks along the batch dimension are views, contiguous or channels-last alike. chunk(), not
+        # two slices: the gradient of two slices is two zero-filled full-size tensors added together
+        view1, view2 = x.chunk(2)
+        return torch.cat([super().forward(view1), super().forward(view2)])
+
+
+class PerViewBatchNorm(PerViewStatistics, nn.modules.batchnorm._BatchNorm):
+    """BatchNorm1d/2d with per-view batch statistics (see PerViewStatistics); input (N, C, ...).
+
+    Eager training runs torch's BatchNorm kernels on each view's rows, writing into one output
+    (_PerViewBatchNormFunction): the concatenation of the generic path costs a copy of every
+    BatchNorm output, about 3% of a CPU ResNet-18 step (bench.py). Under torch.compile the generic
+    path is used, and the compiler fuses the concatenation away.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-d input, got {x.dim()}-d")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _uses_batch_statistics(self) or not self.affine or torch.compiler.is_compiling():
+            return super().forward(x)
+        _check_two_views(x)
+        factors = (self._next_average_factor(), self._next_average_factor())  # view 1's update, then view 2's
+        tracked = self.track_running_stats
+        return _PerViewBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean if tracked else None,
+                                               self.running_var if tracked else None, factors, self.eps)
+
+    def _next_average_factor(self) -> float:
+        """Count one batch and return its weight in the running statistics, as _BatchNorm.forward does."""
+        if not self.track_running_stats:
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        return self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+
+
+def _uses_batch_statistics(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """True where torch's BatchNorm normalises with the batch's statistics: training, or no running ones."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _check_two_views(x: torch.Tensor) -> None:
+    if x.shape[0] % 2:
+        raise ValueError(f"per-view BatchNorm needs an even number of rows (two views), got {x.shape[0]}")
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-d channels-last tensor, else the ordinary contiguous format."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _PerViewBatchNormFunction(torch.autograd.Function):
+    """Training BatchNorm of x (2B, C, ...) with separate statistics for rows [0, B) and [B, 2B).
+
+    Each view goes through aten's own batch-norm kernels (the ones F.batch_norm runs), writing into
+    its rows of a single output and gradient, so the result and the running-statistic updates
+    are those of two stock BatchNorm calls, without concatenating their outputs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
+                running_var: torch.Tensor | None, factors: tuple[float, float], eps: float) -> torch.Tensor:
+        memory_format = _memory_format(x)
+        x = x.contiguous(memory_format=memory_format)
+        y = torch.empty_like(x)                                       # same layout as x
+        # the kernels keep their statistics in fp32 for half-precision inputs (autocast)
+        stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        mean = torch.empty(2, x.shape[1], dtype=stat_dtype, device=x.device)      # (2, C): per view
+        invstd = torch.empty_like(mean)
+        for v, (x_v, y_v) in enumerate(zip(x.chunk(2), y.chunk(2))):
+            torch.ops.aten.native_batch_norm.out(x_v, weight, bias, running_mean, running_var, True, factors[v], eps,
+                                                 out=y_v, save_mean=mean[v], save_invstd=invstd[v])
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.memory_format, ctx.eps = memory_format, eps
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_y = grad_y.contiguous(memory_format=ctx.memory_format)
+        grad_x = torch.empty_like(x)
+        grad_weight = torch.empty(2, x.shape[1], dtype=weight.dtype, device=weight.device)  # (2, C): per view
+        grad_bias = torch.empty_like(grad_weight)
+        for v, (grad_y_v, x_v, grad_x_v) in enumerate(zip(grad_y.chunk(2), x.chunk(2), grad_x.chunk(2))):
+            torch.ops.aten.native_batch_norm_backward.out(
+                grad_y_v, x_v, weight, None, None, mean[v], invstd[v], True, ctx.eps, [True, True, True],
+                out0=grad_x_v, out1=grad_weight[v], out2=grad_bias[v])
+        return grad_x, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
+
+
+def swap_batchnorm(module: nn.Module, make) -> nn.Module:
+    """Replace, in place, every BatchNorm below `module` by `make(old)` (None: keep it), which receives
+    the very same Parameter and buffer objects: an optimizer built before still updates them, the
+    `state_dict` keeps its keys and nothing is copied."""
+    for name, child in module.named_children():
+        if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+            swap_batchnorm(child, make)
+            continue
+        new = make(child)
+        if new is None:
+            continue
+        for key, value in child._parameters.items():
+            new._parameters[key] = value
+        for key, value in child._buffers.items():
+            new._buffers[key] = value
+        new.train(child.training)
+        setattr(module, name, new)
+    return module
+
+
+def per_view_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm below `module` normalise the two halves of its input (two views) separately."""
+    def make(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module | None:
+        if isinstance(bn, PerViewStatistics):
+            return None
+        return PerViewBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                                device="meta")
+    return swap_batchnorm(module, make)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 unchanged (the loss is never computed in half precision)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def nt_xent(z: torch.Tensor, temperature: float, anchors: torch.Tensor | None = None) -> torch.Tensor:
+    """NT-Xent (SimCLR Eq. 1) for z: (2N, d) where rows i and i+N are two views of one image.
+
+    Rows are L2-normalised, logits = z z^T / temperature in fp32 (also inside an autocast region)
+    with the self-similarity masked out, and each anchor's target is its partner view; returns the
+    cross-entropy averaged over the anchor rows (every row by default; a subset when each process
+    owns part of the batch).
+    """
+    n2 = z.shape[0]
+    if n2 % 2:
+        raise ValueError(f"nt_xent needs an even number of rows (two views per image), got {n2}")
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = F.normalize(at_least_fp32(z), dim=1)
+        rows = torch.arange(n2, device=z.device) if anchors is None else anchors
+        logits = z[rows] @ z.T / temperature                                        # (A, 2N)
+        # a row's similarity with itself is always the largest; it is not a negative. masked_fill
+        # takes -inf as a scalar argument: no host-to-device copy, so no sync in the step
+        itself = rows[:, None] == torch.arange(n2, device=z.device)[None, :]       # (A, 2N)
+        logits = logits.masked_fill(itself, float("-inf"))
+        partner = (rows + n2 // 2) % n2
+        return F.cross_entropy(logits, partner)
+
+
+def naive_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The reference NT-Xent, written the seed's way: exp of all similarities, then -log(positive / sum).
+
+    z1, z2: (N, d) projections of view 1 and view 2 of the same N images -> scalar loss averaged
+    over the 2N anchors. It overflows at small temperatures (which `nt_xent` does not); the tests
+    and bench.py's naive step use it as the independent formulation to compare against.
+    """
+    out = F.normalize(torch.cat([z1, z2]), dim=1)                              # (2N, d)
+    n2 = out.shape[0]
+    sim = torch.exp(out @ out.T / temperature)                                 # (2N, 2N)
+    off_diagonal = ~torch.eye(n2, dtype=torch.bool, device=out.device)
+    denominator = sim.masked_select(off_diagonal).view(n2, n2 - 1).sum(dim=1)  # partner and negatives
+    positive = torch.exp((F.normalize(z1, dim=1) * F.normalize(z2, dim=1)).sum(dim=1) / temperature)
+    positive = torch.cat([positive, positive])                                 # (2N,)
+    return (-torch.log(positive / denominator)).mean()
