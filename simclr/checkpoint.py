@@ -380,15 +380,14 @@ def restore_rng(state: dict) -> None:
 
 
 def save_training_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             scaler: torch.amp.GradScaler | None, schedule: dict, config: dict, epoch: int,
+                             scaler: torch.amp.GradScaler | None, config: dict, epoch: int,
                              step: int, loss_sum: float, seconds: float, best_acc: float, history: list,
                              extra: dict | None = None) -> None:
     """NAME_last.pth: everything --resume needs to continue exactly (epoch = completed epochs); extra: more
-    entries a script needs (plain values and tensors only)."""
+    entries a script needs (plain values and tensors only). The learning rate is a pure function of the
+    global step and the config (optim.Schedule), so the checkpoint holds no scheduler state."""
     atomic_save({
         "model": cpu_state_dict(model), "optimizer": _to_cpu(optimizer.state_dict()),
-        # the learning rate is a pure function of the global step (optim.lr_at): this is its whole state
-        "scheduler": {**schedule, "global_step": epoch * schedule["steps_per_epoch"] + step},
         "scaler": scaler.state_dict() if scaler is not None else {},
         "epoch": epoch, "step_in_epoch": step, "epoch_loss_sum": loss_sum, "epoch_seconds": seconds,
         "best_acc": best_acc, "history": list(history), "rng": rng_state(), "config": dict(config),

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from .model import PerViewStatistics, at_least_fp32, nt_xent, swap_batchnorm
+from .loss import at_least_fp32, nt_xent
+from .model import PerViewStatistics, swap_batchnorm
 
 
 @dataclass(frozen=True)
@@ -113,23 +114,29 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     return swap_batchnorm(module, make)
 
 
-def global_nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+def global_nt_xent(z: torch.Tensor, temperature: float, ids: torch.Tensor | None = None) -> torch.Tensor:
     """NT-Xent of this process's z: (2b, d) = [view 1; view 2] against the whole global batch.
 
-    The projections of every process are gathered with a gradient-carrying all-gather, laid out
-    as [view 1 of all; view 2 of all] (the single-process layout), and the loss is averaged over
-    this process's own 2b anchors. DDP's gradient averaging over processes then gives exactly
-    the gradient of the single-process loss over the global batch.
+    The projections of every process (and their positive ids, when given: (2b,) laid out like z)
+    are gathered with a gradient-carrying all-gather, laid out as [view 1 of all; view 2 of all]
+    (the single-process layout), and the loss is averaged over this process's own 2b anchors.
+    DDP's gradient averaging over processes then gives exactly the gradient of the
+    single-process loss over the global batch.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return nt_xent(z, temperature)
+        return nt_xent(z, temperature, ids)
     world, rank = dist.get_world_size(), dist.get_rank()
     b = z.shape[0] // 2
     parts = dist_nn.all_gather(z.contiguous())                                 # world x (2b, d)
     z_all = torch.cat([p[:b] for p in parts] + [p[b:] for p in parts])        # (2bW, d)
+    ids_all = None
+    if ids is not None:
+        id_parts = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(id_parts, ids.contiguous())                           # ids carry no gradient
+        ids_all = torch.cat([p[:b] for p in id_parts] + [p[b:] for p in id_parts])
     mine = torch.arange(rank * b, (rank + 1) * b, device=z.device)
     anchors = torch.cat([mine, mine + b * world])
-    return nt_xent(z_all, temperature, anchors)
+    return nt_xent(z_all, temperature, ids_all, anchors)
 
 
 def _share(n: int, world_size: int, rank: int) -> tuple[int, int]:

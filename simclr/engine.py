@@ -140,11 +140,22 @@ def mix_seed(*parts: int) -> int:
 # ----------------------------------------------------------------------------- the step
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, views: torch.Tensor, temperature: float,
-               runtime: Runtime, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
-    """One optimizer step on views (2b, 3, S, S) = [view 1; view 2]; returns the detached loss (no sync)."""
+               runtime: Runtime, scaler: torch.amp.GradScaler | None = None,
+               ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One SimCLR step on views (2b, 3, S, S) = [view 1; view 2]: forward, loss, backward, optimizer step.
+
+    ids: (2b,) positive id of each view (None: the two views of an image). Returns the detached
+    loss, left on the device (no sync)."""
     with runtime.autocast():
         _, z = net(runtime.prepare(views))                        # z: (2b, feature_dim)
-    loss = global_nt_xent(z, temperature)                         # fp32, over the global batch
+    loss = global_nt_xent(z, temperature, ids)                    # fp32, over the global batch
+    apply_gradients(loss, optimizer, scaler)
+    return loss.detach()
+
+
+def apply_gradients(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward and one optimizer step; fp16 goes through the loss scaler (bf16 and fp32 need none)."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -153,7 +164,6 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, views: to
     else:
         loss.backward()
         optimizer.step()
-    return loss.detach()
 
 
 def count_macs(model: torch.nn.Module, image_size: int) -> tuple[int, int, str]:

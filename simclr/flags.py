@@ -192,8 +192,8 @@ def _shared() -> dict[str, Flag]:
              ge=1, le=2 ** 20, aliases=("feature_batch_size",)),
         Flag("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", str, group="speed",
              role="machine"),
-        Flag("precision", "auto", "network autocast: auto is bf16 on CUDA (fp16 before Ampere) and fp32 on a "
-             "CPU; bf16, fp16 or fp32; losses, kNN and similarities stay fp32", str, PRECISIONS, "speed", "machine"),
+        Flag("precision", "auto", "network autocast: auto is bf16 on CUDA (fp16 before Ampere), bf16 on a CPU with "
+             "native bf16 (AVX512-BF16 or AMX), else fp32; bf16, fp16 or fp32; losses, kNN and similarities stay fp32", str, PRECISIONS, "speed", "machine"),
         Flag("channels_last", True, "channels-last memory format for the network", group="speed", role="machine"),
         Flag("threads", 0, "CPU threads for PyTorch; 0 keeps PyTorch's default (one per core)", int, group="speed",
              role="machine", ge=0, le=MAX_THREADS),
@@ -235,7 +235,7 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("proj_hidden_dim", 512, "projection head hidden width", int, group="model and loss", role="run",
          ge=1, le=65536),
     Flag("temperature", 0.5, "NT-Xent temperature", float, group="model and loss", role="run", gt=0, le=100),
-    Flag("bn_stats", "per_view", "BatchNorm statistics in training: per_view (each view its own, as the seed's two "
+    Flag("bn_stats", "per_view", "BatchNorm statistics in training: per_view (each view its own, as the original tool's two "
          "forward passes) or joint (both views together); the convolutions run once over both views either way",
          str, BN_STATS, "model and loss", "run"),
     Flag("grad_checkpoint", False, "recompute encoder activations in backward: less memory, ~30% slower",
@@ -250,7 +250,7 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("knn_at_start", False, "also evaluate the untrained encoder, as an epoch-0 row of the CSV",
          group="evaluation"),
 
-    Flag("recipe", "seed", "preset: seed (Adam 1e-3, constant) or paper (LARS, lr 1.0 x B/256, 10 warm-up "
+    Flag("recipe", "seed", "preset: seed (the original tool's: Adam 1e-3, constant) or paper (LARS, lr 1.0 x B/256, 10 warm-up "
          "epochs, cosine, head 2048); explicit flags override it", str, ("seed", "paper"), "optimisation", "run"),
     Flag("batch_size", 1024, "images per step (global over all processes); two views each", int,
          group="optimisation", role="run", ge=2, le=2 ** 20),
@@ -274,7 +274,7 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("min_crop_scale", 0.08, "smallest crop area fraction of RandomResizedCrop", float,
          group="augmentation", role="run", gt=0, le=1),
     Flag("aug_backend", "tensor", "tensor: batched on the run's device; pil: torchvision per image in "
-         "DataLoader workers (the seed's way, the reference)", str, AUG_BACKENDS, "augmentation", "run"),
+         "DataLoader workers (the original tool's way, the reference)", str, AUG_BACKENDS, "augmentation", "run"),
 
     shared("dataset"),
     shared("data_root"),
@@ -316,7 +316,7 @@ RECIPES = {
 
 
 def default_name(values: dict) -> str:
-    """The seed's naming: data set, arch and the five seed flags in the seed's order."""
+    """The original tool's naming: data set, arch and its five flags in its order."""
     return "{dataset}_{arch}_{feature_dim}_{temperature:g}_{k}_{batch_size}_{epochs}".format(**values)
 
 
@@ -343,20 +343,26 @@ def derive(values: dict) -> dict:
 LEGACY_VALUES = dict(bn_stats="joint")
 
 
-def resume_values(explicit: dict, saved: dict, source: str) -> tuple[dict, list[str]]:
-    """Flags of a resumed run: what the run computes and its plan from the checkpoint, machine settings
-    afresh, explicit flags over both; a UserError when an explicit flag would change what is computed."""
-    saved = {**LEGACY_VALUES, **saved}
-    saved = check_values(derive({**TRAIN_DEFAULTS, **saved}), [f for f in TRAIN_FLAGS if f.role != "machine"], source)
-    machine = {k: TRAIN_DEFAULTS[k] for k in MACHINE_KEYS}
-    wanted = derive({**saved, **machine, **explicit})
-    changed = [k for k in RUN_KEYS if k in explicit and wanted[k] != saved[k]]
+def resume_values(flags: Iterable[Flag], explicit: dict, saved: dict, source: str,
+                  derive_values=lambda values: dict(values), legacy: dict | None = None) -> tuple[dict, list[str]]:
+    """Flags of a resumed run (main.py's or finetune.py's): what the run computes and its plan from the
+    checkpoint's config, machine settings afresh, explicit flags over both; a UserError when an explicit
+    flag would change what is computed. derive_values fills derived values (main.py: derive); legacy:
+    the values of run flags that checkpoints written before the flag existed were trained with."""
+    flags = tuple(flags)
+    defaults = {f.name: f.default for f in flags}
+    run_keys = [f.name for f in flags if f.role == "run"]
+    machine_keys = [f.name for f in flags if f.role == "machine"]
+    saved = {**(legacy or {}), **saved}
+    saved = check_values(derive_values({**defaults, **saved}), [f for f in flags if f.role != "machine"], source)
+    wanted = derive_values({**saved, **{k: defaults[k] for k in machine_keys}, **explicit})
+    changed = [k for k in run_keys if k in explicit and wanted[k] != saved[k]]
     if changed:
         what = ", ".join(f"--{k} {saved[k]} -> {wanted[k]}" for k in changed)
         raise UserError(f"cannot resume with changed flags that alter the run ({what}); "
                         f"drop them, or start a new run with another --name")
     notes = [f"resume: changed --{k} {saved[k]} -> {wanted[k]}" for k in explicit
-             if k not in RUN_KEYS and k not in MACHINE_KEYS and k != "resume" and wanted[k] != saved.get(k)]
+             if k not in run_keys and k not in machine_keys and k != "resume" and wanted[k] != saved.get(k)]
     return wanted, notes
 
 

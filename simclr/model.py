@@ -1,4 +1,4 @@
-"""SimCLR model: a ResNet encoder f with a CIFAR stem, a projection head g, and the NT-Xent loss.
+"""SimCLR model: an encoder f from the encoder table (ResNets with a CIFAR stem), a projection head g.
 
 The saved `state_dict` has the encoder under `f.*` (torchvision ResNet names, no `fc`) and the
 head under `g.*`; `SimCLR(...).load_state_dict(torch.load(path, weights_only=True))` restores it.
@@ -12,6 +12,7 @@ from torch.autograd.function import once_differentiable
 
 from .encoders import ARCHS, STEMS, build_encoder, encoder_spec, resnet_features  # noqa: F401 (re-exported)
 from .flags import BN_STATS, FROM_LAYERS
+from .loss import at_least_fp32, nt_xent  # noqa: F401 (re-exported)
 
 
 class SimCLR(nn.Module):
@@ -215,34 +216,6 @@ def per_view_batchnorm(module: nn.Module) -> nn.Module:
         return PerViewBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                                 device="meta")
     return swap_batchnorm(module, make)
-
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 unchanged (the loss is never computed in half precision)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def nt_xent(z: torch.Tensor, temperature: float, anchors: torch.Tensor | None = None) -> torch.Tensor:
-    """NT-Xent (SimCLR Eq. 1) for z: (2N, d) where rows i and i+N are two views of one image.
-
-    Rows are L2-normalised, logits = z z^T / temperature in fp32 (also inside an autocast region)
-    with the self-similarity masked out, and each anchor's target is its partner view; returns the
-    cross-entropy averaged over the anchor rows (every row by default; a subset when each process
-    owns part of the batch).
-    """
-    n2 = z.shape[0]
-    if n2 % 2:
-        raise ValueError(f"nt_xent needs an even number of rows (two views per image), got {n2}")
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        z = F.normalize(at_least_fp32(z), dim=1)
-        rows = torch.arange(n2, device=z.device) if anchors is None else anchors
-        logits = z[rows] @ z.T / temperature                                        # (A, 2N)
-        # a row's similarity with itself is always the largest; it is not a negative. masked_fill
-        # takes -inf as a scalar argument: no host-to-device copy, so no sync in the step
-        itself = rows[:, None] == torch.arange(n2, device=z.device)[None, :]       # (A, 2N)
-        logits = logits.masked_fill(itself, float("-inf"))
-        partner = (rows + n2 // 2) % n2
-        return F.cross_entropy(logits, partner)
 
 
 def naive_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

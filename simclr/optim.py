@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -72,7 +73,7 @@ def scaled_lr(lr: float, batch_size: int, scaling: str) -> float:
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                     momentum: float = 0.9, nesterov: bool = False) -> torch.optim.Optimizer:
-    """Adam (the seed's, L2 weight decay on every parameter), SGD with momentum (Nesterov's if asked), or LARS."""
+    """Adam (the original tool's, L2 weight decay on every parameter), SGD with momentum (Nesterov's if asked), or LARS."""
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     if name == "sgd":
@@ -101,3 +102,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's learning rate (a host-side float: no device work)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of every optimizer step of a run: warm-up, then constant or cosine (see lr_at)."""
+    base_lr: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int = 0
+    kind: str = "constant"          # one of SCHEDULES
+
+    def lr(self, step: int) -> float:
+        """Learning rate of the 0-based global step `step`."""
+        return lr_at(step, self.base_lr, self.total_steps, self.warmup_steps, self.kind)

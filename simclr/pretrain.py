@@ -1,0 +1,309 @@
+"""main.py's job: SimCLR pretraining with a weighted kNN evaluation after every epoch.
+
+Reads in calling order: run (configure, then build the run, then simclr.loop.run_epochs over
+this job's train_epoch and epoch_row). What every training run shares (the epoch loop, safe
+stops, the monitor, checkpoints) is in simclr.loop; what is SimCLR's is here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import torch
+
+from .augment import AugmentConfig, normalize, pil_transform, two_views
+from .checkpoint import load_training_checkpoint, save_weights
+from .cli import UserError
+from .curves import plot_run_or_warn
+from .data import DataBundle, ImageSet, load_dataset, pil_view_batches, subset
+from .distributed import World, convert_batchnorm, in_turn
+from .engine import Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision, seed_everything
+from .engine import train_step
+from .files import RunLock, atomic_save_json
+from .flags import (LEGACY_VALUES, TRAIN_FLAGS, TrainConfig, check_name, check_values, derive, resume_values,
+                    train_values)
+from .knn import knn_accuracy, sharded_features
+from .loop import RESULT_FILES, EpochResult, RunState, log_row, open_tensorboard, restore, run_epochs
+from .model import SimCLR
+from .optim import Schedule, build_optimizer, scaled_lr, set_lr
+from .tblog import require_tensorboard
+
+CSV_COLUMNS = ("epoch", "train_loss", "test_acc@1", "test_acc@5", "lr", "epoch_seconds",
+               "train_images_per_second", "knn_seconds")
+NAN_ADVICE = "try a lower --lr, more --warmup_epochs or --precision fp32"
+
+
+def run(explicit: dict, world: World) -> int:
+    """The whole job from the flags given on the command line; returns the exit code."""
+    from tqdm import tqdm
+    cfg, checkpoint, notes = configure(explicit, world)
+    say = (lambda *a: tqdm.write(" ".join(str(x) for x in a))) if world.is_main else (lambda *a: None)
+    for note in notes:
+        say(note)
+    job = Pretraining(cfg, world, say)
+    # one process per run name and results folder, from here to the end (released by the kernel on any exit)
+    lock = RunLock(cfg.results_dir, cfg.name).acquire() if world.is_main else None
+    try:
+        return job.train(checkpoint)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, list[str]]:
+    """Explicit flags -> (resolved, checked config; checkpoint to resume or None; notes to print)."""
+    values, checkpoint, notes = train_values(explicit), None, []
+    if values["resume"] is not None:
+        path = values["resume"]
+        if path == "auto":
+            path = resume_path(values)
+            if not os.path.exists(path):
+                notes.append(f"--resume auto: no checkpoint at {path}, starting from scratch")
+                path = None
+        if path is not None:
+            checkpoint = load_training_checkpoint(path)
+            values, notes = resume_values(TRAIN_FLAGS, explicit, checkpoint["config"], path, derive, LEGACY_VALUES)
+    device, note = resolve_device(values["device"])
+    notes += [note] if note else []
+    precision = resolve_precision(values["precision"], device)
+    if values["precision"] == "auto":
+        why = {"cuda": "this GPU's fastest safe autocast",
+               "cpu": "this CPU computes bf16 natively" if precision == "bf16" else "this CPU has no native bf16"}
+        notes.append(f"precision: {precision} (auto: {why[device.type]}; --precision fp32 for exact arithmetic)")
+    values.update(device=str(device), precision=precision)
+    cfg = TrainConfig(**check_values(values, TRAIN_FLAGS))
+    check_name(cfg.name)
+    if cfg.warmup_epochs > cfg.epochs:
+        raise UserError(f"--warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}")
+    if cfg.tensorboard and world.is_main:
+        require_tensorboard()
+    if cfg.batch_size % world.world_size:
+        raise UserError(f"--batch_size {cfg.batch_size} (the global batch) must divide by the {world.world_size} "
+                        f"processes; use a multiple of {world.world_size}")
+    return cfg, checkpoint, notes
+
+
+def resume_path(values) -> str:
+    """RESULTS/NAME_last.pth of the run these values name (what --resume auto continues)."""
+    get = values.get if isinstance(values, dict) else lambda key: getattr(values, key)
+    return os.path.join(get("results_dir"), f"{get('name')}_last.pth")
+
+
+# ----------------------------------------------------------------------------- the job
+
+class Pretraining:
+    """A SimCLR run: the data, the model and its optimizer, and what each epoch does."""
+
+    def __init__(self, cfg: TrainConfig, world: World, say):
+        self.cfg, self.world, self.say = cfg, world, say
+        self.runtime = setup_runtime(cfg, world)
+        self.bundle = load_data(cfg, world, say)
+        seed_everything(cfg.seed)  # the model's initialisation
+        model, self.params, self.macs = build_model(cfg, self.bundle, self.runtime, say)
+        steps_per_epoch = len(self.bundle.train) // cfg.batch_size  # the last incomplete batch is dropped
+        schedule = Schedule(scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), steps_per_epoch,
+                            cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.schedule)
+        optimizer = build_optimizer(model, cfg.optimizer, schedule.base_lr, cfg.weight_decay, cfg.momentum)
+        self.net, self.encode = wrap_for_speed(model, self.runtime, world)
+        self.train_images, self.bundle = place_images(cfg, self.bundle, self.runtime, say)
+        self.train_labels = self.bundle.train.labels.to(self.runtime.device)  # (N,), -1 for unlabeled images
+        self.aug = AugmentConfig(image_size=self.bundle.image_size, mean=self.bundle.mean, std=self.bundle.std,
+                                 min_crop_scale=cfg.min_crop_scale, jitter_strength=cfg.jitter_strength,
+                                 blur=cfg.blur)
+        paths = {kind: os.path.join(cfg.results_dir, f"{cfg.name}_{kind}") for kind in RESULT_FILES}
+        self.state = RunState(cfg.name, "main.py", cfg.epochs, cfg.batch_size, world, self.runtime, model, optimizer,
+                              self.runtime.grad_scaler(), schedule, paths, CSV_COLUMNS, dataclasses.asdict(cfg), say,
+                              NAN_ADVICE)
+
+    def train(self, checkpoint: dict | None) -> int:
+        """Restore if resuming, write the config, then train epoch by epoch; returns the exit code."""
+        cfg, state, say = self.cfg, self.state, self.say
+        if checkpoint is not None:
+            restore(state, checkpoint, resume_path(cfg) if cfg.resume == "auto" else cfg.resume,
+                    f"{cfg.arch} SimCLR model")
+        if self.world.is_main:
+            self.write_config()
+            if cfg.tensorboard:
+                logdir = cfg.tensorboard_dir or os.path.join(cfg.results_dir, f"{cfg.name}_tb")
+                open_tensorboard(state, logdir, dataclasses.asdict(cfg))
+                say(f"tensorboard: event files in {logdir} (tensorboard --logdir {os.path.dirname(logdir) or '.'})")
+        try:
+            if cfg.knn_at_start and not state.history and state.start_step == 0:
+                top1, top5, seconds = self.evaluate()
+                state.history.append({"epoch": 0, "test_acc@1": top1, "test_acc@5": top5, "knn_seconds": seconds})
+                say(f"untrained encoder: kNN top-1 {top1:.2f}% top-5 {top5:.2f}%")
+                log_row(state, state.history[-1])
+            code = run_epochs(state, self)
+        finally:
+            state.log.close()  # what was logged reaches the disk, also when the run stops or fails
+        if code == 0:
+            say(f"done: best kNN top-1 {state.best:.2f}%; weights {state.paths['model.pth']}, "
+                f"statistics {state.paths['statistics.csv']}")
+        return code
+
+    def write_config(self) -> None:
+        """NAME_config.json: the resolved config (as in NAME_last.pth), plus data, model and versions."""
+        import torchvision
+        bundle, state = self.bundle, self.state
+        atomic_save_json({**dataclasses.asdict(self.cfg), "base_lr": state.schedule.base_lr,
+                          "world_size": self.world.world_size, "num_classes": len(bundle.classes),
+                          "classes": bundle.classes, "mean": list(bundle.mean), "std": list(bundle.std),
+                          "train_images": len(bundle.train), "parameters": self.params,
+                          "macs_per_image": self.macs, "torch_version": torch.__version__,
+                          "torchvision_version": torchvision.__version__}, state.paths["config.json"])
+
+    # ------------------------------------------------------------------------- one epoch
+
+    def train_epoch(self, epoch: int, monitor) -> None:
+        """The SimCLR steps of an epoch from monitor.first: lr, forward over both views, loss, backward, step."""
+        cfg, state = self.cfg, self.state
+        for step, views, labels in self.epoch_views(epoch, monitor.first):
+            set_lr(state.optimizer, state.schedule.lr(epoch * state.steps_per_epoch + step))
+            # views (2b, 3, S, S) = [view 1; view 2]; labels (b,) travel along (-1: unlabeled) for losses
+            # that use them; NT-Xent's positives are the two views of each image
+            loss = train_step(self.net, state.optimizer, views, cfg.temperature, self.runtime, state.scaler)
+            if monitor.update(step, loss):
+                break
+
+    def epoch_views(self, epoch: int, first: int):
+        """(step, views, labels) for the epoch's steps from `first`: views (2b, 3, S, S) = [view 1; view 2]
+        on the device, labels (b,) of the images (-1 for unlabeled ones).
+
+        The epoch's permutation is the same on every rank (seeded by epoch); each rank takes its share
+        of each global batch. tensor backend: augmented here, on the device, seeded by (seed, epoch,
+        step, rank); pil backend: built by DataLoader workers, seeded per image.
+        """
+        cfg, world, device = self.cfg, self.world, self.runtime.device
+        images, local = self.train_images, cfg.batch_size // world.world_size
+        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch)))
+        on_device = perm.to(device)  # the labels' indices: a host-to-device copy per step would wait for the GPU
+
+        def indices(step: int, order: torch.Tensor = perm) -> torch.Tensor:
+            start = step * cfg.batch_size + world.rank * local
+            return order[start:start + local]
+
+        steps = range(first, self.state.steps_per_epoch)
+        if cfg.aug_backend == "tensor":
+            on_images = perm.to(images.device)
+            generator = torch.Generator(device=images.device)
+            for step in steps:
+                generator.manual_seed(mix_seed(cfg.seed, epoch, step, world.rank))
+                views = two_views(images[indices(step, on_images)].to(device, non_blocking=True), self.aug, generator)
+                yield step, views, self.train_labels[indices(step, on_device)]
+        else:
+            batches = pil_view_batches(images, pil_transform(self.aug), [indices(s).tolist() for s in steps], cfg.seed,
+                                       epoch, cfg.workers, pin_memory=device.type == "cuda")
+            for step, views in zip(steps, batches):
+                yield step, views.to(device, non_blocking=True), self.train_labels[indices(step, on_device)]
+
+    # ------------------------------------------------------------------------- end of an epoch
+
+    def epoch_row(self, epoch: int, result: EpochResult) -> dict:
+        """Evaluate if due, save the best weights; returns the CSV row."""
+        cfg, state = self.cfg, self.state
+        row = {"epoch": epoch + 1, "train_loss": result.sums[0].item() / state.steps_per_epoch, "test_acc@1": None,
+               "test_acc@5": None, "lr": state.optimizer.param_groups[0]["lr"], "epoch_seconds": result.seconds,
+               "train_images_per_second": state.steps_per_epoch * cfg.batch_size / result.seconds,
+               "knn_seconds": None}
+        if (epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs:
+            top1, top5, seconds = self.evaluate()
+            row.update({"test_acc@1": top1, "test_acc@5": top5, "knn_seconds": seconds})
+            if top1 > state.best and self.world.is_main:
+                save_weights(state.model, state.paths["model.pth"])
+            state.best = max(state.best, top1)
+        return row
+
+    def plot(self, history: list[dict]) -> None:
+        plot_run_or_warn(history, self.state.paths["curves.png"], self.cfg.name, self.say)
+
+    def describe(self, row: dict) -> str:
+        acc = (f"kNN top-1 {row['test_acc@1']:.2f}% top-5 {row['test_acc@5']:.2f}%"
+               if row["test_acc@1"] is not None else "no kNN this epoch")
+        return (f"epoch {row['epoch']}/{self.cfg.epochs}: loss {row['train_loss']:.4f}, {acc}, "
+                f"{row['epoch_seconds']:.1f} s, {row['train_images_per_second']:.0f} images/s")
+
+    def evaluate(self) -> tuple[float, float, float]:
+        """Weighted kNN top-1, top-5 (%) of test images against the bank, on encoder features h; and the seconds."""
+        from tqdm import tqdm
+        t0 = time.perf_counter()
+        cfg, bundle, world, model = self.cfg, self.bundle, self.world, self.state.model
+        was_training = model.training
+        model.eval()
+        to_input = lambda batch: normalize(batch, bundle.mean, bundle.std)  # noqa: E731
+
+        def features(split: ImageSet, what: str) -> torch.Tensor:
+            bar = lambda it: tqdm(it, desc=f"  features of {what}", leave=False, disable=not world.is_main)  # noqa: E731
+            return sharded_features(self.encode, split.images, to_input, self.runtime, cfg.eval_batch_size, world, bar)
+
+        try:
+            bank, test = features(bundle.memory, "kNN bank"), features(bundle.test, "test set")
+            top1, top5 = knn_accuracy(test, bundle.test.labels, bank, bundle.memory.labels, len(bundle.classes), cfg.k,
+                                      cfg.knn_temperature)
+        finally:
+            model.train(was_training)
+        return top1, top5, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- build steps, in calling order
+
+def setup_runtime(cfg: TrainConfig, world: World) -> Runtime:
+    """Device (under torchrun: this process's GPU), precision, memory format, compile, cuDNN, threads."""
+    device = torch.device(cfg.device)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    return make_runtime(device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads)
+
+
+def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
+    """The data set (one process at a time fills a shared cache), the training subset, and its checks."""
+    bundle = in_turn(lambda: load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cache_dir=cfg.cache_dir,
+                                          log=say), world)
+    train_set = subset(bundle.train, cfg.train_subset, cfg.seed)
+    shared_bank = bundle.memory is bundle.train
+    bundle = dataclasses.replace(bundle, train=train_set, memory=train_set if shared_bank else bundle.memory)
+    n_train, n_bank = len(bundle.train), len(bundle.memory)
+    if cfg.batch_size > n_train:
+        raise UserError(f"--batch_size {cfg.batch_size} is larger than the {n_train} training images; "
+                        f"use --batch_size {n_train} or less")
+    if cfg.k > n_bank:
+        raise UserError(f"--k {cfg.k} is larger than the {n_bank} images of the kNN bank; use --k {n_bank} or less")
+    if len(bundle.test) == 0:
+        raise UserError(f"the test split of {cfg.data_root} has no images")
+    return bundle
+
+
+def build_model(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> tuple[SimCLR, int, int]:
+    """The SimCLR model on the run's device, with its size printed; returns (model, parameters, MACs)."""
+    model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint, cfg.bn_stats)
+    params, macs, counted = count_macs(model, bundle.image_size)
+    say(f"model: {cfg.arch} ({cfg.stem} stem) + head {model.feature_width}-{cfg.proj_hidden_dim}-"
+        f"{cfg.feature_dim}: {params / 1e6:.2f} M parameters, {macs / 1e9:.3f} G MACs per "
+        f"{bundle.image_size}x{bundle.image_size} image ({counted})")
+    return runtime.place(model), params, macs
+
+
+def wrap_for_speed(model: SimCLR, runtime: Runtime, world: World):
+    """(what trains, what encodes): DDP with global BatchNorm under torchrun, then torch.compile if asked."""
+    net = model
+    if world.distributed:
+        convert_batchnorm(model, runtime.device)  # in place: the optimizer keeps the same parameters
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    return runtime.maybe_compile(net), runtime.maybe_compile(model.encode)
+
+
+def place_images(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> tuple[torch.Tensor, DataBundle]:
+    """Keep the uint8 training images on the GPU when they fit comfortably (the tensor backend); else stream."""
+    images = bundle.train.images
+    if cfg.aug_backend != "tensor" or runtime.device.type != "cuda":
+        return images, bundle
+    free, _ = torch.cuda.mem_get_info(runtime.device)
+    if images.numel() >= 0.3 * free:
+        say(f"note: the {images.numel() / 2**30:.1f} GiB of training images stay in host memory (GPU too small)")
+        return images, bundle
+    images = images.to(runtime.device)
+    if bundle.memory is bundle.train:  # the kNN bank is the training set: share the GPU copy
+        on_gpu = ImageSet(images, bundle.train.labels)
+        bundle = dataclasses.replace(bundle, train=on_gpu, memory=on_gpu)
+    return images, bundle
