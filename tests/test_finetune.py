@@ -12,6 +12,9 @@ import torch
 import torchvision.transforms.functional as TF
 
 import finetune
+from simclr import finetuning
+from simclr.engine import make_runtime
+from simclr.flags import FINETUNE_FLAGS, build_parser
 from simclr.augment import AugmentConfig, crop_flip, sample_crop_boxes
 from simclr.cli import DataError
 from simclr.data import balanced_label_indices, load_dataset
@@ -79,19 +82,21 @@ def test_the_script_draws_balanced_labels_by_seed_disjoint_from_test(trained, ti
 
 # ----------------------------------------------------------------------------- what is built and trained
 
-def build(trained, tiny_folder, *extra: str) -> finetune.FineTune:
-    """The run state finetune.py builds for these flags (nothing trained, nothing written)."""
-    cfg, job = finetune.plan(finetune.parse(quick(trained / "run_model.pth", "unused", *extra)), print)
+def build(trained, tiny_folder, *extra: str) -> finetuning.FineTuning:
+    """The job finetune.py builds for these flags (nothing trained, nothing written)."""
+    parser = build_parser(FINETUNE_FLAGS, "finetune.py", explicit_only=True)
+    explicit = vars(parser.parse_args(quick(trained / "run_model.pth", "unused", *extra)))
+    cfg, job = finetuning.plan(explicit, print)
     bundle = load_dataset("folder", str(tiny_folder), 16)
-    runtime = finetune.make_runtime("cpu", "fp32", False)
-    return finetune.build(cfg, job, bundle, finetune.choose_labels(bundle, cfg), runtime, print)
+    runtime = make_runtime("cpu", "fp32", False)
+    return finetuning.FineTuning(cfg, job, bundle, finetuning.choose_labels(bundle, cfg), runtime, print)
 
 
 def test_from_layer_encoder_puts_the_classifier_on_h(trained, tiny_folder):
     ft = build(trained, tiny_folder, "--from_layer", "encoder")
     saved = torch.load(trained / "run_model.pth", weights_only=True)
-    state = ft.model.state_dict()
-    assert ft.model.fc.in_features == 512 and ft.model.fc.out_features == 3
+    state = ft.state.model.state_dict()
+    assert ft.state.model.fc.in_features == 512 and ft.state.model.fc.out_features == 3
     assert not any(k.startswith("head.") for k in state)
     for key, value in state.items():
         if key.startswith("f."):
@@ -101,7 +106,7 @@ def test_from_layer_encoder_puts_the_classifier_on_h(trained, tiny_folder):
 def test_from_layer_head1_loads_the_heads_first_layer(trained, tiny_folder):
     ft = build(trained, tiny_folder, "--from_layer", "head1")
     saved = torch.load(trained / "run_model.pth", weights_only=True)
-    model = ft.model
+    model = ft.state.model
     assert model.fc.in_features == 32  # the head's hidden width (--proj_hidden_dim 32), not h's 512
     assert isinstance(model.head[0], torch.nn.Linear) and isinstance(model.head[1], torch.nn.BatchNorm1d)
     assert isinstance(model.head[2], torch.nn.ReLU) and len(model.head) == 3
@@ -239,7 +244,7 @@ def test_resume_after_sigint_mid_epoch_equals_an_uninterrupted_run(trained, tmp_
     model = trained / "run_model.pth"
     extra = ("--from_layer", "head1", "--weight_decay", "1e-4", "--lr", "0.05")
     assert finetune.main(quick(model, tmp_path / "straight", *extra)) == 0
-    real_step, count = finetune.train_step, [0]
+    real_step, count = finetuning.apply_gradients, [0]
 
     def step_then_interrupt(*a, **kw):
         sums = real_step(*a, **kw)
@@ -248,7 +253,7 @@ def test_resume_after_sigint_mid_epoch_equals_an_uninterrupted_run(trained, tmp_
             signal.raise_signal(signal.SIGINT)
         return sums
     with monkeypatch.context() as patch:
-        patch.setattr(finetune, "train_step", step_then_interrupt)
+        patch.setattr(finetuning, "apply_gradients", step_then_interrupt)
         assert finetune.main(quick(model, tmp_path / "r", *extra)) == 130
     assert count[0] == 4 and "--resume auto" in capsys.readouterr().err
     ckpt = torch.load(tmp_path / "r" / "run_finetune_0.25_last.pth", weights_only=True)
@@ -262,7 +267,7 @@ def test_resume_after_sigint_mid_epoch_equals_an_uninterrupted_run(trained, tmp_
 
 
 def test_sigterm_finishes_the_step_and_exits_143(trained, tmp_path, monkeypatch):
-    real_step, count = finetune.train_step, [0]
+    real_step, count = finetuning.apply_gradients, [0]
 
     def step_then_term(*a, **kw):
         sums = real_step(*a, **kw)
@@ -270,7 +275,7 @@ def test_sigterm_finishes_the_step_and_exits_143(trained, tmp_path, monkeypatch)
         if count[0] == 2:
             signal.raise_signal(signal.SIGTERM)
         return sums
-    monkeypatch.setattr(finetune, "train_step", step_then_term)
+    monkeypatch.setattr(finetuning, "apply_gradients", step_then_term)
     assert finetune.main(quick(trained / "run_model.pth", tmp_path)) == 143
     assert count[0] == 2  # no step after the one that was running
     ckpt = torch.load(tmp_path / "run_finetune_0.25_last.pth", weights_only=True)

@@ -1,0 +1,309 @@
+"""finetune.py's job: fine-tune a SimCLR encoder on a class-balanced fraction of the labels.
+
+Reads in calling order: run (plan: flags, run config, weights, file names and resume checkpoint,
+all checked before any write; choose_labels; FineTuning builds the model; then
+simclr.loop.run_epochs over this job's train_epoch and epoch_row).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .augment import AugmentConfig, crop_flip, normalize
+from .checkpoint import (Encoder, check_not_taken, encoder_state, evaluated_name, evaluation_dir, find_run_config,
+                         head_sizes, load_strict, load_training_checkpoint, model_state, resolve_encoder,
+                         save_weights, source_id)
+from .cli import UserError
+from .curves import plot_run_or_warn
+from .data import DataBundle, ImageSet, balanced_label_indices, load_dataset
+from .distributed import World
+from .engine import apply_gradients, make_runtime, mix_seed, seed_everything
+from .files import atomic_save_json
+from .flags import (DEFAULT_FRACTION, FINETUNE_DEFAULTS, FINETUNE_FLAGS, FINETUNE_RUN_KEYS, FinetuneConfig,
+                    check_name, resume_values)
+from .knn import extract_features, topk_accuracy, topk_hits
+from .loop import RESULT_FILES, EpochResult, RunState, open_tensorboard, restore, run_epochs
+from .model import Classifier, SimCLR
+from .optim import Schedule, build_optimizer, set_lr
+from .tblog import require_tensorboard
+
+CSV_COLUMNS = ("epoch", "train_loss", "train_acc@1", "train_acc@5", "test_acc@1", "test_acc@5", "lr",
+               "epoch_seconds")
+# Keeps the label draw apart from every other use of --seed (initialisation, batch order, crops).
+LABEL_STREAM = 0x1AB
+
+
+def run(explicit: dict) -> int:
+    """The whole fine-tuning run from the flags given on the command line; returns the exit code."""
+    from tqdm import tqdm
+    say = tqdm.write
+    if explicit.get("tensorboard"):
+        require_tensorboard()
+    cfg, job = plan(explicit, say)  # everything the user can get wrong is refused before any file is written
+    runtime = make_runtime(cfg.device, cfg.precision, cfg.channels_last, threads=cfg.threads)
+    bundle = load_dataset(job.encoder.dataset, job.encoder.data_root, job.encoder.image_size,
+                          cache_dir=job.encoder.cache_dir, log=say)
+    labels = choose_labels(bundle, cfg)
+    ft = FineTuning(cfg, job, bundle, labels, runtime, say)
+    return ft.train()
+
+
+# ----------------------------------------------------------------------------- what to run, checked before writing
+
+@dataclass(frozen=True)
+class Job:
+    """What one fine-tuning run starts from and where its files go."""
+    encoder: Encoder
+    head: tuple[int, int]                    # feature_dim, proj_hidden_dim of the run's projection head
+    prefix: str                              # NAME_finetune_TAG
+    paths: dict[str, str]                    # RESULT_FILES -> path
+    source: str                              # checkpoint.source_id: whose files these are
+    state: dict[str, torch.Tensor] | None = None   # the weights to start from (None: random init)
+    checkpoint: dict | None = None           # the NAME_finetune_TAG_last.pth to resume from ...
+    resume_path: str | None = None           # ... and its path
+
+
+def plan(explicit: dict, say) -> tuple[FinetuneConfig, Job]:
+    """Explicit flags -> (config, job): run config, weights, file names and resume checkpoint, all checked
+    before anything is written. A resumed run takes the flags not given again from its checkpoint."""
+    values = {**FINETUNE_DEFAULTS, **explicit}
+    checkpoint, resume_path = None, None
+    if values["resume"] not in (None, "auto"):
+        resume_path = values["resume"]
+        checkpoint = load_training_checkpoint(resume_path)
+        values = resumed_values(explicit, checkpoint["config"], resume_path, say)
+    cfg, job = locate(values)
+    if cfg.resume == "auto":
+        resume_path = job.paths["last.pth"]
+        if not os.path.exists(resume_path):
+            say(f"--resume auto: no checkpoint at {resume_path}, starting from scratch")
+            resume_path = None
+        else:
+            checkpoint = load_training_checkpoint(resume_path)
+            cfg, job = locate(resumed_values(explicit, checkpoint["config"], resume_path, say))
+    if checkpoint is not None and checkpoint["config"].get("source") != job.source:
+        raise UserError(f"--resume {resume_path} fine-tuned {checkpoint['config'].get('source')}, not {job.source}; "
+                        f"give the same --model_path, or start a new run with another --name")
+    check_not_taken({"statistics": job.paths["statistics.csv"], "config": job.paths["config.json"], **job.paths},
+                    job.source, "fine-tuning")
+    state = None
+    if not cfg.untrained:
+        # head1 starts from the head's first layer too: the whole SimCLR model is loaded strictly
+        state = model_state(cfg.model_path) if cfg.from_layer == "head1" else encoder_state(cfg.model_path)
+    return cfg, dataclasses.replace(job, state=state, checkpoint=checkpoint, resume_path=resume_path)
+
+
+def resumed_values(explicit: dict, saved: dict, path: str, say) -> dict:
+    """Flags of a resumed run (simclr.flags.resume_values over finetune.py's flags); its notes are printed."""
+    if not isinstance(saved, dict) or not all(k in saved for k in FINETUNE_RUN_KEYS):
+        raise UserError(f"--resume {path} is not a checkpoint of finetune.py")
+    values, notes = resume_values(FINETUNE_FLAGS, explicit, saved, path)
+    for note in notes:
+        say(note)
+    return values
+
+
+def locate(values: dict) -> tuple[FinetuneConfig, Job]:
+    """Checked flags -> (config, job without weights): the run config, the encoder, the file names."""
+    if values["label_fraction"] is not None and values["labels_per_class"] is not None:
+        raise UserError("pass --label_fraction or --labels_per_class, not both")
+    if values["model_path"] is None and not values["untrained"]:
+        raise UserError("--model_path is required (or --untrained with --config or --arch and --dataset)")
+    if values["name"] is not None:
+        check_name(values["name"])
+    if values["lr"] is None:
+        values = {**values, "lr": default_lr(values["batch_size"])}
+    cfg = FinetuneConfig(**values)
+    saved = find_run_config(cfg.model_path, cfg.config, cfg.arch, cfg.dataset)
+    encoder = resolve_encoder(saved, cfg.arch, cfg.stem, cfg.dataset, cfg.data_root, cfg.image_size, cfg.cache_dir)
+    head = head_sizes(saved, cfg.config or cfg.model_path or "the run config")
+    name = evaluated_name(cfg.name, cfg.model_path, cfg.config, cfg.untrained, encoder)
+    prefix = f"{name}_finetune_{label_tag(cfg)}"
+    results_dir = evaluation_dir(cfg.results_dir, cfg.model_path, cfg.config)
+    paths = {kind: os.path.join(results_dir, f"{prefix}_{kind}") for kind in RESULT_FILES}
+    return cfg, Job(encoder, head, prefix, paths, source_id(cfg.model_path, cfg.config, cfg.untrained))
+
+
+def default_lr(batch_size: int) -> float:
+    """SimCLR appendix B.5: lr 0.05 x B/256. A larger step wipes out much of what pretraining learned in the
+    first epoch (docs/experiments/finetune_check.md)."""
+    return 0.05 * batch_size / 256
+
+
+def label_tag(cfg: FinetuneConfig) -> str:
+    """The TAG of the file names: the fraction (0.1) or the count per class (50perclass)."""
+    if cfg.labels_per_class is not None:
+        return f"{cfg.labels_per_class}perclass"
+    return f"{fraction_of(cfg):g}"
+
+
+def fraction_of(cfg: FinetuneConfig) -> float:
+    return DEFAULT_FRACTION if cfg.label_fraction is None else cfg.label_fraction
+
+
+def choose_labels(bundle: DataBundle, cfg: FinetuneConfig) -> torch.Tensor:
+    """Indices (L,) into the labeled training split (bundle.memory): the same count from every class."""
+    labels, num_classes = bundle.memory.labels, len(bundle.classes)
+    n = len(labels)
+    if cfg.labels_per_class is not None:
+        per_class = cfg.labels_per_class
+    elif fraction_of(cfg) == 1.0:
+        return torch.arange(n)  # every label, balanced or not
+    else:
+        total = round(fraction_of(cfg) * n)
+        if total < num_classes:
+            raise UserError(f"--label_fraction {fraction_of(cfg):g} of the {n} labeled images is {total} labels, "
+                            f"fewer than the {num_classes} classes; use at least {num_classes / n:.2g}")
+        per_class = total // num_classes
+    indices = balanced_label_indices(labels, num_classes, per_class, mix_seed(cfg.seed, LABEL_STREAM))
+    if len(indices) < 2:
+        raise UserError(f"{len(indices)} labeled image is too few to train with BatchNorm; use more labels")
+    return indices
+
+
+# ----------------------------------------------------------------------------- the job
+
+class FineTuning:
+    """A fine-tuning run: the labeled images, the classifier and its optimizer, and what each epoch does."""
+
+    def __init__(self, cfg: FinetuneConfig, job: Job, bundle: DataBundle, label_indices: torch.Tensor, runtime, say):
+        self.cfg, self.job, self.bundle, self.label_indices, self.runtime, self.say = (cfg, job, bundle, label_indices,
+                                                                                       runtime, say)
+        enc = job.encoder
+        mean, std = (enc.mean, enc.std) if enc.mean is not None else (bundle.mean, bundle.std)
+        num_classes = len(bundle.classes)
+        seed_everything(cfg.seed)  # --untrained's initialisation (the new classifier starts at zero)
+        feature_dim, hidden = job.head
+        simclr = SimCLR(enc.arch, feature_dim, hidden, enc.stem)
+        what = f"{enc.arch} ({enc.stem} stem)"
+        if job.state is not None and cfg.from_layer == "head1":
+            load_strict(simclr, job.state, cfg.model_path, f"{what} SimCLR model with head "
+                        f"{simclr.feature_width}-{hidden}-{feature_dim}", prefix="")
+        elif job.state is not None:
+            load_strict(simclr.f, job.state, cfg.model_path, f"{what} encoder")
+        model = runtime.place(Classifier(simclr, cfg.from_layer, num_classes))
+        self.labeled = ImageSet(bundle.memory.images[label_indices],
+                                bundle.memory.labels[label_indices].to(runtime.device))
+        self.batch = min(cfg.batch_size, len(self.labeled))
+        steps_per_epoch = len(self.labeled) // self.batch  # a fresh order every epoch: dropped images are seen later
+        schedule = Schedule(cfg.lr, steps_per_epoch, cfg.epochs * steps_per_epoch, 0, "cosine")
+        optimizer = build_optimizer(model, "sgd", cfg.lr, cfg.weight_decay, cfg.momentum, nesterov=cfg.momentum > 0)
+        self.aug = AugmentConfig(image_size=bundle.image_size, mean=tuple(mean), std=tuple(std),
+                                 min_crop_scale=cfg.min_crop_scale)
+        self.state = RunState(job.prefix, "finetune.py", cfg.epochs, self.batch, World(), runtime, model, optimizer,
+                              runtime.grad_scaler(), schedule, job.paths, CSV_COLUMNS, {}, say,
+                              "try a lower --lr", n_sums=3, log_steps=False, tb_tag="finetune")
+        self.state.config = self.record()
+        source = f"untrained {enc.arch} (seed {cfg.seed})" if cfg.untrained else cfg.model_path
+        say(f"fine-tuning {source} from {cfg.from_layer}: {len(self.labeled)} labeled images "
+            f"({len(self.labeled) // num_classes} per class) of {len(bundle.memory)}, {len(bundle.test)} test images, "
+            f"{num_classes} classes, batch {self.batch}, {steps_per_epoch} steps per epoch")
+
+    def train(self) -> int:
+        """Restore if resuming, write the config, then train epoch by epoch; returns the exit code."""
+        cfg, job, state = self.cfg, self.job, self.state
+        if job.checkpoint is not None:
+            if job.checkpoint["config"].get("label_indices") != self.label_indices.tolist():
+                raise UserError("the labeled images differ from the checkpoint's (has the data set changed?); "
+                                "start a new run with another --name")
+            restore(state, job.checkpoint, job.resume_path, "fine-tuned model of these flags", self.legacy_sums)
+        os.makedirs(os.path.dirname(job.paths["config.json"]) or ".", exist_ok=True)
+        atomic_save_json(state.config, job.paths["config.json"])
+        if cfg.tensorboard:  # one point per epoch; a resumed run drops what was logged past its checkpoint
+            results_dir = os.path.dirname(job.paths["config.json"]) or "."
+            open_tensorboard(state, cfg.tensorboard_dir or os.path.join(results_dir, f"{job.prefix}_tb"),
+                             dataclasses.asdict(cfg))
+        try:
+            code = run_epochs(state, self)
+        finally:
+            state.log.close()
+        if code == 0:
+            last = state.history[-1]
+            self.say(f"files: {job.paths['statistics.csv']}, {job.paths['model.pth']}, {job.paths['curves.png']}")
+            print(f"fine-tuned on {len(self.labeled)} labels: test top-1 {last['test_acc@1']:.2f}% "
+                  f"top-5 {last['test_acc@5']:.2f}% (last epoch {last['epoch']})", flush=True)
+        return code
+
+    def legacy_sums(self, checkpoint: dict) -> list[float]:
+        """Running sums of a checkpoint written before `epoch_sums`: its loss sum was over images, not steps."""
+        hits = checkpoint.get("epoch_hits", [0.0, 0.0])
+        return [checkpoint["epoch_loss_sum"] / self.batch, *hits]
+
+    def record(self) -> dict:
+        """The config JSON (and the checkpoint's config): flags, source, the label indices and what was built."""
+        import torchvision
+        bundle, cfg, job = self.bundle, self.cfg, self.job
+        counts = torch.bincount(self.labeled.labels.cpu(), minlength=len(bundle.classes)).tolist()
+        return {**dataclasses.asdict(cfg), "source": job.source, "prefix": job.prefix,
+                "encoder": dataclasses.asdict(job.encoder), "feature_dim": job.head[0],
+                "proj_hidden_dim": job.head[1], "image_size": bundle.image_size, "mean": list(self.aug.mean),
+                "std": list(self.aug.std), "num_classes": len(bundle.classes), "classes": bundle.classes,
+                "label_split": "the data set's labeled training split, in load order", "labels": len(self.labeled),
+                "labels_by_class": counts, "batch": self.batch, "steps_per_epoch": self.state.steps_per_epoch,
+                "precision": self.runtime.precision, "torch_version": str(torch.__version__),
+                "torchvision_version": str(torchvision.__version__), "label_indices": self.label_indices.tolist()}
+
+    # ------------------------------------------------------------------------- one epoch
+
+    def train_epoch(self, epoch: int, monitor) -> None:
+        """Steps of one epoch from monitor.first: lr, crops of the labeled images, forward, loss, backward, step.
+
+        Every layer trains, BatchNorm in training mode (batch statistics, running ones updated)."""
+        cfg, state, runtime = self.cfg, self.state, self.runtime
+        images, labels = self.labeled.images, self.labeled.labels
+        perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch)))
+        generator = torch.Generator(device=runtime.device)
+        state.model.train()
+        for step in range(monitor.first, state.steps_per_epoch):
+            idx = perm[step * self.batch:(step + 1) * self.batch]
+            set_lr(state.optimizer, state.schedule.lr(epoch * state.steps_per_epoch + step))
+            generator.manual_seed(mix_seed(cfg.seed, epoch, step))
+            x = crop_flip(images[idx].to(runtime.device, non_blocking=True), self.aug, generator)  # (B, 3, S, S)
+            y = labels[idx.to(labels.device)]                                                     # (B,)
+            with runtime.autocast():
+                logits = state.model(runtime.prepare(x))                                          # (B, C)
+            loss = F.cross_entropy(logits.float(), y)                                             # fp32
+            apply_gradients(loss, state.optimizer, state.scaler)
+            # train figures are running sums over the epoch's batches (no second pass over the data)
+            loss = loss.detach()
+            if monitor.update(step, loss, torch.cat([loss.reshape(1), topk_hits(logits.detach(), y, (1, 5))])):
+                break
+
+    # ------------------------------------------------------------------------- end of an epoch
+
+    def epoch_row(self, epoch: int, result: EpochResult) -> dict:
+        """Test in eval mode, save the weights; returns the CSV row."""
+        steps, seen = self.state.steps_per_epoch, self.state.steps_per_epoch * self.batch
+        loss_sum, hits1, hits5 = result.sums.tolist()
+        test1, test5 = self.evaluate()
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / steps, "train_acc@1": 100 * hits1 / seen,
+               "train_acc@5": 100 * hits5 / seen, "test_acc@1": test1, "test_acc@5": test5,
+               "lr": self.state.optimizer.param_groups[0]["lr"], "epoch_seconds": result.seconds}
+        save_weights(self.state.model, self.job.paths["model.pth"])
+        return row
+
+    def plot(self, history: list[dict]) -> None:
+        plot_run_or_warn(history, self.job.paths["curves.png"], f"{self.job.prefix}: fine-tuning", self.say,
+                         acc_keys=("train_acc@1", "test_acc@1"), acc_label="top-1 (%)")
+
+    def describe(self, row: dict) -> str:
+        return (f"epoch {row['epoch']}/{self.cfg.epochs}: loss {row['train_loss']:.4f}, train top-1 "
+                f"{row['train_acc@1']:.2f}%, test top-1 {row['test_acc@1']:.2f}% top-5 {row['test_acc@5']:.2f}%, "
+                f"{row['epoch_seconds']:.1f} s")
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Test top-1, top-5 (%) in eval mode (BatchNorm running statistics), without augmentation."""
+        model, bundle = self.state.model, self.bundle
+        model.eval()
+        try:
+            logits = extract_features(model, bundle.test.images, lambda b: normalize(b, self.aug.mean, self.aug.std),
+                                      self.runtime, self.cfg.eval_batch_size)   # (T, C)
+        finally:
+            model.train()
+        top1, top5 = topk_accuracy(logits, bundle.test.labels, (1, 5))
+        return top1, top5
