@@ -119,6 +119,12 @@ def make_runtime(device: str | torch.device, precision: str = "auto", channels_l
     return Runtime(device, resolve_precision(precision, device), channels_last, compile)
 
 
+def versions() -> dict[str, str]:
+    """The library versions a run computed with, for its config JSON."""
+    import torchvision
+    return {"torch_version": str(torch.__version__), "torchvision_version": str(torchvision.__version__)}
+
+
 # ----------------------------------------------------------------------------- seeding
 
 def seed_everything(seed: int) -> None:

@@ -21,7 +21,7 @@ from .cli import UserError
 from .curves import plot_run_or_warn
 from .data import DataBundle, ImageSet, balanced_label_indices, load_dataset
 from .distributed import World
-from .engine import apply_gradients, make_runtime, mix_seed, seed_everything
+from .engine import apply_gradients, make_runtime, mix_seed, seed_everything, versions
 from .files import atomic_save_json
 from .flags import (DEFAULT_FRACTION, FINETUNE_DEFAULTS, FINETUNE_FLAGS, FINETUNE_RUN_KEYS, FinetuneConfig,
                     check_name, resume_values)
@@ -235,7 +235,6 @@ class FineTuning:
 
     def record(self) -> dict:
         """The config JSON (and the checkpoint's config): flags, source, the label indices and what was built."""
-        import torchvision
         bundle, cfg, job = self.bundle, self.cfg, self.job
         counts = torch.bincount(self.labeled.labels.cpu(), minlength=len(bundle.classes)).tolist()
         return {**dataclasses.asdict(cfg), "source": job.source, "prefix": job.prefix,
@@ -244,8 +243,7 @@ class FineTuning:
                 "std": list(self.aug.std), "num_classes": len(bundle.classes), "classes": bundle.classes,
                 "label_split": "the data set's labeled training split, in load order", "labels": len(self.labeled),
                 "labels_by_class": counts, "batch": self.batch, "steps_per_epoch": self.state.steps_per_epoch,
-                "precision": self.runtime.precision, "torch_version": str(torch.__version__),
-                "torchvision_version": str(torchvision.__version__), "label_indices": self.label_indices.tolist()}
+                "precision": self.runtime.precision, **versions(), "label_indices": self.label_indices.tolist()}
 
     # ------------------------------------------------------------------------- one epoch
 

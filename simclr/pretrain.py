@@ -19,7 +19,7 @@ from .curves import plot_run_or_warn
 from .data import DataBundle, ImageSet, load_dataset, pil_view_batches, subset
 from .distributed import World, convert_batchnorm, in_turn
 from .engine import Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision, seed_everything
-from .engine import train_step
+from .engine import train_step, versions
 from .files import RunLock, atomic_save_json
 from .flags import (LEGACY_VALUES, TRAIN_FLAGS, TrainConfig, check_name, check_values, derive, resume_values,
                     train_values)
@@ -144,14 +144,12 @@ class Pretraining:
 
     def write_config(self) -> None:
         """NAME_config.json: the resolved config (as in NAME_last.pth), plus data, model and versions."""
-        import torchvision
         bundle, state = self.bundle, self.state
         atomic_save_json({**dataclasses.asdict(self.cfg), "base_lr": state.schedule.base_lr,
                           "world_size": self.world.world_size, "num_classes": len(bundle.classes),
                           "classes": bundle.classes, "mean": list(bundle.mean), "std": list(bundle.std),
                           "train_images": len(bundle.train), "parameters": self.params,
-                          "macs_per_image": self.macs, "torch_version": torch.__version__,
-                          "torchvision_version": torchvision.__version__}, state.paths["config.json"])
+                          "macs_per_image": self.macs, **versions()}, state.paths["config.json"])
 
     # ------------------------------------------------------------------------- one epoch
 

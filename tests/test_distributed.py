@@ -18,6 +18,8 @@ from simclr.engine import Runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, SIZE = 8, 16
+# positive ids of [view 1 (B); view 2 (B)] from repeated labels: ranks 0 and 1 share classes 0 and 1
+LABEL_IDS = torch.tensor([0, 1, 2, 0, 1, 3, 3, 0] * 2)
 
 
 def free_port() -> int:
@@ -66,8 +68,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str, bn_stats:
         else:  # gradient of the gathered loss with respect to this rank's projections
             z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5))
             z_local = local_share(z, rank, world).clone().requires_grad_(True)
-            global_nt_xent(z_local, 0.5).backward()
-            torch.save({"grad": z_local.grad}, os.path.join(out_dir, f"{rank}.pt"))
+            ids = LABEL_IDS if mode == "ids" else None
+            loss = global_nt_xent(z_local, 0.5, None if ids is None else local_share(ids, rank, world))
+            loss.backward()
+            torch.save({"loss": loss.item(), "grad": z_local.grad}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -105,6 +109,19 @@ def test_gather_carries_the_other_ranks_gradient(tmp_path):
         # A detached gather would keep only this rank's own anchors' term and fail here.
         expected = 2 * local_share(z.grad, rank, 2)
         assert torch.allclose(r["grad"], expected, atol=1e-6)
+
+
+def test_gathered_positive_ids_give_the_single_process_loss_and_gradient(tmp_path):
+    results = run_two(tmp_path, "ids")
+    z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    loss = nt_xent(z, 0.5, LABEL_IDS)
+    loss.backward()
+    # the ids differ from the default pairs, so this is a loss over more positives than NT-Xent's
+    assert not torch.isclose(loss, nt_xent(z.detach(), 0.5))
+    assert sum(r["loss"] for r in results) / 2 == pytest.approx(loss.item(), abs=1e-6)
+    for rank, r in enumerate(results):
+        # ids gathered wrongly (or not at all) pair another rank's rows with the wrong positives
+        assert torch.allclose(r["grad"], 2 * local_share(z.grad, rank, 2), atol=1e-6)
 
 
 def test_torchrun_two_processes_end_to_end(tiny_folder, tmp_path):
