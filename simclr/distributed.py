@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from .loss import at_least_fp32, nt_xent
+from .loss import at_least_fp32, contrastive_loss
 from .model import PerViewStatistics, swap_batchnorm
 
 
@@ -114,8 +114,10 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     return swap_batchnorm(module, make)
 
 
-def global_nt_xent(z: torch.Tensor, temperature: float, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """NT-Xent of this process's z: (2b, d) = [view 1; view 2] against the whole global batch.
+def global_loss(z: torch.Tensor, temperature: float, loss: str = "ntxent", ids: torch.Tensor | None = None,
+                dcl_sigma: float | None = None) -> torch.Tensor:
+    """The contrastive loss (simclr.loss.contrastive_loss) of this process's z: (2b, d) = [view 1; view 2]
+    against the whole global batch.
 
     The projections of every process (and their positive ids, when given: (2b,) laid out like z)
     are gathered with a gradient-carrying all-gather, laid out as [view 1 of all; view 2 of all]
@@ -124,7 +126,7 @@ def global_nt_xent(z: torch.Tensor, temperature: float, ids: torch.Tensor | None
     single-process loss over the global batch.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return nt_xent(z, temperature, ids)
+        return contrastive_loss(z, temperature, loss, ids, dcl_sigma=dcl_sigma)
     world, rank = dist.get_world_size(), dist.get_rank()
     b = z.shape[0] // 2
     parts = dist_nn.all_gather(z.contiguous())                                 # world x (2b, d)
@@ -136,7 +138,7 @@ def global_nt_xent(z: torch.Tensor, temperature: float, ids: torch.Tensor | None
         ids_all = torch.cat([p[:b] for p in id_parts] + [p[b:] for p in id_parts])
     mine = torch.arange(rank * b, (rank + 1) * b, device=z.device)
     anchors = torch.cat([mine, mine + b * world])
-    return nt_xent(z_all, temperature, ids_all, anchors)
+    return contrastive_loss(z_all, temperature, loss, ids_all, anchors, dcl_sigma)
 
 
 def _share(n: int, world_size: int, rank: int) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .cli import UserError
-from .distributed import global_nt_xent
+from .distributed import global_loss
 from .flags import PRECISIONS, usable_cores  # noqa: F401 (re-exported)
 
 
@@ -146,17 +146,17 @@ def mix_seed(*parts: int) -> int:
 # ----------------------------------------------------------------------------- the step
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, views: torch.Tensor, temperature: float,
-               runtime: Runtime, scaler: torch.amp.GradScaler | None = None,
-               ids: torch.Tensor | None = None) -> torch.Tensor:
+               runtime: Runtime, scaler: torch.amp.GradScaler | None = None, loss: str = "ntxent",
+               ids: torch.Tensor | None = None, dcl_sigma: float | None = None) -> torch.Tensor:
     """One SimCLR step on views (2b, 3, S, S) = [view 1; view 2]: forward, loss, backward, optimizer step.
 
-    ids: (2b,) positive id of each view (None: the two views of an image). Returns the detached
-    loss, left on the device (no sync)."""
+    loss: ntxent | supcon | dcl; ids: (2b,) positive id of each view (None: the two views of an
+    image). Returns the detached loss, left on the device (no sync)."""
     with runtime.autocast():
-        _, z = net(runtime.prepare(views))                        # z: (2b, feature_dim)
-    loss = global_nt_xent(z, temperature, ids)                    # fp32, over the global batch
-    apply_gradients(loss, optimizer, scaler)
-    return loss.detach()
+        _, z = net(runtime.prepare(views))                                  # z: (2b, feature_dim)
+    value = global_loss(z, temperature, loss, ids, dcl_sigma)               # fp32, over the global batch
+    apply_gradients(value, optimizer, scaler)
+    return value.detach()
 
 
 def apply_gradients(loss: torch.Tensor, optimizer: torch.optim.Optimizer,

@@ -23,16 +23,17 @@ from .data import DataBundle, ImageSet, balanced_label_indices, load_dataset
 from .distributed import World
 from .engine import apply_gradients, make_runtime, mix_seed, seed_everything, versions
 from .files import atomic_save_json
-from .flags import (DEFAULT_FRACTION, FINETUNE_DEFAULTS, FINETUNE_FLAGS, FINETUNE_RUN_KEYS, FinetuneConfig,
+from .flags import (DEFAULT_FRACTION, FINETUNE_DEFAULTS, FINETUNE_FLAGS, FINETUNE_RUN_KEYS, TRAIN, FinetuneConfig,
                     check_name, resume_values)
 from .knn import extract_features, topk_accuracy, topk_hits
 from .loop import RESULT_FILES, EpochResult, RunState, open_tensorboard, restore, run_epochs
-from .model import Classifier, SimCLR
+from .model import Classifier, SimCLR, head_depth
 from .optim import Schedule, build_optimizer, set_lr
 from .tblog import require_tensorboard
 
 CSV_COLUMNS = ("epoch", "train_loss", "train_acc@1", "train_acc@5", "test_acc@1", "test_acc@5", "lr",
                "epoch_seconds")
+FINETUNE_HEAD_LAYERS = TRAIN["proj_layers"]  # the run config's head depth, checked as main.py checks it
 # Keeps the label draw apart from every other use of --seed (initialisation, batch order, crops).
 LABEL_STREAM = 0x1AB
 
@@ -58,7 +59,7 @@ def run(explicit: dict) -> int:
 class Job:
     """What one fine-tuning run starts from and where its files go."""
     encoder: Encoder
-    head: tuple[int, int]                    # feature_dim, proj_hidden_dim of the run's projection head
+    head: tuple[int, int, int]               # feature_dim, proj_hidden_dim, proj_layers of the run's head
     prefix: str                              # NAME_finetune_TAG
     paths: dict[str, str]                    # RESULT_FILES -> path
     source: str                              # checkpoint.source_id: whose files these are
@@ -92,8 +93,8 @@ def plan(explicit: dict, say) -> tuple[FinetuneConfig, Job]:
                     job.source, "fine-tuning")
     state = None
     if not cfg.untrained:
-        # head1 starts from the head's first layer too: the whole SimCLR model is loaded strictly
-        state = model_state(cfg.model_path) if cfg.from_layer == "head1" else encoder_state(cfg.model_path)
+        # headK starts from the head's first K layers too: the whole SimCLR model is loaded strictly
+        state = model_state(cfg.model_path) if cfg.from_layer != "encoder" else encoder_state(cfg.model_path)
     return cfg, dataclasses.replace(job, state=state, checkpoint=checkpoint, resume_path=resume_path)
 
 
@@ -120,7 +121,12 @@ def locate(values: dict) -> tuple[FinetuneConfig, Job]:
     cfg = FinetuneConfig(**values)
     saved = find_run_config(cfg.model_path, cfg.config, cfg.arch, cfg.dataset)
     encoder = resolve_encoder(saved, cfg.arch, cfg.stem, cfg.dataset, cfg.data_root, cfg.image_size, cfg.cache_dir)
-    head = head_sizes(saved, cfg.config or cfg.model_path or "the run config")
+    source = cfg.config or cfg.model_path or "the run config"
+    head = (*head_sizes(saved, source), FINETUNE_HEAD_LAYERS.check(saved.get("proj_layers", 2), source))
+    if head_depth(cfg.from_layer) >= head[2]:
+        raise UserError(f"--from_layer {cfg.from_layer}: the run's head has {head[2]} layers, so its hidden layers "
+                        f"are head1 to head{head[2] - 1}" if head[2] > 1 else
+                        f"--from_layer {cfg.from_layer}: the run's head has one layer and no hidden one; use encoder")
     name = evaluated_name(cfg.name, cfg.model_path, cfg.config, cfg.untrained, encoder)
     prefix = f"{name}_finetune_{label_tag(cfg)}"
     results_dir = evaluation_dir(cfg.results_dir, cfg.model_path, cfg.config)
@@ -177,10 +183,10 @@ class FineTuning:
         mean, std = (enc.mean, enc.std) if enc.mean is not None else (bundle.mean, bundle.std)
         num_classes = len(bundle.classes)
         seed_everything(cfg.seed)  # --untrained's initialisation (the new classifier starts at zero)
-        feature_dim, hidden = job.head
-        simclr = SimCLR(enc.arch, feature_dim, hidden, enc.stem)
+        feature_dim, hidden, layers = job.head
+        simclr = SimCLR(enc.arch, feature_dim, hidden, enc.stem, proj_layers=layers)
         what = f"{enc.arch} ({enc.stem} stem)"
-        if job.state is not None and cfg.from_layer == "head1":
+        if job.state is not None and cfg.from_layer != "encoder":
             load_strict(simclr, job.state, cfg.model_path, f"{what} SimCLR model with head "
                         f"{simclr.feature_width}-{hidden}-{feature_dim}", prefix="")
         elif job.state is not None:
@@ -239,7 +245,7 @@ class FineTuning:
         counts = torch.bincount(self.labeled.labels.cpu(), minlength=len(bundle.classes)).tolist()
         return {**dataclasses.asdict(cfg), "source": job.source, "prefix": job.prefix,
                 "encoder": dataclasses.asdict(job.encoder), "feature_dim": job.head[0],
-                "proj_hidden_dim": job.head[1], "image_size": bundle.image_size, "mean": list(self.aug.mean),
+                "proj_hidden_dim": job.head[1], "proj_layers": job.head[2], "image_size": bundle.image_size, "mean": list(self.aug.mean),
                 "std": list(self.aug.std), "num_classes": len(bundle.classes), "classes": bundle.classes,
                 "label_split": "the data set's labeled training split, in load order", "labels": len(self.labeled),
                 "labels_by_class": counts, "batch": self.batch, "steps_per_epoch": self.state.steps_per_epoch,

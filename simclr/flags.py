@@ -30,7 +30,11 @@ OPTIMIZERS = ("adam", "sgd", "lars")
 SCHEDULES = ("constant", "cosine")
 LR_SCALINGS = ("none", "linear", "sqrt")
 BN_STATS = ("per_view", "joint")
-FROM_LAYERS = ("encoder", "head1")
+LOSSES = ("ntxent", "supcon", "dcl")
+MAX_PROJ_LAYERS = 8
+RECIPE_NAMES = ("seed", "paper", "supcon", "simclrv2")   # the presets of main.py (RECIPES)
+# where finetune.py's classifier sits: on h, or after the K-th hidden layer of the projection head
+FROM_LAYERS = ("encoder",) + tuple(f"head{k}" for k in range(1, MAX_PROJ_LAYERS))
 AUG_BACKENDS = ("tensor", "pil")
 
 
@@ -234,7 +238,17 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("feature_dim", 128, "projection output size", int, group="model and loss", role="run", ge=1, le=65536),
     Flag("proj_hidden_dim", 512, "projection head hidden width", int, group="model and loss", role="run",
          ge=1, le=65536),
-    Flag("temperature", 0.5, "NT-Xent temperature", float, group="model and loss", role="run", gt=0, le=100),
+    Flag("proj_layers", 2, "Linear layers of the projection head, with BatchNorm and ReLU between them "
+         "(2: the original tool's head; 3: SimCLRv2's)", int, group="model and loss", role="run", ge=1,
+         le=MAX_PROJ_LAYERS),
+    Flag("loss", "ntxent", "ntxent (SimCLR); supcon (supervised contrastive, Khosla et al. 2020: views of the same "
+         "label are positives, an unlabeled image's only positive is its other view); dcl (decoupled "
+         "contrastive, Yeh et al. 2022: the positive is left out of the denominator)", str, LOSSES,
+         "model and loss", "run"),
+    Flag("dcl_sigma", None, "dcl: weight each positive term as DCLW does, 2 - N softmax(sim / sigma) over the "
+         "batch's pairs; None means plain DCL", float, group="model and loss", role="run", gt=0, le=100,
+         optional=True),
+    Flag("temperature", 0.5, "temperature of the loss", float, group="model and loss", role="run", gt=0, le=100),
     Flag("bn_stats", "per_view", "BatchNorm statistics in training: per_view (each view its own, as the original tool's two "
          "forward passes) or joint (both views together); the convolutions run once over both views either way",
          str, BN_STATS, "model and loss", "run"),
@@ -250,8 +264,9 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("knn_at_start", False, "also evaluate the untrained encoder, as an epoch-0 row of the CSV",
          group="evaluation"),
 
-    Flag("recipe", "seed", "preset: seed (the original tool's: Adam 1e-3, constant) or paper (LARS, lr 1.0 x B/256, 10 warm-up "
-         "epochs, cosine, head 2048); explicit flags override it", str, ("seed", "paper"), "optimisation", "run"),
+    Flag("recipe", "seed", "preset: seed (the original tool's: Adam 1e-3, constant), paper (LARS, lr 1.0 x B/256, "
+         "10 warm-up epochs, cosine, head 2048), supcon (SupContrast's CIFAR recipe) or simclrv2 (paper + a "
+         "3-layer head); explicit flags override it (README: recipes)", str, RECIPE_NAMES, "optimisation", "run"),
     Flag("batch_size", 1024, "images per step (global over all processes); two views each", int,
          group="optimisation", role="run", ge=2, le=2 ** 20),
     Flag("epochs", 500, "training epochs", int, group="optimisation", ge=1, le=10 ** 6),
@@ -312,6 +327,17 @@ RECIPES = {
     # SimCLR paper, appendix B.9 (CIFAR-10): LARS, lr 1.0 x batch/256, 10 warm-up epochs, cosine
     "paper": dict(optimizer="lars", lr=1.0, lr_scaling="linear", weight_decay=1e-6, warmup_epochs=10,
                   schedule="cosine", temperature=0.5, jitter_strength=0.5, blur=False, proj_hidden_dim=2048),
+    # SupContrast's CIFAR command (HobbitLong/SupContrast README: --batch_size 1024 --learning_rate 0.5
+    # --temp 0.1 --cosine --warm) with main_supcon.py's defaults (SGD, momentum 0.9, weight decay 1e-4,
+    # 1000 epochs, 10 warm-up epochs) and its head width (2048 = ResNet-50's h)
+    "supcon": dict(loss="supcon", batch_size=1024, optimizer="sgd", lr=0.5, lr_scaling="none", momentum=0.9,
+                   weight_decay=1e-4, warmup_epochs=10, schedule="cosine", epochs=1000, temperature=0.1,
+                   proj_hidden_dim=2048),
+    # SimCLRv2 (Chen et al. 2020b) at CIFAR scale: its 3-layer projection head (fine-tune from its first
+    # layer: finetune.py --from_layer head1) over the paper recipe's CIFAR settings
+    "simclrv2": dict(optimizer="lars", lr=1.0, lr_scaling="linear", weight_decay=1e-6, warmup_epochs=10,
+                     schedule="cosine", temperature=0.5, jitter_strength=0.5, blur=False, proj_hidden_dim=2048,
+                     proj_layers=3),
 }
 
 
@@ -340,7 +366,7 @@ def derive(values: dict) -> dict:
 
 # Run-defining flags added after checkpoints were first written: the value an older checkpoint, which
 # lacks the key, was trained with (not today's default).
-LEGACY_VALUES = dict(bn_stats="joint")
+LEGACY_VALUES = dict(bn_stats="joint", loss="ntxent", proj_layers=2)
 
 
 def resume_values(flags: Iterable[Flag], explicit: dict, saved: dict, source: str,
@@ -364,6 +390,11 @@ def resume_values(flags: Iterable[Flag], explicit: dict, saved: dict, source: st
     notes = [f"resume: changed --{k} {saved[k]} -> {wanted[k]}" for k in explicit
              if k not in run_keys and k not in machine_keys and k != "resume" and wanted[k] != saved.get(k)]
     return wanted, notes
+
+
+def train_resume_values(explicit: dict, saved: dict, source: str) -> tuple[dict, list[str]]:
+    """resume_values of main.py: its flags, derived values filled in, older checkpoints' LEGACY_VALUES."""
+    return resume_values(TRAIN_FLAGS, explicit, saved, source, derive, LEGACY_VALUES)
 
 
 # ----------------------------------------------------------------------------- linear.py
@@ -425,9 +456,9 @@ FINETUNE_FLAGS: tuple[Flag, ...] = (
          group="encoder", optional=True),
     Flag("untrained", False, "start from a random initialisation of the same model (the baseline); the weights "
          "are not read, only the config", group="encoder", role="run"),
-    Flag("from_layer", "encoder", "where the new linear classifier sits: encoder (on h) or head1 (on the "
-         "projection head's first Linear + BatchNorm + ReLU, loaded from the checkpoint, as SimCLRv2)", str,
-         FROM_LAYERS, "encoder", "run"),
+    Flag("from_layer", "encoder", "where the new linear classifier sits: encoder (on h) or headK (after the "
+         "projection head's first K hidden layers, each Linear + BatchNorm + ReLU, loaded from the checkpoint; "
+         "SimCLRv2 fine-tunes from head1); K below the run's --proj_layers", str, FROM_LAYERS, "encoder", "run"),
     shared("arch", default=None, optional=True, group="encoder", help=f"override the encoder; {FROM_CONFIG}"),
     shared("stem", default=None, optional=True, group="encoder", help=f"override the first layer; {FROM_CONFIG}"),
     shared("dataset", default=None, optional=True, help=f"override the data set; {FROM_CONFIG}"),

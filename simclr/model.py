@@ -15,6 +15,23 @@ from .flags import BN_STATS, FROM_LAYERS
 from .loss import at_least_fp32, nt_xent  # noqa: F401 (re-exported)
 
 
+def projection_head(width: int, hidden: int, feature_dim: int, layers: int = 2) -> nn.Sequential:
+    """The head g: `layers` Linear layers, each hidden one followed by BatchNorm1d and ReLU.
+
+    layers=2 is Linear(width, hidden, no bias) - BatchNorm1d - ReLU - Linear(hidden, feature_dim),
+    keys g.0, g.1, g.3; each further layer adds Linear - BatchNorm1d - ReLU before the last Linear
+    (SimCLRv2's deeper head). Hidden layer K is g[:3K], where finetune.py's `--from_layer headK` sits.
+    """
+    if layers < 1:
+        raise ValueError(f"the projection head needs at least one layer, got {layers}")
+    blocks, inputs = [], width
+    for _ in range(layers - 1):
+        # bias is redundant before BatchNorm
+        blocks += [nn.Linear(inputs, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        inputs = hidden
+    return nn.Sequential(*blocks, nn.Linear(inputs, feature_dim, bias=True))
+
+
 class SimCLR(nn.Module):
     """Encoder f and projection head g; forward(x) returns (h, z).
 
@@ -24,18 +41,13 @@ class SimCLR(nn.Module):
     """
 
     def __init__(self, arch: str = "resnet50", feature_dim: int = 128, proj_hidden_dim: int = 512,
-                 stem: str = "cifar", grad_checkpoint: bool = False, bn_stats: str = "joint"):
+                 stem: str = "cifar", grad_checkpoint: bool = False, bn_stats: str = "joint", proj_layers: int = 2):
         super().__init__()
         if bn_stats not in BN_STATS:
             raise ValueError(f"unknown bn_stats {bn_stats!r}; choose one of {', '.join(BN_STATS)}")
         self.arch = arch
         self.f, self.feature_width = build_encoder(arch, stem)
-        self.g = nn.Sequential(
-            nn.Linear(self.feature_width, proj_hidden_dim, bias=False),  # bias is redundant before BN
-            nn.BatchNorm1d(proj_hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(proj_hidden_dim, feature_dim, bias=True),
-        )
+        self.g = projection_head(self.feature_width, proj_hidden_dim, feature_dim, proj_layers)
         self.grad_checkpoint = grad_checkpoint
         if bn_stats == "per_view":
             # forward(x) gets x = [view 1; view 2]: each view is normalised with its own batch statistics,
@@ -55,22 +67,37 @@ class SimCLR(nn.Module):
 
 
 
-class Classifier(nn.Module):
-    """A SimCLR encoder f, optionally the head's first layer (Linear + BatchNorm1d + ReLU of g, from which
-    SimCLRv2 fine-tunes), and a new Linear classifier; forward(x) returns logits (N, num_classes).
+def head_depth(from_layer: str) -> int:
+    """encoder -> 0, headK -> K: how many hidden layers of the head a classifier keeps."""
+    return 0 if from_layer == "encoder" else int(from_layer[len("head"):])
 
-    The state_dict holds `f.*`, `head.*` (g.0 and g.1 as head.0 and head.1; empty for from_layer
+
+def hidden_layers(simclr: "SimCLR") -> int:
+    """Hidden layers of a SimCLR model's head (its Linear layers but the last)."""
+    return sum(isinstance(m, nn.Linear) for m in simclr.g) - 1
+
+
+class Classifier(nn.Module):
+    """A SimCLR encoder f, optionally the first K hidden layers of its head g (`from_layer` headK: each
+    Linear + BatchNorm1d + ReLU; SimCLRv2 fine-tunes from head1), and a new Linear classifier;
+    forward(x) returns logits (N, num_classes).
+
+    The state_dict holds `f.*`, `head.*` (g[:3K] under the same indices; empty for from_layer
     'encoder') and `fc.*`.
     """
 
     def __init__(self, simclr: SimCLR, from_layer: str, num_classes: int):
         super().__init__()
-        if from_layer not in FROM_LAYERS:
-            raise ValueError(f"unknown from_layer {from_layer!r}; choose one of {', '.join(FROM_LAYERS)}")
+        layers = hidden_layers(simclr)
+        if from_layer not in FROM_LAYERS or head_depth(from_layer) > layers:
+            choices = ["encoder"] + [f"head{k}" for k in range(1, layers + 1)]
+            raise ValueError(f"from_layer {from_layer!r} does not fit a head with {layers} hidden layer(s); "
+                             f"choose one of {', '.join(choices)}")
         self.f, self.arch = simclr.f, simclr.arch
+        depth = head_depth(from_layer)
         # the same module objects as in `simclr`: their loaded weights are the starting point
-        self.head = nn.Sequential(*simclr.g[:3]) if from_layer == "head1" else nn.Sequential()
-        width = simclr.g[0].out_features if from_layer == "head1" else simclr.feature_width
+        self.head = nn.Sequential(*simclr.g[:3 * depth])
+        width = simclr.g[3 * depth - 3].out_features if depth else simclr.feature_width
         self.fc = nn.Linear(width, num_classes)
         # a zero classifier starts every run from the same function of the features, whatever the seed
         nn.init.zeros_(self.fc.weight)

@@ -21,9 +21,9 @@ from .distributed import World, convert_batchnorm, in_turn
 from .engine import Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision, seed_everything
 from .engine import train_step, versions
 from .files import RunLock, atomic_save_json
-from .flags import (LEGACY_VALUES, TRAIN_FLAGS, TrainConfig, check_name, check_values, derive, resume_values,
-                    train_values)
+from .flags import TRAIN_FLAGS, TrainConfig, check_name, check_values, train_resume_values, train_values
 from .knn import knn_accuracy, sharded_features
+from .loss import positive_ids
 from .loop import RESULT_FILES, EpochResult, RunState, log_row, open_tensorboard, restore, run_epochs
 from .model import SimCLR
 from .optim import Schedule, build_optimizer, scaled_lr, set_lr
@@ -63,7 +63,7 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
                 path = None
         if path is not None:
             checkpoint = load_training_checkpoint(path)
-            values, notes = resume_values(TRAIN_FLAGS, explicit, checkpoint["config"], path, derive, LEGACY_VALUES)
+            values, notes = train_resume_values(explicit, checkpoint["config"], path)
     device, note = resolve_device(values["device"])
     notes += [note] if note else []
     precision = resolve_precision(values["precision"], device)
@@ -156,11 +156,13 @@ class Pretraining:
     def train_epoch(self, epoch: int, monitor) -> None:
         """The SimCLR steps of an epoch from monitor.first: lr, forward over both views, loss, backward, step."""
         cfg, state = self.cfg, self.state
+        offset = self.world.rank * (cfg.batch_size // self.world.world_size)  # this rank's place in the batch
         for step, views, labels in self.epoch_views(epoch, monitor.first):
             set_lr(state.optimizer, state.schedule.lr(epoch * state.steps_per_epoch + step))
-            # views (2b, 3, S, S) = [view 1; view 2]; labels (b,) travel along (-1: unlabeled) for losses
-            # that use them; NT-Xent's positives are the two views of each image
-            loss = train_step(self.net, state.optimizer, views, cfg.temperature, self.runtime, state.scaler)
+            # views (2b, 3, S, S) = [view 1; view 2]; labels (b,), -1 unlabeled: supcon's positives
+            ids = positive_ids(cfg.loss, labels, offset)
+            loss = train_step(self.net, state.optimizer, views, cfg.temperature, self.runtime, state.scaler,
+                              cfg.loss, ids, cfg.dcl_sigma)
             if monitor.update(step, loss):
                 break
 
@@ -268,15 +270,19 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
         raise UserError(f"--k {cfg.k} is larger than the {n_bank} images of the kNN bank; use --k {n_bank} or less")
     if len(bundle.test) == 0:
         raise UserError(f"the test split of {cfg.data_root} has no images")
+    if cfg.loss == "supcon" and not (bundle.train.labels >= 0).any():
+        raise UserError(f"--loss supcon needs labels, and none of the {n_train} training images of {cfg.data_root} "
+                        f"has one; use --loss ntxent or dcl")
     return bundle
 
 
 def build_model(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> tuple[SimCLR, int, int]:
     """The SimCLR model on the run's device, with its size printed; returns (model, parameters, MACs)."""
-    model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint, cfg.bn_stats)
+    model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint, cfg.bn_stats,
+                   cfg.proj_layers)
     params, macs, counted = count_macs(model, bundle.image_size)
-    say(f"model: {cfg.arch} ({cfg.stem} stem) + head {model.feature_width}-{cfg.proj_hidden_dim}-"
-        f"{cfg.feature_dim}: {params / 1e6:.2f} M parameters, {macs / 1e9:.3f} G MACs per "
+    widths = [model.feature_width] + [cfg.proj_hidden_dim] * (cfg.proj_layers - 1) + [cfg.feature_dim]
+    say(f"model: {cfg.arch} ({cfg.stem} stem) + head {'-'.join(map(str, widths))}: {params / 1e6:.2f} M parameters, {macs / 1e9:.3f} G MACs per "
         f"{bundle.image_size}x{bundle.image_size} image ({counted})")
     return runtime.place(model), params, macs
 

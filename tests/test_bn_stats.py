@@ -255,9 +255,15 @@ def test_flag_parses_is_recorded_and_alters_the_run():
 
 def test_resume_of_a_checkpoint_from_before_the_flag_keeps_joint():
     saved = {k: v for k, v in flags.train_values({}).items() if k != "bn_stats"}  # an older checkpoint's config
-    values, _ = flags.resume_values({"resume": "x"}, saved, "x")
+    values, _ = flags.train_resume_values({"resume": "x"}, saved, "x")
     assert values["bn_stats"] == "joint"  # what that run was trained with, whatever today's default
     with pytest.raises(UserError, match="bn_stats"):
-        flags.resume_values({"resume": "x", "bn_stats": "per_view"}, saved, "x")
-    values, _ = flags.resume_values({"resume": "x", "bn_stats": "per_view"}, {**saved, "bn_stats": "per_view"}, "x")
+        flags.train_resume_values({"resume": "x", "bn_stats": "per_view"}, saved, "x")
+    values, _ = flags.train_resume_values({"resume": "x", "bn_stats": "per_view"}, {**saved, "bn_stats": "per_view"}, "x")
     assert values["bn_stats"] == "per_view"
+    # the loss and the head depth came later too: an older checkpoint means NT-Xent and a 2-layer head
+    older = {k: v for k, v in saved.items() if k not in ("loss", "proj_layers")}
+    values, _ = flags.train_resume_values({"resume": "x"}, older, "x")
+    assert (values["loss"], values["proj_layers"]) == ("ntxent", 2)
+    with pytest.raises(UserError, match="loss"):
+        flags.train_resume_values({"resume": "x", "loss": "dcl"}, older, "x")

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from simclr.distributed import GlobalBatchNorm, World, convert_batchnorm, global_nt_xent, shard
+from simclr.distributed import GlobalBatchNorm, World, convert_batchnorm, global_loss, shard
 from simclr.engine import train_step
 from simclr.model import SimCLR, nt_xent
 from simclr.engine import Runtime
@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str, bn_stats:
             z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5))
             z_local = local_share(z, rank, world).clone().requires_grad_(True)
             ids = LABEL_IDS if mode == "ids" else None
-            loss = global_nt_xent(z_local, 0.5, None if ids is None else local_share(ids, rank, world))
+            loss = global_loss(z_local, 0.5, ids=None if ids is None else local_share(ids, rank, world))
             loss.backward()
             torch.save({"loss": loss.item(), "grad": z_local.grad}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
