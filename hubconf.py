@@ -3,20 +3,24 @@
     model = torch.hub.load("path/to/this/repo", "resnet50", source="local", weights="results/NAME_model.pth")
     encoder = torch.hub.load("path/to/this/repo", "resnet18", source="local", weights=..., encoder_only=True)
 
-torch.hub lists every public callable of this file as an entry point, so the project modules are
-imported under private names. Importing it runs nothing: no script, no file read.
+One entry point per architecture of the encoder table (simclr/encoders.py). torch.hub lists every
+public callable of this file as an entry point, so the project modules are imported under private
+names. Importing it runs nothing: no script, no file read.
 """
 import os as _os
 
 from simclr import checkpoint as _checkpoint
+from simclr import encoders as _encoders
+from simclr import flags as _flags
 from simclr import model as _model
+from simclr.cli import UserError as _UserError
 
 dependencies = ["torch", "torchvision"]
 
 # torch.hub puts this folder first on sys.path while importing this file; a package of the same name
 # imported earlier by the caller's own code would be used instead of ours, silently.
 _ours = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "simclr")
-for _module in (_checkpoint, _model):
+for _module in (_checkpoint, _encoders, _flags, _model):
     if _os.path.dirname(_os.path.abspath(_module.__file__)) != _ours:
         raise ImportError(f"hubconf needs this repository's simclr package, but {_module.__file__} was "
                           f"imported first; load the hub model in a process without that package")
@@ -26,27 +30,30 @@ def _build(arch: str, weights: str | None, encoder_only: bool, sizes: dict):
     """The SimCLR model (eval mode) of `arch`: a run's weights and sizes, or a random initialisation."""
     given = {k: v for k, v in sizes.items() if v is not None}
     if weights is None:
-        net = _model.SimCLR(arch, **{"feature_dim": 128, "proj_hidden_dim": 512, "stem": "cifar", **given}).eval()
+        defaults = {key: _flags.TRAIN_DEFAULTS[key] for key in ("feature_dim", "proj_hidden_dim", "stem")}
+        net = _model.SimCLR(arch, **{**defaults, **given}).eval()
     elif given:
         raise ValueError(f"{', '.join(given)} come from the run config beside {weights}; pass them only without weights")
     else:
-        net = _checkpoint.load_run_model(weights, arch)
+        net, config = _checkpoint.open_run(weights)
+        if config["arch"] != arch:
+            raise _UserError(f"{weights} holds a {config['arch']} (says {_checkpoint.config_path_for(weights)}), "
+                             f"not a {arch}; load it with the {config['arch']} entry point")
     return net.f if encoder_only else net
 
 
-def resnet18(weights: str | None = None, encoder_only: bool = False, feature_dim: int | None = None,
+def _entry_point(arch: str):
+    """The hub function of one architecture, named after it, its docstring from the table's summary."""
+    def load(weights: str | None = None, encoder_only: bool = False, feature_dim: int | None = None,
              proj_hidden_dim: int | None = None, stem: str | None = None):
-    """SimCLR ResNet-18: weights=results/NAME_model.pth (sizes from NAME_config.json) or random; encoder_only=True gives f."""
-    return _build("resnet18", weights, encoder_only, dict(feature_dim=feature_dim, proj_hidden_dim=proj_hidden_dim, stem=stem))
+        return _build(arch, weights, encoder_only, dict(feature_dim=feature_dim, proj_hidden_dim=proj_hidden_dim,
+                                                        stem=stem))
+    title = _encoders.ENCODERS[arch].summary.split(",")[0]  # "ResNet-18, 512-d features" -> "ResNet-18"
+    load.__name__ = load.__qualname__ = arch
+    load.__doc__ = (f"SimCLR {title}: weights=results/NAME_model.pth (sizes from NAME_config.json) or random; "
+                    f"encoder_only=True gives f.")
+    return load
 
 
-def resnet34(weights: str | None = None, encoder_only: bool = False, feature_dim: int | None = None,
-             proj_hidden_dim: int | None = None, stem: str | None = None):
-    """SimCLR ResNet-34: weights=results/NAME_model.pth (sizes from NAME_config.json) or random; encoder_only=True gives f."""
-    return _build("resnet34", weights, encoder_only, dict(feature_dim=feature_dim, proj_hidden_dim=proj_hidden_dim, stem=stem))
-
-
-def resnet50(weights: str | None = None, encoder_only: bool = False, feature_dim: int | None = None,
-             proj_hidden_dim: int | None = None, stem: str | None = None):
-    """SimCLR ResNet-50: weights=results/NAME_model.pth (sizes from NAME_config.json) or random; encoder_only=True gives f."""
-    return _build("resnet50", weights, encoder_only, dict(feature_dim=feature_dim, proj_hidden_dim=proj_hidden_dim, stem=stem))
+for _arch in _encoders.ENCODERS:
+    globals()[_arch] = _entry_point(_arch)

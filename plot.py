@@ -8,9 +8,9 @@ import os
 import sys
 from typing import Sequence
 
-from simclr.checkpoint import run_name
 from simclr.cli import OneLineParser, UserError, first_line, run_cli
 from simclr.curves import epoch_axes, pyplot, save, series
+from simclr.names import run_name
 
 REQUIRED = ("epoch", "train_loss", "test_acc@1", "test_acc@5")
 

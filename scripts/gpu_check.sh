@@ -32,7 +32,7 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
-PY="${PYTHON:-python3}"
+PY="${PYTHON:-python3}"  # the interpreter that has torch: $PYTHON, else python3 from PATH
 export PYTHONUNBUFFERED=1
 step() { echo "== $*" | tee -a "$LOG"; }
 run() { echo "\$ $*" >> "$LOG"; "$@" >> "$LOG" 2>&1; local code=$?; echo "(exit $code)" >> "$LOG"; return $code; }
@@ -111,7 +111,7 @@ echo "(main.py exit $?)" >> "$LOG"
 run "$PY" linear.py --model_path "$WORK/results/run_model.pth" --device "$DEVICE" "${LINEAR[@]}"
 if "$PY" main.py --help | grep -q -- "--bn_stats"; then
   OTHER=$("$PY" - <<'EOF'
-from flags import TRAIN_DEFAULTS
+from simclr.flags import TRAIN_DEFAULTS
 print("joint" if TRAIN_DEFAULTS.get("bn_stats") == "per_view" else "per_view")
 EOF
 )
@@ -142,7 +142,7 @@ try:
     frame = pd.read_csv(os.path.join(results, "run_statistics.csv"))
     import torch
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    from engine import bf16_peak_tflops
+    from simclr.engine import bf16_peak_tflops
     peak = bf16_peak_tflops(name) if name != "cpu" else None
     trained = frame[frame["epoch"] > 0]
     seconds = float(trained["epoch_seconds"].median())

@@ -554,3 +554,23 @@ def pil_transform(cfg: AugmentConfig) -> T.Compose:
         steps.append(T.RandomApply([T.GaussianBlur(k, _SIGMA_RANGE)], p=0.5))
     steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     return T.Compose(steps)
+
+
+def pad_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop of the image zero-padded by size//8 on every side, and horizontal flip (linear.py --augment):
+    uint8 (B, S, S, 3) -> float (B, 3, S, S) in [0, 1], not normalized. crop_flip is the resized crop."""
+    b, s = images.shape[0], images.shape[1]
+    pad = s // 8
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    # zero padding on [0, 1] pixels is black, as torchvision's RandomCrop(padding) on the raw image
+    x = F.pad(x, (pad, pad, pad, pad))
+    dev = images.device
+    top = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+    flip = torch.rand(b, device=dev, generator=generator) < 0.5
+    steps = torch.arange(s, device=dev)
+    rows = (top[:, None] + steps)[:, :, None]                                  # (B, S, 1)
+    cols = left[:, None] + steps                                               # (B, S)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]          # (B, 1, S)
+    out = x[torch.arange(b, device=dev)[:, None, None], :, rows, cols]         # (B, S, S, 3)
+    return out.permute(0, 3, 1, 2).contiguous()

@@ -22,30 +22,12 @@ from torch import nn
 
 from .cli import UserError, first_line
 from .files import atomic_save
+from .flags import TRAIN_DEFAULTS
 from .model import ARCHS, STEMS, SimCLR
+from .names import RUN_SUFFIXES, config_path_for, run_base, run_name  # noqa: F401 (re-exported)
 
-# The suffixes main.py gives a run's files; NAME is what stands before them.
-RUN_SUFFIXES = ("_model.pth", "_last.pth", "_config.json", "_statistics.csv")
 # Keys of NAME_config.json needed to rebuild the model and reload its data (other keys are ignored).
 MODEL_CONFIG_KEYS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "dataset", "data_root", "image_size")
-
-
-def run_base(path: str, suffixes: tuple[str, ...] = RUN_SUFFIXES) -> str:
-    """results/NAME_model.pth (or another of the run's files) -> results/NAME; other files lose their extension."""
-    for suffix in suffixes:
-        if path.endswith(suffix) and len(os.path.basename(path)) > len(suffix):
-            return path[: -len(suffix)]
-    return os.path.splitext(path)[0]
-
-
-def run_name(path: str, suffixes: tuple[str, ...] = RUN_SUFFIXES) -> str:
-    """results/NAME_model.pth -> NAME."""
-    return os.path.basename(run_base(path, suffixes))
-
-
-def config_path_for(model_path: str) -> str:
-    """The NAME_config.json main.py writes beside NAME_model.pth and NAME_last.pth."""
-    return run_base(model_path) + "_config.json"
 
 
 def _load_error(path: str, e: Exception) -> UserError:
@@ -163,27 +145,6 @@ def check_run_config(saved: dict, path: str) -> dict:
     return saved
 
 
-def load_model_config(path: str) -> dict:
-    """The flat NAME_config.json of a run; UserError when it is missing or lacks MODEL_CONFIG_KEYS."""
-    config = read_run_config(path)
-    missing = [key for key in MODEL_CONFIG_KEYS if key not in config]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}: pass the NAME_config.json written by main.py")
-    return config
-
-
-def load_model(model_path: str, config: dict) -> SimCLR:
-    """SimCLR rebuilt from the config with the encoder of NAME_model.pth (or NAME_last.pth) loaded strictly,
-    in eval mode (the head keeps its initial weights: only the encoder is used downstream)."""
-    state = encoder_state(model_path)
-    try:
-        model = SimCLR(config["arch"], int(config["feature_dim"]), int(config["proj_hidden_dim"]), config["stem"])
-    except (ValueError, TypeError) as e:
-        raise UserError(f"the config does not describe a model ({first_line(e)})") from None
-    load_strict(model.f, state, model_path, f"{config['arch']} ({config['stem']} stem) encoder")
-    return model.eval()
-
-
 def data_location(config: dict, dataset: str | None = None, data_root: str | None = None,
                   image_size: int | None = None) -> dict:
     """load_dataset's name, root, image_size and cache_dir: the flags given over the run config's.
@@ -200,32 +161,44 @@ def data_location(config: dict, dataset: str | None = None, data_root: str | Non
 def head_sizes(saved: dict, source: str) -> tuple[int, int]:
     """(feature_dim, proj_hidden_dim) of a run config; main.py's defaults where it names none."""
     sizes = []
-    for key, default in (("feature_dim", 128), ("proj_hidden_dim", 512)):
-        value = saved.get(key, default)
+    for key in ("feature_dim", "proj_hidden_dim"):
+        value = saved.get(key, TRAIN_DEFAULTS[key])
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{source} has {key} {value!r}; a positive whole number was expected")
         sizes.append(value)
     return sizes[0], sizes[1]
 
 
-def load_run_model(weights: str, arch: str | None = None) -> SimCLR:
-    """The SimCLR model of a run, rebuilt from the NAME_config.json beside `weights` and loaded strictly
-    (encoder and head, weights_only=True), in eval mode. arch: refuse a run of another architecture."""
-    config_path = config_path_for(weights)
-    if not os.path.isfile(config_path):
-        raise UserError(f"no run config {config_path} beside {weights}: it says which model the weights fit")
-    saved = read_run_config(config_path)
-    run_arch, stem = saved.get("arch"), saved.get("stem", "cifar")
-    if run_arch not in ARCHS or stem not in STEMS:
-        raise UserError(f"{config_path} has arch {run_arch!r} and stem {stem!r}, not a model of this project")
-    if arch is not None and run_arch != arch:
-        raise UserError(f"{weights} holds a {run_arch} (says {config_path}), not a {arch}; "
-                        f"load it with the {run_arch} entry point")
-    feature_dim, hidden = head_sizes(saved, config_path)
-    model = SimCLR(run_arch, feature_dim, hidden, stem)
-    load_strict(model, model_state(weights), weights, f"{run_arch} ({stem} stem) SimCLR model with head "
+def open_run(weights: str, config_path: str | None = None, arch: str | None = None, stem: str | None = None,
+             saved: dict | None = None, needs: tuple[str, ...] = ()) -> tuple[SimCLR, dict]:
+    """The SimCLR model of a run of main.py, in eval mode, and the run config it was rebuilt from.
+
+    The config is `saved` when the caller has read it already, else config_path, else the
+    NAME_config.json beside the weights; `needs` are keys it must hold (the caller goes on to use
+    them). arch and stem (not None) stand in for the config's; the head sizes always come from the
+    config (main.py's defaults where it names none). Every tensor of `weights` (encoder and head,
+    weights_only=True) must fit the model exactly. Every bad input is a one-line UserError.
+    """
+    if saved is None:
+        if config_path is None:
+            config_path = config_path_for(weights)
+            if not os.path.isfile(config_path):
+                raise UserError(f"no run config {config_path} beside {weights}: it says which model the weights fit")
+        saved = read_run_config(config_path)
+    source = config_path or "the run config"
+    missing = [key for key in needs if key not in saved]
+    if missing:
+        raise UserError(f"{source} lacks {', '.join(missing)}: pass the NAME_config.json written by main.py")
+    arch = arch if arch is not None else saved.get("arch")
+    stem = stem if stem is not None else saved.get("stem", TRAIN_DEFAULTS["stem"])
+    if arch not in ARCHS or stem not in STEMS:
+        raise UserError(f"{source} has arch {arch!r} and stem {stem!r}, not a model of this project")
+    feature_dim, hidden = head_sizes(saved, source)
+    state = model_state(weights)
+    model = SimCLR(arch, feature_dim, hidden, stem)
+    load_strict(model, state, weights, f"{arch} ({stem} stem) SimCLR model with head "
                 f"{model.feature_width}-{hidden}-{feature_dim}", prefix="")
-    return model.eval()
+    return model.eval(), saved
 
 
 # ----------------------------------------------------------------------------- what an evaluation reads and writes

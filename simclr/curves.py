@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 from typing import Sequence
 
-from .files import atomic_write_bytes
-
 
 def pyplot():
     """matplotlib with a file-only backend (no display needed), imported on first use."""
@@ -19,6 +17,7 @@ def pyplot():
 
 def save(fig, path: str) -> None:
     """Render to PNG in memory, then replace `path` whole."""
+    from .files import atomic_write_bytes  # here: files imports torch, and plot.py's --help does not wait for it
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=100)

@@ -1,4 +1,5 @@
-"""Encoder features and what is computed on them: cosine top-k search, weighted kNN accuracy.
+"""Encoder features and what is computed on them: cosine top-k search, weighted kNN accuracy; the
+batched no-gradient forward pass that computes features (and a classifier's logits).
 
 The search, the kNN scorer and the neighbour lookup share one chunked cosine top-k, and all of
 it is computed in fp32 even when a caller sits inside an autocast region.
@@ -92,10 +93,11 @@ def knn_accuracy(test_features: torch.Tensor, test_labels: torch.Tensor, bank_fe
 
 
 @torch.no_grad()
-def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                     to_input: Callable[[torch.Tensor], torch.Tensor], runtime,
-                     batch_size: int = 1024, progress: Callable[[Iterable], Iterable] | None = None) -> torch.Tensor:
-    """Encoder features of uint8 images (N, H, W, 3) -> fp32 (N, d) on the runtime's device.
+def forward_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                       to_input: Callable[[torch.Tensor], torch.Tensor], runtime, batch_size: int = 1024,
+                       progress: Callable[[Iterable], Iterable] | None = None) -> torch.Tensor:
+    """fn over uint8 images (N, H, W, 3) one batch at a time, without gradients -> fp32 (N, ...) on the
+    runtime's device: an encoder's features, a classifier's logits.
 
     `to_input` turns a uint8 batch already on the device into the network's float input.
     """
@@ -106,18 +108,25 @@ def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], images: tor
     for start in starts:
         batch = images[start:start + batch_size].to(runtime.device, non_blocking=True)
         with runtime.autocast():
-            h = encode(runtime.prepare(to_input(batch)))
-        out.append(h.float())
+            y = fn(runtime.prepare(to_input(batch)))
+        out.append(y.float())
     return torch.cat(out) if out else torch.zeros(0, 0, device=runtime.device)
+
+
+def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                     to_input: Callable[[torch.Tensor], torch.Tensor], runtime,
+                     batch_size: int = 1024, progress: Callable[[Iterable], Iterable] | None = None) -> torch.Tensor:
+    """Encoder features of uint8 images (N, H, W, 3) -> fp32 (N, d): forward_in_batches of `encode`."""
+    return forward_in_batches(encode, images, to_input, runtime, batch_size, progress)
 
 
 def sharded_features(encode, images: torch.Tensor, to_input, runtime, batch_size: int, world: World,
                      progress: Callable[[Iterable], Iterable] | None = None) -> torch.Tensor:
-    """extract_features with the images shared out over the processes and the rows gathered back on each."""
+    """forward_in_batches with the images shared out over the processes and the rows gathered back on each."""
     n = images.shape[0]
     if n < world.world_size:  # too few to share out: every rank does all (no empty shards)
-        return extract_features(encode, images, to_input, runtime, batch_size)
-    local = extract_features(encode, images[shard(n, world)], to_input, runtime, batch_size, progress)
+        return forward_in_batches(encode, images, to_input, runtime, batch_size)
+    local = forward_in_batches(encode, images[shard(n, world)], to_input, runtime, batch_size, progress)
     return gather_rows(local, n, world)
 
 
@@ -127,4 +136,4 @@ def encoder_features(model: torch.nn.Module, images: torch.Tensor, mean: Sequenc
     """Encoder features h of uint8 images (N, H, W, 3), normalised with mean/std -> fp32 (N, d), in eval mode."""
     model.eval()  # BatchNorm running statistics, as in the kNN evaluation
     to_input = lambda batch: normalize(batch, mean, std)  # noqa: E731
-    return extract_features(model.encode, images, to_input, runtime, batch_size, progress)
+    return forward_in_batches(model.encode, images, to_input, runtime, batch_size, progress)

@@ -13,7 +13,8 @@ from PIL import Image
 
 import embed
 import main
-from simclr.checkpoint import load_model, load_model_config
+from simclr import feature_map
+from simclr.checkpoint import open_run
 from simclr.data import load_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,21 +52,21 @@ def counts(labels, picked, classes):
 
 def test_balanced_sample_fills_every_class_in_turn():
     labels = torch.tensor([0] * 10 + [1] * 2 + [2] * 50)[torch.randperm(62, generator=torch.Generator().manual_seed(5))]
-    picked = embed.balanced_sample(labels, 12, seed=0)
+    picked = feature_map.balanced_sample(labels, 12, seed=0)
     assert counts(labels, picked, 3) == [5, 2, 5]  # class 1 has only 2; the others share the rest equally
     assert picked.tolist() == sorted(set(picked.tolist()))  # distinct, sorted
-    assert counts(labels, embed.balanced_sample(labels, 40, seed=3), 3) == [10, 2, 28]
-    assert torch.equal(picked, embed.balanced_sample(labels, 12, seed=0))  # fixed by the seed
-    assert not torch.equal(embed.balanced_sample(labels, 12, seed=1), picked)
-    assert torch.equal(embed.balanced_sample(labels, None, 0), torch.arange(62))
-    assert torch.equal(embed.balanced_sample(labels, 100, 0), torch.arange(62))
+    assert counts(labels, feature_map.balanced_sample(labels, 40, seed=3), 3) == [10, 2, 28]
+    assert torch.equal(picked, feature_map.balanced_sample(labels, 12, seed=0))  # fixed by the seed
+    assert not torch.equal(feature_map.balanced_sample(labels, 12, seed=1), picked)
+    assert torch.equal(feature_map.balanced_sample(labels, None, 0), torch.arange(62))
+    assert torch.equal(feature_map.balanced_sample(labels, 100, 0), torch.arange(62))
 
 
 def test_balanced_sample_gives_the_remainder_to_seeded_classes():
     labels = torch.arange(3).repeat(6)  # 6 per class
     extra = set()
     for seed in range(10):
-        got = counts(labels, embed.balanced_sample(labels, 7, seed), 3)
+        got = counts(labels, feature_map.balanced_sample(labels, 7, seed), 3)
         assert sorted(got) == [2, 2, 3]
         extra.add(got.index(3))
     assert len(extra) > 1  # not always the first class
@@ -76,7 +77,7 @@ def test_balanced_sample_gives_the_remainder_to_seeded_classes():
 def test_pca_agrees_with_a_reference_svd_up_to_sign():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(60, 8, generator=g) * torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.4, 0.3, 0.2]) + 7.0
-    coords, share = embed.pca_2d(x)
+    coords, share = feature_map.pca_2d(x)
     centred = x.double().numpy() - x.double().numpy().mean(axis=0)
     u, s, _ = np.linalg.svd(centred, full_matrices=False)
     reference = u[:, :2] * s[:2]
@@ -87,7 +88,7 @@ def test_pca_agrees_with_a_reference_svd_up_to_sign():
         assert coords[:, axis].abs().argmax() == coords[:, axis].argmax()  # the sign convention
     np.testing.assert_allclose(share.numpy(), s[:2] ** 2 / (s ** 2).sum(), rtol=1e-5)
     # a flipped input gives the same picture: the sign is fixed by the data, not by LAPACK
-    assert torch.allclose(embed.pca_2d(-x)[0], coords, atol=1e-4)
+    assert torch.allclose(feature_map.pca_2d(-x)[0], coords, atol=1e-4)
 
 
 def test_class_agreement_matches_a_loop():
@@ -97,27 +98,27 @@ def test_class_agreement_matches_a_loop():
     for i in range(40):
         others = sorted((float((points[i] - points[j]).norm()), j) for j in range(40) if j != i)
         hits += sum(int(labels[j] == labels[i]) for _, j in others[:5])
-    assert embed.class_agreement(points, labels, k=5, chunk=7) == pytest.approx(100 * hits / 200)
+    assert feature_map.class_agreement(points, labels, k=5, chunk=7) == pytest.approx(100 * hits / 200)
     two = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
-    assert embed.class_agreement(two, torch.tensor([0, 0, 1, 1]), k=1) == 100.0
+    assert feature_map.class_agreement(two, torch.tensor([0, 0, 1, 1]), k=1) == 100.0
 
 
 def test_tsne_coordinates_are_finite_one_per_point():
     g = torch.Generator().manual_seed(2)
     x = F.normalize(torch.randn(60, 16, generator=g) + 3 * torch.eye(16)[torch.arange(60) % 3], dim=1)
-    coords = embed.tsne_2d(x, embed.usable_perplexity(30.0, 60), seed=0, threads=1)
+    coords = feature_map.tsne_2d(x, feature_map.usable_perplexity(30.0, 60), seed=0, threads=1)
     assert coords.shape == (60, 2) and torch.isfinite(coords).all()
-    assert torch.equal(coords, embed.tsne_2d(x, embed.usable_perplexity(30.0, 60), seed=0, threads=1))  # seeded
-    assert embed.usable_perplexity(30.0, 60) == pytest.approx(59 / 3)
+    assert torch.equal(coords, feature_map.tsne_2d(x, feature_map.usable_perplexity(30.0, 60), seed=0, threads=1))  # seeded
+    assert feature_map.usable_perplexity(30.0, 60) == pytest.approx(59 / 3)
     # three well separated groups stay separated in the map
-    assert embed.class_agreement(coords, torch.arange(60) % 3, k=5) > 90
+    assert feature_map.class_agreement(coords, torch.arange(60) % 3, k=5) > 90
 
 
 def test_sprite_fits_tensorboards_limit():
-    small = embed.sprite_images(torch.zeros(10, 16, 16, 3, dtype=torch.uint8))
+    small = feature_map.sprite_images(torch.zeros(10, 16, 16, 3, dtype=torch.uint8))
     assert small.shape == (10, 3, 16, 16)
-    big = embed.sprite_images(torch.full((10_000, 96, 96, 3), 255, dtype=torch.uint8))
-    assert big.shape == (10_000, 3, 81, 81) and 100 * 81 <= embed.SPRITE_MAX  # 100 x 100 thumbnails
+    big = feature_map.sprite_images(torch.full((10_000, 96, 96, 3), 255, dtype=torch.uint8))
+    assert big.shape == (10_000, 3, 81, 81) and 100 * 81 <= feature_map.SPRITE_MAX  # 100 x 100 thumbnails
     assert torch.allclose(big[:2], torch.ones(2, 3, 81, 81))
 
 
@@ -137,7 +138,7 @@ def test_pca_map_of_every_test_image(tiny_run, tiny_folder, capsys):
     assert np.isfinite(coords).all()
 
     # the same coordinates from features computed here: eval mode, normalised input, L2-normalised h, numpy SVD
-    model = load_model(str(tiny_run / "tiny_model.pth"), load_model_config(str(tiny_run / "tiny_config.json")))
+    model, _ = open_run(str(tiny_run / "tiny_model.pth"))
     mean, std = torch.tensor(bundle.mean)[:, None, None], torch.tensor(bundle.std)[:, None, None]
     with torch.no_grad():
         h = model.eval().encode((bundle.test.images.permute(0, 3, 1, 2).float() / 255 - mean) / std)
@@ -210,7 +211,7 @@ def test_bad_files_exit_2(tiny_run, tmp_path, capsys):
 
 
 def test_importing_does_nothing_and_stays_light():
-    code = ("import sys, embed, main, linear, tblog; "
+    code = ("import sys, embed, main, linear, simclr.tblog; "
             "assert not [m for m in sys.modules if m.startswith(('tensorboard', 'torch.utils.tensorboard', "
             "'openTSNE', 'sklearn'))], 'heavy import'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

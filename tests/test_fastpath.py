@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-import bench
 import main
+from simclr import benchmark
 from simclr.augment import AugmentConfig, two_views
 from simclr.engine import Runtime, train_step
 from simclr.model import SimCLR, naive_nt_xent, nt_xent
@@ -66,7 +66,7 @@ def test_steps_on_fixed_views_decrease_the_loss(backend):
         v1, v2 = views[:8], views[8:]
     else:
         torch.manual_seed(0)
-        v1, v2 = bench.pil_views(images, bench.pil_transform(CFG))
+        v1, v2 = benchmark.pil_views(images, benchmark.pil_transform(CFG))
     runtime = Runtime(torch.device("cpu"), "fp32", True)
     fast_net, naive_net = small_net(), small_net()
     fast_net = fast_net.to(memory_format=torch.channels_last)
@@ -75,7 +75,7 @@ def test_steps_on_fixed_views_decrease_the_loss(backend):
     fast, naive = [], []
     for _ in range(6):
         fast.append(train_step(fast_net, fast_opt, torch.cat([v1, v2]), 0.5, runtime).item())
-        naive.append(bench.naive_step(naive_net, naive_opt, v1, v2, 0.5).item())
+        naive.append(benchmark.naive_step(naive_net, naive_opt, v1, v2, 0.5).item())
     for losses in (fast, naive):
         assert all(math.isfinite(x) for x in losses)
         assert losses[-1] < losses[0] - 0.05, losses

@@ -2,11 +2,14 @@
 import json
 import os
 import subprocess
+import sys
 import tarfile
 
 from conftest import write_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the script runs $PYTHON: this test's own interpreter, also when its folder is not on PATH (a venv not activated)
+ENV = {**os.environ, "PYTHON": sys.executable}
 
 
 def test_dry_run_writes_all_the_evidence(tmp_path):
@@ -17,7 +20,7 @@ def test_dry_run_writes_all_the_evidence(tmp_path):
             tar.add(folder / split, arcname=split)
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--data", str(archive), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
     assert proc.returncode == 0, proc.stderr[-2000:] + log[-3000:]
     files = sorted(os.listdir(out))
@@ -25,16 +28,34 @@ def test_dry_run_writes_all_the_evidence(tmp_path):
     assert {"gpu_check.log", "bench.json", "summary.json", "run_statistics.csv", "run_curves.png",
             "run_linear_statistics.csv"} <= set(files), files
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["card"] == "cpu" and summary["epochs"] == 2
-    assert 0 <= summary["knn_top1"] <= 100 and 0 <= summary["linear_top1"] <= 100
-    assert summary["seconds_per_epoch"] > 0 and summary["images_per_second"] > 0
+    assert not [key for key in summary if key.endswith("_error")], summary
+    assert summary["card"] == "cpu" and summary["epochs"] == 2 and summary["precision"] in ("fp32", "bf16")
+    # 3 classes that differ in colour and stripes: chance is 33%, the kNN and the probe must do far better
+    assert 60 <= summary["knn_top1"] <= 100 and 60 <= summary["linear_top1"] <= 100, summary
+    assert summary["seconds_per_epoch"] > 0 and summary["images_per_second"] > 0 and summary["knn_seconds"] > 0
+    assert len(summary["bench_targets"]) == 3  # augmentation, training step, BatchNorm statistics
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["device"] == "cpu" and bench["quick"] is True and bench["targets"] == summary["bench_targets"]
     assert "BENCH_JSON" in log and "unpacked 54 images" in log  # at most 12 per class and split: 12 + 6, 3 classes
+    assert "(main.py exit 0)" in log and "== the other BatchNorm mode" in log  # both runs of main.py ended well
+    for command in ("-m pytest", "bench.py --device cpu --quick", "linear.py --model_path"):
+        assert exit_codes(log, f"{sys.executable} {command}") == [0], command
+
+
+def exit_codes(log: str, command: str) -> list[int]:
+    """The exit codes gpu_check.log records after each `$ COMMAND ...` line that starts with `command`."""
+    codes, lines = [], log.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(f"$ {command}"):
+            end = next(line for line in lines[i + 1:] if line.startswith("(exit "))
+            codes.append(int(end[len("(exit "):-1]))
+    return codes
 
 
 def test_bad_arguments_exit_2(tmp_path):
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--data", str(tmp_path / "none.tar.gz"), "--out",
-                           str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                           str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=60, env=ENV)
     assert proc.returncode == 2 and "no such archive" in proc.stderr
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env=ENV)
     assert proc.returncode == 2 and "usage" in proc.stderr

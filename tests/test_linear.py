@@ -12,6 +12,8 @@ import torch
 
 import linear
 from conftest import copy_run
+from simclr import linear_eval
+from simclr.augment import pad_crop_flip
 from simclr.model import SimCLR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the `trained` run is in conftest.py
@@ -30,11 +32,22 @@ def quick(model_path, *extra: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- frozen encoder
 
+def loaded_encoders(monkeypatch) -> list:
+    """The encoders (model.f) of the runs linear_eval opens from now on, in order."""
+    captured = []
+    open_run = linear_eval.open_run
+
+    def spy(*args, **kwargs):
+        model, config = open_run(*args, **kwargs)
+        captured.append(model.f)
+        return model, config
+    monkeypatch.setattr(linear_eval, "open_run", spy)
+    return captured
+
+
 @pytest.mark.parametrize("augment", [False, True])
 def test_encoder_params_and_batchnorm_buffers_are_bit_identical(trained, tmp_path, monkeypatch, augment):
-    captured = []
-    load_strict = linear.load_strict
-    monkeypatch.setattr(linear, "load_strict", lambda enc, *a: (captured.append(enc), load_strict(enc, *a))[1])
+    captured = loaded_encoders(monkeypatch)
     extra = ["--augment"] if augment else []
     assert linear.main(quick(trained / "run_model.pth", "--results_dir", str(tmp_path), *extra)) == 0
 
@@ -51,15 +64,13 @@ def test_encoder_params_and_batchnorm_buffers_are_bit_identical(trained, tmp_pat
 
 
 def test_the_script_itself_refuses_a_moved_encoder(trained, tmp_path, monkeypatch, capsys):
-    captured = []
-    load_strict = linear.load_strict
-    monkeypatch.setattr(linear, "load_strict", lambda enc, *a: (captured.append(enc), load_strict(enc, *a))[1])
-    train_on_features = linear.train_on_features
+    captured = loaded_encoders(monkeypatch)
+    train_on_features = linear_eval.train_on_features
 
     def buggy(*args, **kwargs):  # a bug that touches a BatchNorm buffer while the probe trains
         captured[0].bn1.running_var.add_(1e-3)
         return train_on_features(*args, **kwargs)
-    monkeypatch.setattr(linear, "train_on_features", buggy)
+    monkeypatch.setattr(linear_eval, "train_on_features", buggy)
     assert linear.main(quick(trained / "run_model.pth", "--results_dir", str(tmp_path))) == 1
     err = capsys.readouterr().err
     assert "encoder changed" in err and "bn1.running_var" in err
@@ -77,7 +88,7 @@ def test_linearly_separable_features_reach_100_percent():
         y = torch.randint(0, classes, (n,), generator=gen)
         return directions[y] * 3 + 0.3 * torch.randn(n, dim, generator=gen) + 5.0, y  # offset: standardising matters
     (train_x, train_y), (test_x, test_y) = split(400), split(200)
-    probe, rows = linear.train_on_features(train_x, train_y, test_x, test_y, classes,
+    probe, rows = linear_eval.train_on_features(train_x, train_y, test_x, test_y, classes,
                                            probe_config("--epochs", "10", "--batch_size", "100"))
     assert rows[-1]["train_acc@1"] == 100.0 and rows[-1]["test_acc@1"] == 100.0
     assert [r["epoch"] for r in rows] == list(range(1, 11))
@@ -91,7 +102,7 @@ def test_random_labels_stay_near_chance_on_test():
     train_x, test_x = torch.randn(1000, 64, generator=gen), torch.randn(3000, 64, generator=gen)
     train_y = torch.randint(0, classes, (1000,), generator=gen)
     test_y = torch.randint(0, classes, (3000,), generator=gen)
-    _, rows = linear.train_on_features(train_x, train_y, test_x, test_y, classes,
+    _, rows = linear_eval.train_on_features(train_x, train_y, test_x, test_y, classes,
                                        probe_config("--epochs", "10", "--batch_size", "256"))
     assert 5.0 < rows[-1]["test_acc@1"] < 15.0  # chance is 10%; 3,000 test labels: std ~0.5 points
     assert rows[-1]["train_acc@1"] > rows[-1]["test_acc@1"] + 5  # it memorises, it cannot generalise
@@ -101,14 +112,14 @@ def test_random_labels_stay_near_chance_on_test():
 def test_fold_matches_the_standardised_layer():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(50, 8, generator=gen) * 4 + 2
-    mean, std = linear.standardizer(x)
+    mean, std = linear_eval.standardizer(x)
     layer = torch.nn.Linear(8, 3)
-    torch.testing.assert_close(linear.fold(layer, mean, std)(x), layer((x - mean) / std), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear_eval.fold(layer, mean, std)(x), layer((x - mean) / std), rtol=1e-5, atol=1e-5)
 
 
-def test_crop_flip_is_a_padded_crop_or_its_mirror():
+def test_pad_crop_flip_is_a_padded_crop_or_its_mirror():
     images = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8)
-    out = linear.crop_flip(images, torch.Generator().manual_seed(3))
+    out = pad_crop_flip(images, torch.Generator().manual_seed(3))
     assert out.shape == (6, 3, 16, 16) and out.dtype == torch.float32
     padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float() / 255, (2, 2, 2, 2))
     for i in range(6):

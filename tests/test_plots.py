@@ -8,9 +8,9 @@ from PIL import Image
 
 import main
 import neighbors
-from simclr import curves
 import plot
-from simclr.checkpoint import load_model, load_model_config
+from simclr import curves, neighbor_grid
+from simclr.checkpoint import open_run
 from simclr.data import load_dataset
 from simclr.knn import nearest_neighbors
 from simclr.model import SimCLR
@@ -186,9 +186,9 @@ def test_nearest_neighbors_finds_itself_and_checks_k():
 
 
 def test_pick_queries_is_seeded_and_distinct():
-    a, b = neighbors.pick_queries(100, 8, 0), neighbors.pick_queries(100, 8, 0)
+    a, b = neighbor_grid.pick_queries(100, 8, 0), neighbor_grid.pick_queries(100, 8, 0)
     assert torch.equal(a, b) and len(set(a.tolist())) == 8
-    assert not torch.equal(a, neighbors.pick_queries(100, 8, 1))
+    assert not torch.equal(a, neighbor_grid.pick_queries(100, 8, 1))
 
 
 # ----------------------------------------------------------------------------- neighbors: a tiny run
@@ -206,11 +206,10 @@ def tiny_run(tiny_folder, tmp_path_factory):
 
 
 def test_find_neighbors_matches_brute_force_on_a_trained_model(tiny_run, tiny_folder):
-    config = load_model_config(str(tiny_run / "tiny_config.json"))
-    model = load_model(str(tiny_run / "tiny_model.pth"), config)
+    model, _ = open_run(str(tiny_run / "tiny_model.pth"))
     bundle = load_dataset("folder", str(tiny_folder), 16, log=lambda *a: None)
-    result = neighbors.find_neighbors(model, bundle, 5, 4, seed=3, runtime=Runtime(torch.device("cpu")), batch_size=7)
-    assert torch.equal(result.queries, neighbors.pick_queries(len(bundle.test.labels), 5, 3))
+    result = neighbor_grid.find_neighbors(model, bundle, 5, 4, seed=3, runtime=Runtime(torch.device("cpu")), batch_size=7)
+    assert torch.equal(result.queries, neighbor_grid.pick_queries(len(bundle.test.labels), 5, 3))
 
     # features computed here independently: normalised float input, encoder in eval mode, no batching
     mean, std = torch.tensor(bundle.mean)[:, None, None], torch.tensor(bundle.std)[:, None, None]
@@ -229,7 +228,7 @@ def test_neighbors_script_writes_the_grid(tiny_run, capsys):
     assert neighbors.main(argv) == 0
     assert "wrote" in capsys.readouterr().out
     # 16-px images are shown 6x (96 px) in a 4-px frame: 104-px cells, 30 px of text under each
-    assert neighbors.grid_size(4, 5, 16) == (686, 610)
+    assert neighbor_grid.grid_size(4, 5, 16) == (686, 610)
     assert png_size(out) == (686, 610)
     first = out.read_bytes()
     assert neighbors.main([*argv, "--seed", "1"]) == 0  # other test images replace the file
@@ -239,33 +238,33 @@ def test_neighbors_script_writes_the_grid(tiny_run, capsys):
 
 def test_grid_borders_show_whether_the_class_matches(tiny_folder, tmp_path):
     bundle = load_dataset("folder", str(tiny_folder), 16, log=lambda *a: None)  # 16 per class: cat, dog, frog
-    result = neighbors.Neighbors(queries=torch.tensor([0, 6]), indices=torch.tensor([[1, 20], [17, 40]]),
+    result = neighbor_grid.Neighbors(queries=torch.tensor([0, 6]), indices=torch.tensor([[1, 20], [17, 40]]),
                                  similarities=torch.tensor([[0.9, 0.5], [0.8, -0.1]]))
     path = tmp_path / "grid.png"
-    path.write_bytes(neighbors.draw_neighbors(bundle, result, "borders"))
-    assert png_size(path) == neighbors.grid_size(2, 2, 16)
+    path.write_bytes(neighbor_grid.draw_neighbors(bundle, result, "borders"))
+    assert png_size(path) == neighbor_grid.grid_size(2, 2, 16)
     image = Image.open(path).convert("RGB")
-    cell = neighbors.tile_side(16) + 2 * neighbors.BORDER
-    top = lambda row: neighbors.HEADER + row * (cell + neighbors.LABEL + neighbors.PAD)  # noqa: E731
-    left = lambda col: neighbors.MARGIN + cell + neighbors.GAP + col * (cell + neighbors.PAD)  # noqa: E731
+    cell = neighbor_grid.tile_side(16) + 2 * neighbor_grid.BORDER
+    top = lambda row: neighbor_grid.HEADER + row * (cell + neighbor_grid.LABEL + neighbor_grid.PAD)  # noqa: E731
+    left = lambda col: neighbor_grid.MARGIN + cell + neighbor_grid.GAP + col * (cell + neighbor_grid.PAD)  # noqa: E731
     q_labels = bundle.test.labels[result.queries]
     for row in range(2):
-        assert image.getpixel((neighbors.MARGIN + 1, top(row) + 1)) == neighbors.QUERY_COLOUR
+        assert image.getpixel((neighbor_grid.MARGIN + 1, top(row) + 1)) == neighbor_grid.QUERY_COLOUR
         # the query's pixels are shown as stored (top-left pixel of the upscaled image)
         q = int(result.queries[row])
-        assert image.getpixel((neighbors.MARGIN + neighbors.BORDER, top(row) + neighbors.BORDER)) == \
+        assert image.getpixel((neighbor_grid.MARGIN + neighbor_grid.BORDER, top(row) + neighbor_grid.BORDER)) == \
             tuple(bundle.test.images[q, 0, 0].tolist())
         for col in range(2):
             same = int(bundle.memory.labels[result.indices[row, col]]) == int(q_labels[row])
-            expected = neighbors.MATCH_COLOUR if same else neighbors.MISMATCH_COLOUR
+            expected = neighbor_grid.MATCH_COLOUR if same else neighbor_grid.MISMATCH_COLOUR
             assert image.getpixel((left(col) + 1, top(row) + 1)) == expected, (row, col)
-    assert neighbors.same_class_fraction(bundle, result) == pytest.approx(0.5)  # (0,1) and (1,17) match
+    assert neighbor_grid.same_class_fraction(bundle, result) == pytest.approx(0.5)  # (0,1) and (1,17) match
 
 
 def test_neighbors_default_out_is_beside_the_weights(tiny_run):
     assert neighbors.main(["--model_path", str(tiny_run / "tiny_model.pth"), "--n", "2", "--k", "3",
                            "--device", "cpu"]) == 0
-    assert png_size(tiny_run / "tiny_neighbors.png") == neighbors.grid_size(2, 3, 16)
+    assert png_size(tiny_run / "tiny_neighbors.png") == neighbor_grid.grid_size(2, 3, 16)
 
 
 def test_neighbors_bad_input_exits_2_and_writes_nothing(tiny_run, tmp_path, capsys):

@@ -1,0 +1,579 @@
+"""bench.py's machinery: tensor vs PIL augmentation, the project's training step vs a naive one,
+per-view vs joint BatchNorm statistics, and (CUDA) whole epochs; the tables and the JSON record.
+
+`run(args)` takes bench.py's parsed flags; every section is a function of plain sizes that returns
+a dict of figures, so the tests run them at tiny sizes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import multiprocessing
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .augment import AugmentConfig, normalize, pil_transform, two_views
+from .cli import UserError
+from .data import CHANNEL_STATS
+from .encoders import ENCODERS
+from .engine import bf16_peak_tflops, count_macs, make_runtime, mix_seed, train_step, usable_cores
+from .files import atomic_write_text
+from .flags import TRAIN_DEFAULTS
+from .knn import forward_in_batches, knn_accuracy
+from .model import SimCLR, naive_nt_xent, per_view_batchnorm
+from .optim import build_optimizer, set_lr
+
+# CIFAR-10 channel statistics: the exact values only matter for realism, not speed.
+CIFAR_MEAN, CIFAR_STD = CHANNEL_STATS["cifar10"]
+TEMPERATURE = 0.5
+LR, WEIGHT_DECAY = 1e-3, 1e-6  # the seed's Adam settings, used by both steps
+
+# The issue's targets.
+TARGET_AUG_RATIO = 5.0
+TARGET_STEP_RATIO = 1.3
+TARGET_EPOCH_SECONDS = {("resnet50", 1024): 3.0, ("resnet18", 1024): 1.5}
+TARGET_DATA_SHARE = 0.05
+TARGET_PER_VIEW_OVERHEAD = 1.05  # --bn_stats per_view step time / joint step time
+
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+
+# The step comparison's architecture without --arch; the CUDA epochs time every one with an epoch target.
+STEP_ARCH = "resnet18"
+EPOCH_ARCHS = tuple(arch for arch in ENCODERS if any(arch == target for target, _ in TARGET_EPOCH_SECONDS))
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def default_model(arch: str, **kwargs) -> SimCLR:
+    """A SimCLR model of `arch` with main.py's default head sizes (kwargs: stem, bn_stats, ...)."""
+    return SimCLR(arch, TRAIN_DEFAULTS["feature_dim"], TRAIN_DEFAULTS["proj_hidden_dim"], **kwargs)
+
+
+def synthetic_images(n: int, seed: int = 0) -> torch.Tensor:
+    """Random uint8 CIFAR-shaped images (n, 32, 32, 3); pixel content does not change the cost."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+
+
+def aug_config(image_size: int) -> AugmentConfig:
+    """The seed's augmentation (jitter 0.5, no blur) at the given output side."""
+    return AugmentConfig(image_size=image_size, mean=CIFAR_MEAN, std=CIFAR_STD)
+
+
+def median(values: list[float]) -> float:
+    """Median, nan for an empty list."""
+    return statistics.median(values) if values else float("nan")
+
+
+def interleaved(variants: dict[str, Callable[[int], None]], warmup: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, run A,B,C,A,B,C,... so that load changes hit all of them."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(warmup + steps):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn(i)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+# ----------------------------------------------------------------------------- the naive (seed-style) step
+
+def naive_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, v1: torch.Tensor, v2: torch.Tensor,
+               temperature: float) -> torch.Tensor:
+    """One seed-style step: a forward pass per view (own BatchNorm statistics each), fp32, naive loss."""
+    _, z1 = net(v1)
+    _, z2 = net(v2)
+    loss = naive_nt_xent(z1, z2, temperature)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def pil_views(images: torch.Tensor, transform) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two PIL-pipeline views per uint8 image (B, H, W, 3), one image at a time: ((B,3,S,S), (B,3,S,S))."""
+    from PIL import Image
+    first, second = [], []
+    for array in images.numpy():
+        image = Image.fromarray(array)
+        first.append(transform(image))
+        second.append(transform(image))
+    return torch.stack(first), torch.stack(second)
+
+
+# ----------------------------------------------------------------------------- augmentation section
+
+_POOL_TRANSFORM = None
+
+
+def _pool_init(cfg: AugmentConfig) -> None:
+    """Worker set-up, as DataLoader workers: one torch thread, the transform built once."""
+    global _POOL_TRANSFORM
+    torch.set_num_threads(1)
+    _POOL_TRANSFORM = pil_transform(cfg)
+
+
+def _pool_views(chunk: torch.Tensor) -> torch.Tensor:
+    """Both PIL views of a chunk of images, in a worker process."""
+    return torch.cat(pil_views(chunk, _POOL_TRANSFORM))
+
+
+def pil_batch_fn(cfg: AugmentConfig, pool, workers: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """views(batch) with the PIL pipeline: in this process, or split over a pool's worker processes."""
+    if pool is None:
+        transform = pil_transform(cfg)
+        return lambda batch: torch.cat(pil_views(batch, transform))
+    # pool.map blocks until every chunk is back: no prefetching that would overlap the tensor side's timing
+    return lambda batch: torch.cat(pool.map(_pool_views, batch.chunk(workers)))
+
+
+def augmentation_section(images: torch.Tensor, cfg: AugmentConfig, batch: int, threads: int, warmup: int,
+                         steps: int) -> dict:
+    """Views per second of two_views vs the per-image PIL pipeline, at 1 thread and at `threads`."""
+    n_batches = max(1, images.shape[0] // batch)
+    take = lambda i: images[(i % n_batches) * batch:((i % n_batches) + 1) * batch]  # noqa: E731
+    generator = torch.Generator().manual_seed(0)
+    result: dict = {"batch_images": batch, "threads": threads}
+    # Equal threads: N torch threads for the tensor side, N worker processes (the seed's DataLoader
+    # workers) for the PIL side, whose work is single-threaded per image.
+    settings = [1] if threads == 1 else [1, threads]
+    pool = None
+    try:
+        for n in settings:
+            if n > 1:
+                pool = multiprocessing.get_context("fork").Pool(n, initializer=_pool_init, initargs=(cfg,))
+            pil = pil_batch_fn(cfg, pool, n)
+            torch.set_num_threads(n)
+            times = interleaved({"tensor": lambda i: two_views(take(i), cfg, generator),
+                                 "pil": lambda i: pil(take(i))}, warmup, steps)
+            tensor_vps, pil_vps = 2 * batch / median(times["tensor"]), 2 * batch / median(times["pil"])
+            result[f"threads_{n}"] = {"tensor_views_per_s": tensor_vps, "pil_views_per_s": pil_vps,
+                                      "ratio": tensor_vps / pil_vps}
+    finally:
+        torch.set_num_threads(threads)
+        if pool is not None:
+            pool.terminate()
+    top = result[f"threads_{threads}"]
+    result.update(tensor_views_per_s=top["tensor_views_per_s"], pil_views_per_s=top["pil_views_per_s"],
+                  ratio=top["ratio"])
+    return result
+
+
+def device_augmentation(device: torch.device, cfg: AugmentConfig, batch: int, warmup: int, steps: int) -> float:
+    """Views per second of two_views on the device itself (uint8 batches already there)."""
+    images = synthetic_images(batch * 2, seed=3).to(device)
+    generator = torch.Generator(device=device)
+    timer = StepTimer(device)
+    for i in range(warmup + steps):
+        batch_images = images[(i % 2) * batch:(i % 2 + 1) * batch]
+        if i < warmup:
+            two_views(batch_images, cfg, generator)
+        else:
+            timer.time(lambda: two_views(batch_images, cfg, generator))
+    return 2 * batch / median(timer.seconds())
+
+
+# ----------------------------------------------------------------------------- training-step section
+
+@dataclass
+class Variant:
+    """One way of training: the project's step with some runtime settings, or the naive step."""
+    name: str
+    precision: str = "fp32"
+    channels_last: bool = False
+    naive: bool = False
+
+
+def project_variants(device: torch.device) -> list[Variant]:
+    """The project's default step first, then (CPU only) the precision x memory-format alternatives."""
+    default = Variant("project", make_runtime(device).precision, True)
+    if device.type != "cpu":
+        return [default]
+    extra = [Variant(f"project {p} {'channels_last' if cl else 'contiguous'}", p, cl)
+             for p in ("fp32", "bf16") for cl in (True, False)
+             if (p, cl) != (default.precision, default.channels_last)]
+    return [default, *extra]
+
+
+def train_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: int, device: torch.device,
+                  warmup: int, steps: int, variants_on: bool = True) -> dict:
+    """Pairs per second of the naive step and the project's step(s), interleaved, each with its data work."""
+    torch.manual_seed(0)
+    base = default_model(arch)
+    variants = [Variant("naive", naive=True), *(project_variants(device) if variants_on
+                                                else project_variants(device)[:1])]
+    n_batches = max(1, images.shape[0] // batch)
+    data = images.to(device)
+    transform = pil_transform(cfg)
+    runs: dict[str, Callable[[int], None]] = {}
+    for v in variants:
+        net = copy.deepcopy(base).to(device)  # same initial weights for every variant
+        if not v.naive and TRAIN_DEFAULTS["bn_stats"] == "per_view":
+            per_view_batchnorm(net)  # the project's default; the naive step's two passes need plain BatchNorm
+        if v.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
+        runs[v.name] = make_step(v, net, optimizer, data, cfg, transform, batch, n_batches, device)
+    times = interleaved(runs, warmup, steps)
+    rows = {v.name: {"precision": v.precision, "channels_last": v.channels_last,
+                     "seconds_per_step": median(times[v.name]),
+                     "pairs_per_s": batch / median(times[v.name])} for v in variants}
+    project_names = [v.name for v in variants if not v.naive]
+    fastest = max(project_names, key=lambda name: rows[name]["pairs_per_s"])
+    return {"arch": arch, "batch_size": batch, "image_size": cfg.image_size, "steps": steps,
+            "variants": rows, "project_pairs_per_s": rows["project"]["pairs_per_s"],
+            "naive_pairs_per_s": rows["naive"]["pairs_per_s"],
+            "ratio": rows["project"]["pairs_per_s"] / rows["naive"]["pairs_per_s"], "fastest_project_variant": fastest}
+
+
+def make_step(v: Variant, net: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor,
+              cfg: AugmentConfig, transform, batch: int, n_batches: int, device: torch.device) -> Callable[[int], None]:
+    """A closure doing step i of a variant, data preparation included."""
+    if v.naive:
+        def step(i: int) -> None:
+            v1, v2 = pil_views(data[(i % n_batches) * batch:((i % n_batches) + 1) * batch].cpu(), transform)
+            naive_step(net, optimizer, v1.to(device), v2.to(device), TEMPERATURE)
+            sync(device)  # perf_counter timing: the step must be finished, not just queued
+        return step
+    runtime = make_runtime(device, v.precision, v.channels_last)
+    generator = torch.Generator(device=device)
+
+    def step(i: int) -> None:
+        generator.manual_seed(mix_seed(0, i))
+        views = two_views(data[(i % n_batches) * batch:((i % n_batches) + 1) * batch], cfg, generator)
+        train_step(net, optimizer, views, TEMPERATURE, runtime)
+        sync(device)
+    return step
+
+
+# ----------------------------------------------------------------------------- BatchNorm statistics section
+
+def bn_stats_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: int, device: torch.device,
+                     warmup: int, steps: int, precision: str = "auto") -> dict:
+    """Seconds per engine.train_step with --bn_stats joint vs per_view: same weights, views and runtime
+    (channels-last; precision auto: the device's default), interleaved in alternating order."""
+    torch.manual_seed(0)
+    joint = default_model(arch).to(device).to(memory_format=torch.channels_last)
+    per_view = per_view_batchnorm(copy.deepcopy(joint))
+    runtime = make_runtime(device, precision, True)
+    generator = torch.Generator(device=device).manual_seed(0)
+    data = images.to(device)
+    # the augmentation is the same work in both modes: made once, outside the timed step
+    views = [two_views(data[i * batch:(i + 1) * batch], cfg, generator) for i in range(max(1, data.shape[0] // batch))]
+
+    def timed_step(net: torch.nn.Module) -> Callable[[int], None]:
+        optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
+
+        def run(i: int) -> None:
+            train_step(net, optimizer, views[i % len(views)], TEMPERATURE, runtime)
+            sync(device)
+        return run
+
+    runs = {"joint": timed_step(joint), "per_view": timed_step(per_view)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(warmup + steps):
+        order = list(runs) if i % 2 == 0 else list(runs)[::-1]  # neither mode always runs right after the other
+        for name in order:
+            t0 = time.perf_counter()
+            runs[name](i)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    joint_s, per_view_s = median(times["joint"]), median(times["per_view"])
+    # on a shared machine the load drifts: the ratio of the two steps of one iteration cancels most of it
+    paired = median([p / j for p, j in zip(times["per_view"], times["joint"])])
+    return {"arch": arch, "batch_size": batch, "image_size": cfg.image_size, "precision": runtime.precision,
+            "steps": steps, "joint_seconds_per_step": joint_s, "per_view_seconds_per_step": per_view_s,
+            "ratio": per_view_s / joint_s, "paired_ratio": paired}
+
+
+def report_bn_stats(bn: dict) -> list[str]:
+    """Print the per-view vs joint table; returns target lines."""
+    rows = [("step --bn_stats joint", bn["joint_seconds_per_step"], "s/step"),
+            ("step --bn_stats per_view", bn["per_view_seconds_per_step"], "s/step"),
+            ("step ratio per_view/joint", bn["ratio"], "x (of the medians)"),
+            ("step ratio per_view/joint, paired", bn["paired_ratio"], "x (median of each iteration's ratio)")]
+    print_table(f"BatchNorm statistics ({bn['arch']}, batch {bn['batch_size']}, {bn['image_size']}px, "
+                f"{bn['precision']}, median of {bn['steps']} steps)", rows)
+    return [f"per_view step <= {TARGET_PER_VIEW_OVERHEAD:g}x joint: {bn['ratio']:.3f}x, "
+            f"{verdict(bn['ratio'] <= TARGET_PER_VIEW_OVERHEAD)}"]
+
+
+# ----------------------------------------------------------------------------- GPU epoch section
+
+class StepTimer:
+    """Elapsed seconds of a region: CUDA events on a GPU (no host sync inside), perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pairs: list = []
+
+    def time(self, fn: Callable[[], None]) -> None:
+        """Run fn once, recording its duration."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            self.pairs.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            self.pairs.append(time.perf_counter() - t0)
+
+    def seconds(self) -> list[float]:
+        """Durations of every timed call (synchronizes once on a GPU)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [s.elapsed_time(e) / 1000.0 for s, e in self.pairs]
+        return list(self.pairs)
+
+
+def epoch_row(arch: str, batch: int, data: torch.Tensor, cfg: AugmentConfig, device: torch.device, warmup: int,
+              steps: int, compile_net: bool, macs: int, peak: float | None) -> dict:
+    """One (arch, batch) configuration of main.py's loop: epoch seconds, TFLOP/s, memory, data share."""
+    torch.manual_seed(0)
+    model = default_model(arch, bn_stats=TRAIN_DEFAULTS["bn_stats"])
+    model = model.to(device).to(memory_format=torch.channels_last)
+    runtime = make_runtime(device, "auto", True, compile_net)  # the settings main.py trains with
+    optimizer = build_optimizer(model, "adam", LR, WEIGHT_DECAY)
+    scaler = runtime.grad_scaler()
+    net = runtime.maybe_compile(model)
+    n = data.shape[0]
+    perm = torch.randperm(n, device=device)
+    generator = torch.Generator(device=device)
+    steps_per_epoch = n // batch
+
+    def batch_views(i: int) -> torch.Tensor:
+        s = i % steps_per_epoch
+        generator.manual_seed(mix_seed(0, i))
+        return two_views(data[perm[s * batch:(s + 1) * batch]], cfg, generator)
+
+    def full_step(i: int) -> None:
+        set_lr(optimizer, LR)
+        train_step(net, optimizer, batch_views(i), TEMPERATURE, runtime, scaler)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup):
+        full_step(i)
+    step_timer, aug_timer = StepTimer(device), StepTimer(device)
+    for i in range(warmup, warmup + steps):
+        step_timer.time(lambda: full_step(i))
+    for i in range(warmup, warmup + steps):
+        aug_timer.time(lambda: batch_views(i))
+    step_s, aug_s = median(step_timer.seconds()), median(aug_timer.seconds())
+    # forward + backward ~ 3 forwards, 1 MAC = 2 FLOPs, 2B views per step
+    tflops = 3 * 2 * macs * 2 * batch / step_s / 1e12
+    row = {"arch": arch, "batch_size": batch, "precision": runtime.precision, "compiled": compile_net,
+           "step_seconds": step_s, "epoch_seconds": step_s * steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+           "tflops": tflops, "peak_percent": 100 * tflops / peak if peak else None,
+           "data_seconds": aug_s, "data_share": aug_s / step_s,
+           "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return row
+
+
+def knn_seconds(arch: str, bank: torch.Tensor, test: torch.Tensor, device: torch.device, batch: int) -> float:
+    """Seconds for main's kNN evaluation: features of bank and test images, then weighted kNN with k=200."""
+    torch.manual_seed(0)
+    model = default_model(arch).to(device).to(memory_format=torch.channels_last)
+    model.eval()
+    runtime = make_runtime(device, "auto", True)
+    to_input = lambda x: normalize(x, CIFAR_MEAN, CIFAR_STD)  # noqa: E731
+    labels_bank = torch.randint(0, 10, (bank.shape[0],), device=device)
+    labels_test = torch.randint(0, 10, (test.shape[0],), device=device)
+    forward_in_batches(model.encode, bank[:batch], to_input, runtime, batch)  # warm-up: kernel choice, allocator
+    sync(device)
+    t0 = time.perf_counter()
+    f_bank = forward_in_batches(model.encode, bank, to_input, runtime, batch)
+    f_test = forward_in_batches(model.encode, test, to_input, runtime, batch)
+    knn_accuracy(f_test, labels_test, f_bank, labels_bank, 10, min(200, bank.shape[0]), TEMPERATURE)  # .item(): syncs
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (no-op on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def epoch_section(device: torch.device, archs: tuple[str, ...], batches: tuple[int, ...], n_train: int, n_test: int,
+                  warmup: int, steps: int, compile_net: bool = False, eval_batch: int = 1024) -> dict:
+    """main.py's loop on device-resident uint8 data: per (arch, batch) epoch time, TFLOP/s, memory; kNN per arch."""
+    data = synthetic_images(n_train, seed=1).to(device)
+    test = synthetic_images(n_test, seed=2).to(device)
+    cfg = aug_config(32)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = bf16_peak_tflops(name) if device.type == "cuda" else None
+    rows, knn = [], {}
+    for arch in archs:
+        _, macs, _ = count_macs(default_model(arch), 32)
+        for batch in batches:
+            rows.append({**epoch_row(arch, batch, data, cfg, device, warmup, steps, compile_net, macs, peak),
+                         "macs_per_image": macs})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        knn[arch] = knn_seconds(arch, data, test, device, eval_batch)
+    for row in rows:
+        row["knn_seconds"] = knn[row["arch"]]
+    return {"device_name": name, "bf16_peak_tflops": peak, "train_images": n_train, "test_images": n_test,
+            "rows": rows}
+
+
+# ----------------------------------------------------------------------------- output
+
+def fmt(value, digits: int = 2) -> str:
+    """A number for the table; n/a for None or nan."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def print_table(title: str, rows: list[tuple[str, object, str]]) -> None:
+    """A three-column table: name, value, unit."""
+    width = max(len(r[0]) for r in rows)
+    print(f"\n== {title}")
+    for name, value, unit in rows:
+        print(f"  {name:<{width}}  {fmt(value):>12}  {unit}")
+
+
+def verdict(ok: bool) -> str:
+    """Target status word."""
+    return "met" if ok else "NOT met"
+
+
+def report_augmentation(aug: dict) -> list[str]:
+    """Print the augmentation table; returns target lines."""
+    rows = []
+    for key in sorted(k for k in aug if k.startswith("threads_")):
+        n = key.split("_")[1]
+        r = aug[key]
+        rows += [(f"aug tensor two_views, {n} thread(s)", r["tensor_views_per_s"], "views/s"),
+                 (f"aug pil per image, {n} process(es)", r["pil_views_per_s"], "views/s"),
+                 (f"aug ratio tensor/pil, {n} thread(s)", r["ratio"], "x")]
+    if "device_tensor_views_per_s" in aug:
+        rows.append((f"aug tensor two_views on {aug['device']} ({aug['device_batch_images']} images)",
+                     aug["device_tensor_views_per_s"], "views/s"))
+    print_table(f"augmentation ({aug['batch_images']} images -> {2 * aug['batch_images']} views per batch)", rows)
+    return [f"tensor/PIL augmentation >= {TARGET_AUG_RATIO:g}x at {aug['threads']} threads: "
+            f"{aug['ratio']:.2f}x, {verdict(aug['ratio'] >= TARGET_AUG_RATIO)}"]
+
+
+def report_train(train: dict) -> list[str]:
+    """Print the training-step table; returns target lines."""
+    rows = [(f"step {name}", r["pairs_per_s"], f"pairs/s ({r['seconds_per_step']:.3f} s/step)")
+            for name, r in train["variants"].items()]
+    rows.append(("step ratio project/naive", train["ratio"], "x"))
+    rows.append((f"step fastest project variant: {train['fastest_project_variant']}",
+                 train["variants"][train["fastest_project_variant"]]["pairs_per_s"], "pairs/s"))
+    print_table(f"training step ({train['arch']}, batch {train['batch_size']}, {train['image_size']}px, "
+                f"median of {train['steps']} steps)", rows)
+    return [f"project/naive {train['arch']} step >= {TARGET_STEP_RATIO:g}x: {train['ratio']:.2f}x, "
+            f"{verdict(train['ratio'] >= TARGET_STEP_RATIO)}"]
+
+
+def report_epochs(ep: dict) -> list[str]:
+    """Print the per-epoch table; returns target lines."""
+    rows, targets = [], []
+    for r in ep["rows"]:
+        tag = f"{r['arch']} b{r['batch_size']}"
+        rows += [(f"{tag} epoch", r["epoch_seconds"], f"s ({r['steps_per_epoch']} steps x {r['step_seconds'] * 1e3:.1f} ms)"),
+                 (f"{tag} throughput", r["tflops"], f"TFLOP/s ({fmt(r['peak_percent'], 1)}% of bf16 peak)"),
+                 (f"{tag} data pipeline", 100 * r["data_share"], "% of step time"),
+                 (f"{tag} peak memory", r["peak_memory_gib"], "GiB"),
+                 (f"{tag} kNN evaluation", r["knn_seconds"], "s")]
+        limit = TARGET_EPOCH_SECONDS.get((r["arch"], r["batch_size"]))
+        if limit is not None:
+            targets.append(f"{tag} epoch < {limit:g} s: {r['epoch_seconds']:.2f} s, "
+                           f"{verdict(r['epoch_seconds'] < limit)}")
+        targets.append(f"{tag} data pipeline < {100 * TARGET_DATA_SHARE:g}% of step: {100 * r['data_share']:.1f}%, "
+                       f"{verdict(r['data_share'] < TARGET_DATA_SHARE)}")
+    print_table(f"epochs on {ep['device_name']} ({ep['train_images']} images; bf16 peak "
+                f"{fmt(ep['bf16_peak_tflops'], 0)} TFLOP/s)", rows)
+    return targets
+
+
+# ----------------------------------------------------------------------------- the run
+
+def settings(args, device: torch.device) -> dict:
+    """Sizes of every section from the flags, the device and --quick."""
+    cpu = device.type == "cpu"
+    if args.quick:
+        # 16px crops of the 32px images keep resnet18 steps a fraction of a second on 2 loaded cores
+        s = dict(batch=8, steps=2, warmup=1, image_size=16, aug_batch=64, aug_steps=3, bn_steps=3)
+    else:
+        # CPU: a resnet18 step at batch 32 takes seconds on 2 cores; 5 variants x 4 steps stay in minutes
+        # per_view vs joint differ by a few percent, less than 10 CPU steps' noise (ratios 0.93-1.08
+        # were seen): 30 steps each, about 40 s on 2 cores
+        s = dict(batch=32 if cpu else 512, steps=3 if cpu else 10, warmup=1 if cpu else 3, image_size=32,
+                 aug_batch=256, aug_steps=5, bn_steps=30)
+    if args.batch_size is not None:
+        s["batch"] = args.batch_size
+    if args.steps is not None:
+        s["steps"] = s["aug_steps"] = s["bn_steps"] = args.steps
+    s["arch"] = args.arch or STEP_ARCH
+    # --quick runs one thread by default: on a loaded machine, OpenMP threads that wait for a busy
+    # core at every op's barrier can make a tiny 2-thread step many times slower than 1 thread.
+    s["threads"] = args.threads or (1 if args.quick else usable_cores())
+    return s
+
+
+def measure(args) -> dict:
+    """Every section for the chosen device; prints tables, returns the JSON record."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    s = settings(args, device)
+    torch.set_num_threads(s["threads"])
+    record: dict = {"device": device.type, "threads": s["threads"], "quick": args.quick,
+                    "torch_version": torch.__version__}
+    print(f"bench: device {device.type}, {s['threads']} threads, torch {torch.__version__}"
+          + (" (quick: tiny sizes, figures not meaningful)" if args.quick else ""), flush=True)
+    cfg = aug_config(s["image_size"])
+    n_images = max(s["aug_batch"], s["batch"]) * 4
+    images = synthetic_images(n_images)
+
+    # The augmentation comparison is a host-side one (PIL only runs on CPUs); on a GPU the
+    # tensor pipeline's cost shows up as the data share of the epoch rows instead.
+    record["augmentation"] = augmentation_section(images, cfg, s["aug_batch"], s["threads"], 1, s["aug_steps"])
+    if device.type == "cuda":
+        record["augmentation"].update(device=device.type, device_batch_images=1024,
+                                      device_tensor_views_per_s=device_augmentation(device, cfg, 1024, 3, 10))
+    targets = report_augmentation(record["augmentation"])
+
+    record["train_step"] = train_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["steps"])
+    targets += report_train(record["train_step"])
+
+    record["bn_stats"] = bn_stats_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["bn_steps"])
+    targets += report_bn_stats(record["bn_stats"])
+
+    if device.type == "cuda":
+        batches = (512, 1024) if args.batch_size is None else (args.batch_size,)
+        archs = EPOCH_ARCHS if args.arch is None else (args.arch,)
+        record["epochs"] = epoch_section(device, archs, batches, CIFAR_TRAIN, CIFAR_TEST, 3,
+                                         args.steps or 10, args.compile)
+        targets += report_epochs(record["epochs"])
+
+    print("\n== targets" + (" (quick sizes: not comparable)" if args.quick else ""))
+    for line in targets:
+        print(f"  {line}")
+    record["targets"] = targets
+    return record
+
+
+def run(args) -> int:
+    """bench.py's parsed flags: measure, print the JSON line, and write it to --json when asked."""
+    record = measure(args)
+    text = json.dumps(record, default=float)
+    print(f"BENCH_JSON {text}", flush=True)
+    if args.json:
+        atomic_write_text(args.json, text + "\n")
+    return 0
