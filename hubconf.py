@@ -29,9 +29,8 @@ for _module in (_checkpoint, _encoders, _flags, _model):
 def _build(arch: str, weights: str | None, encoder_only: bool, sizes: dict):
     """The SimCLR model (eval mode) of `arch`: a run's weights and sizes, or a random initialisation."""
     given = {k: v for k, v in sizes.items() if v is not None}
-    if weights is None:
-        defaults = {key: _flags.TRAIN_DEFAULTS[key] for key in ("feature_dim", "proj_hidden_dim", "stem")}
-        net = _model.SimCLR(arch, **{**defaults, **given}).eval()
+    if weights is None:  # main.py's defaults under the sizes given
+        net = _checkpoint.model_from_config({**_flags.TRAIN_DEFAULTS, **given, "arch": arch}, "the hub call").eval()
     elif given:
         raise ValueError(f"{', '.join(given)} come from the run config beside {weights}; pass them only without weights")
     else:
@@ -45,9 +44,9 @@ def _build(arch: str, weights: str | None, encoder_only: bool, sizes: dict):
 def _entry_point(arch: str):
     """The hub function of one architecture, named after it, its docstring from the table's summary."""
     def load(weights: str | None = None, encoder_only: bool = False, feature_dim: int | None = None,
-             proj_hidden_dim: int | None = None, stem: str | None = None):
+             proj_hidden_dim: int | None = None, stem: str | None = None, proj_layers: int | None = None):
         return _build(arch, weights, encoder_only, dict(feature_dim=feature_dim, proj_hidden_dim=proj_hidden_dim,
-                                                        stem=stem))
+                                                        stem=stem, proj_layers=proj_layers))
     title = _encoders.ENCODERS[arch].summary.split(",")[0]  # "ResNet-18, 512-d features" -> "ResNet-18"
     load.__name__ = load.__qualname__ = arch
     load.__doc__ = (f"SimCLR {title}: weights=results/NAME_model.pth (sizes from NAME_config.json) or random; "

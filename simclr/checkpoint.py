@@ -22,7 +22,7 @@ from torch import nn
 
 from .cli import UserError, first_line
 from .files import atomic_save
-from .flags import TRAIN_DEFAULTS
+from .flags import TRAIN, TRAIN_DEFAULTS
 from .model import ARCHS, STEMS, SimCLR
 from .names import RUN_SUFFIXES, config_path_for, run_base, run_name  # noqa: F401 (re-exported)
 
@@ -120,15 +120,14 @@ def read_run_config(path: str, flag: str = "--config") -> dict:
 
 
 # Keys of NAME_config.json that rebuild a model and find its data, checked like the command line checks them.
-CONFIG_FLAGS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "dataset", "data_root", "image_size", "cache_dir",
-                "train_subset", "seed")
+CONFIG_FLAGS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "proj_layers", "dataset", "data_root", "image_size",
+                "cache_dir", "train_subset", "seed")
 
 
 def check_run_config(saved: dict, path: str) -> dict:
     """The values of a run config that later scripts use, checked against the flag declarations;
     the normalisation must be 3 finite means and 3 positive finite stds (a NaN or a zero would make
     every feature NaN, and the probe would report chance accuracy as if it were a result)."""
-    from .flags import TRAIN
     for key in CONFIG_FLAGS:
         if key in saved:
             TRAIN[key].check(saved[key], path)
@@ -158,26 +157,42 @@ def data_location(config: dict, dataset: str | None = None, data_root: str | Non
                 cache_dir=config.get("cache_dir") if same else None)
 
 
-def head_sizes(saved: dict, source: str) -> tuple[int, int]:
-    """(feature_dim, proj_hidden_dim) of a run config; main.py's defaults where it names none."""
-    sizes = []
-    for key in ("feature_dim", "proj_hidden_dim"):
-        value = saved.get(key, TRAIN_DEFAULTS[key])
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{source} has {key} {value!r}; a positive whole number was expected")
-        sizes.append(value)
-    return sizes[0], sizes[1]
+HEAD_KEYS = ("feature_dim", "proj_hidden_dim", "proj_layers")
+
+
+def head_sizes(saved: dict, source: str) -> tuple[int, int, int]:
+    """(feature_dim, proj_hidden_dim, proj_layers) of a run config, checked as main.py checks them; main.py's
+    defaults where it names none (a config written before --proj_layers means the 2-layer head)."""
+    return tuple(TRAIN[key].check(saved.get(key, TRAIN_DEFAULTS[key]), source) for key in HEAD_KEYS)
+
+
+def model_from_config(saved: dict, source: str, arch: str | None = None, stem: str | None = None) -> SimCLR:
+    """A randomly initialised SimCLR model of a run config's encoder and head; arch and stem (not None) stand in
+    for the config's."""
+    arch = arch if arch is not None else saved.get("arch")
+    stem = stem if stem is not None else saved.get("stem", TRAIN_DEFAULTS["stem"])
+    if arch not in ARCHS or stem not in STEMS:
+        raise UserError(f"{source} has arch {arch!r} and stem {stem!r}, not a model of this project")
+    feature_dim, hidden, layers = head_sizes(saved, source)
+    return SimCLR(arch, feature_dim, hidden, stem, proj_layers=layers)
+
+
+def describe_model(model: SimCLR, stem: str) -> str:
+    """'resnet18 (cifar stem) SimCLR model with head 512-128-64', for messages."""
+    widths = [model.feature_width] + [m.out_features for m in model.g if isinstance(m, nn.Linear)]
+    return f"{model.arch} ({stem} stem) SimCLR model with head {'-'.join(map(str, widths))}"
 
 
 def open_run(weights: str, config_path: str | None = None, arch: str | None = None, stem: str | None = None,
-             saved: dict | None = None, needs: tuple[str, ...] = ()) -> tuple[SimCLR, dict]:
+             saved: dict | None = None, needs: tuple[str, ...] = (), encoder_only: bool = False) -> tuple[SimCLR, dict]:
     """The SimCLR model of a run of main.py, in eval mode, and the run config it was rebuilt from.
 
     The config is `saved` when the caller has read it already, else config_path, else the
     NAME_config.json beside the weights; `needs` are keys it must hold (the caller goes on to use
     them). arch and stem (not None) stand in for the config's; the head sizes always come from the
-    config (main.py's defaults where it names none). Every tensor of `weights` (encoder and head,
-    weights_only=True) must fit the model exactly. Every bad input is a one-line UserError.
+    config (main.py's defaults where it names none). Every tensor of `weights` (weights_only=True)
+    must fit the model exactly: encoder and head, or with encoder_only the encoder's alone (the
+    head keeps its initialisation: for callers that use only h). Every bad input is a one-line UserError.
     """
     if saved is None:
         if config_path is None:
@@ -189,15 +204,12 @@ def open_run(weights: str, config_path: str | None = None, arch: str | None = No
     missing = [key for key in needs if key not in saved]
     if missing:
         raise UserError(f"{source} lacks {', '.join(missing)}: pass the NAME_config.json written by main.py")
-    arch = arch if arch is not None else saved.get("arch")
+    model = model_from_config(saved, source, arch, stem)
     stem = stem if stem is not None else saved.get("stem", TRAIN_DEFAULTS["stem"])
-    if arch not in ARCHS or stem not in STEMS:
-        raise UserError(f"{source} has arch {arch!r} and stem {stem!r}, not a model of this project")
-    feature_dim, hidden = head_sizes(saved, source)
-    state = model_state(weights)
-    model = SimCLR(arch, feature_dim, hidden, stem)
-    load_strict(model, state, weights, f"{arch} ({stem} stem) SimCLR model with head "
-                f"{model.feature_width}-{hidden}-{feature_dim}", prefix="")
+    if encoder_only:
+        load_strict(model.f, encoder_state(weights), weights, f"{model.arch} ({stem} stem) encoder")
+    else:
+        load_strict(model, model_state(weights), weights, describe_model(model, stem), prefix="")
     return model.eval(), saved
 
 

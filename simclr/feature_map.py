@@ -190,7 +190,7 @@ def run(args) -> int:
         require_tensorboard()
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731 -- stdout only says what was written
     model, config = open_run(args.model_path, args.config or config_path_for(args.model_path),
-                             needs=MODEL_CONFIG_KEYS)
+                             needs=MODEL_CONFIG_KEYS, encoder_only=True)
     # fp32: t-SNE's neighbourhoods are computed to within rounding, not to bf16 noise
     runtime = make_runtime(args.device, "fp32", channels_last=False, threads=args.threads)
     if args.device == "auto" and runtime.device.type == "cpu":

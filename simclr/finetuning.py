@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from .augment import AugmentConfig, crop_flip, normalize
-from .checkpoint import (Encoder, check_not_taken, encoder_state, evaluated_name, evaluation_dir, find_run_config,
-                         head_sizes, load_strict, load_training_checkpoint, model_state, resolve_encoder,
-                         save_weights, source_id)
+from .checkpoint import (Encoder, check_not_taken, evaluated_name, evaluation_dir, find_run_config, head_sizes,
+                         load_training_checkpoint, model_from_config, open_run, resolve_encoder, save_weights,
+                         source_id)
 from .cli import UserError
 from .curves import plot_run_or_warn
 from .data import DataBundle, ImageSet, balanced_label_indices, load_dataset
 from .distributed import World
 from .engine import apply_gradients, make_runtime, mix_seed, seed_everything, versions
 from .files import atomic_save_json
-from .flags import (DEFAULT_FRACTION, FINETUNE_DEFAULTS, FINETUNE_FLAGS, FINETUNE_RUN_KEYS, TRAIN, FinetuneConfig,
+from .flags import (DEFAULT_FRACTION, FINETUNE_DEFAULTS, FINETUNE_FLAGS, FINETUNE_RUN_KEYS, FinetuneConfig,
                     check_name, resume_values)
 from .knn import extract_features, topk_accuracy, topk_hits
 from .loop import RESULT_FILES, EpochResult, RunState, open_tensorboard, restore, run_epochs
@@ -33,7 +33,6 @@ from .tblog import require_tensorboard
 
 CSV_COLUMNS = ("epoch", "train_loss", "train_acc@1", "train_acc@5", "test_acc@1", "test_acc@5", "lr",
                "epoch_seconds")
-FINETUNE_HEAD_LAYERS = TRAIN["proj_layers"]  # the run config's head depth, checked as main.py checks it
 # Keeps the label draw apart from every other use of --seed (initialisation, batch order, crops).
 LABEL_STREAM = 0x1AB
 
@@ -59,11 +58,12 @@ def run(explicit: dict) -> int:
 class Job:
     """What one fine-tuning run starts from and where its files go."""
     encoder: Encoder
+    saved: dict                              # the run config ({} when flags stand in for it)
     head: tuple[int, int, int]               # feature_dim, proj_hidden_dim, proj_layers of the run's head
     prefix: str                              # NAME_finetune_TAG
     paths: dict[str, str]                    # RESULT_FILES -> path
     source: str                              # checkpoint.source_id: whose files these are
-    state: dict[str, torch.Tensor] | None = None   # the weights to start from (None: random init)
+    trained: SimCLR | None = None            # the run's model with its weights (None: --untrained)
     checkpoint: dict | None = None           # the NAME_finetune_TAG_last.pth to resume from ...
     resume_path: str | None = None           # ... and its path
 
@@ -91,11 +91,11 @@ def plan(explicit: dict, say) -> tuple[FinetuneConfig, Job]:
                         f"give the same --model_path, or start a new run with another --name")
     check_not_taken({"statistics": job.paths["statistics.csv"], "config": job.paths["config.json"], **job.paths},
                     job.source, "fine-tuning")
-    state = None
-    if not cfg.untrained:
-        # headK starts from the head's first K layers too: the whole SimCLR model is loaded strictly
-        state = model_state(cfg.model_path) if cfg.from_layer != "encoder" else encoder_state(cfg.model_path)
-    return cfg, dataclasses.replace(job, state=state, checkpoint=checkpoint, resume_path=resume_path)
+    trained = None
+    if not cfg.untrained:  # the encoder must fit the weights, and the head too where the classifier uses it
+        trained = open_run(cfg.model_path, cfg.config, job.encoder.arch, job.encoder.stem, job.saved,
+                           encoder_only=cfg.from_layer == "encoder")[0]
+    return cfg, dataclasses.replace(job, trained=trained, checkpoint=checkpoint, resume_path=resume_path)
 
 
 def resumed_values(explicit: dict, saved: dict, path: str, say) -> dict:
@@ -121,8 +121,7 @@ def locate(values: dict) -> tuple[FinetuneConfig, Job]:
     cfg = FinetuneConfig(**values)
     saved = find_run_config(cfg.model_path, cfg.config, cfg.arch, cfg.dataset)
     encoder = resolve_encoder(saved, cfg.arch, cfg.stem, cfg.dataset, cfg.data_root, cfg.image_size, cfg.cache_dir)
-    source = cfg.config or cfg.model_path or "the run config"
-    head = (*head_sizes(saved, source), FINETUNE_HEAD_LAYERS.check(saved.get("proj_layers", 2), source))
+    head = head_sizes(saved, cfg.config or cfg.model_path or "the run config")
     if head_depth(cfg.from_layer) >= head[2]:
         raise UserError(f"--from_layer {cfg.from_layer}: the run's head has {head[2]} layers, so its hidden layers "
                         f"are head1 to head{head[2] - 1}" if head[2] > 1 else
@@ -131,7 +130,7 @@ def locate(values: dict) -> tuple[FinetuneConfig, Job]:
     prefix = f"{name}_finetune_{label_tag(cfg)}"
     results_dir = evaluation_dir(cfg.results_dir, cfg.model_path, cfg.config)
     paths = {kind: os.path.join(results_dir, f"{prefix}_{kind}") for kind in RESULT_FILES}
-    return cfg, Job(encoder, head, prefix, paths, source_id(cfg.model_path, cfg.config, cfg.untrained))
+    return cfg, Job(encoder, saved, head, prefix, paths, source_id(cfg.model_path, cfg.config, cfg.untrained))
 
 
 def default_lr(batch_size: int) -> float:
@@ -183,15 +182,8 @@ class FineTuning:
         mean, std = (enc.mean, enc.std) if enc.mean is not None else (bundle.mean, bundle.std)
         num_classes = len(bundle.classes)
         seed_everything(cfg.seed)  # --untrained's initialisation (the new classifier starts at zero)
-        feature_dim, hidden, layers = job.head
-        simclr = SimCLR(enc.arch, feature_dim, hidden, enc.stem, proj_layers=layers)
-        what = f"{enc.arch} ({enc.stem} stem)"
-        if job.state is not None and cfg.from_layer != "encoder":
-            load_strict(simclr, job.state, cfg.model_path, f"{what} SimCLR model with head "
-                        f"{simclr.feature_width}-{hidden}-{feature_dim}", prefix="")
-        elif job.state is not None:
-            load_strict(simclr.f, job.state, cfg.model_path, f"{what} encoder")
-        model = runtime.place(Classifier(simclr, cfg.from_layer, num_classes))
+        simclr = job.trained or model_from_config(job.saved, "the run config", enc.arch, enc.stem)
+        model = runtime.place(Classifier(simclr.train(), cfg.from_layer, num_classes))
         self.labeled = ImageSet(bundle.memory.images[label_indices],
                                 bundle.memory.labels[label_indices].to(runtime.device))
         self.batch = min(cfg.batch_size, len(self.labeled))

@@ -217,7 +217,7 @@ def plan(cfg: LinearConfig) -> tuple[Encoder, str, dict[str, str], SimCLR | None
     the run's model loaded from the weights, or None for --untrained)."""
     saved = find_run_config(cfg.model_path, cfg.config, cfg.arch, cfg.dataset)
     enc = resolve_encoder(saved, cfg.arch, cfg.stem, cfg.dataset, cfg.data_root, cfg.image_size, cfg.cache_dir)
-    trained = None if cfg.untrained else open_run(cfg.model_path, cfg.config, enc.arch, enc.stem, saved)[0]
+    trained = None if cfg.untrained else open_run(cfg.model_path, cfg.config, enc.arch, enc.stem, saved, encoder_only=True)[0]
     name = evaluated_name(cfg.name, cfg.model_path, cfg.config, cfg.untrained, enc)
     results_dir = evaluation_dir(cfg.results_dir, cfg.model_path, cfg.config)
     paths = {kind: os.path.join(results_dir, f"{name}_linear_{kind}.{ext}")
@@ -231,7 +231,7 @@ def load_encoder(cfg: LinearConfig, enc: Encoder, trained: SimCLR | None,
                  runtime: Runtime) -> tuple[SimCLR, dict[str, torch.Tensor]]:
     """The run's model (or, given None, a seeded random init), frozen, in eval mode; and its encoder's snapshot."""
     seed_everything(cfg.seed)  # the --untrained encoder's initialisation
-    model = trained if trained is not None else SimCLR(enc.arch, stem=enc.stem)
+    model = trained if trained is not None else SimCLR(enc.arch, stem=enc.stem)  # the head is never used here
     model.requires_grad_(False)
     model.eval()  # BatchNorm uses its running statistics and never updates them
     frozen = snapshot(model.f)

@@ -156,7 +156,7 @@ def search(args) -> tuple[DataBundle, Neighbors, str]:
     from tqdm import tqdm
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731 -- stdout only says what was written
     model, config = open_run(args.model_path, args.config or config_path_for(args.model_path),
-                             needs=MODEL_CONFIG_KEYS)
+                             needs=MODEL_CONFIG_KEYS, encoder_only=True)
     # fp32: similarities are compared to within rounding, not to bf16 noise
     runtime = make_runtime(args.device, "fp32", channels_last=False, threads=args.threads)
     if args.device == "auto" and runtime.device.type == "cpu":
