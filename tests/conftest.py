@@ -24,6 +24,11 @@ def tiny_run_args(data, results, name: str | None = None, *extra: str, **overrid
     flag); `extra` are raw arguments appended at the end ("--resume", "auto").
     """
     values = {**TINY_RUN, "data_root": data, "results_dir": results, "name": name, **overrides}
+    return [*as_flags(values), *extra]
+
+
+def as_flags(values: dict) -> list[str]:
+    """{"epochs": 2, "blur": True, "channels_last": False, "name": None} -> ["--epochs", "2", "--blur", "--no-channels_last"]."""
     args: list[str] = []
     for flag, value in values.items():
         if value is None:
@@ -32,7 +37,7 @@ def tiny_run_args(data, results, name: str | None = None, *extra: str, **overrid
             args.append(f"--{flag}" if value else f"--no-{flag}")
         else:
             args += [f"--{flag}", str(value)]
-    return [*args, *extra]
+    return args
 
 
 def run_main(args: list[str], script: str = "main.py", timeout: float = 300) -> subprocess.CompletedProcess:
