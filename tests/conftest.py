@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny image-folder data set made by the tests (never a download), and a tiny trained run."""
+"""Shared fixtures: a tiny image-folder data set made by the tests (never a download), the flags of a
+tiny main.py run (written once, here), and a tiny trained run."""
 import os
 import shutil
 import subprocess
@@ -9,7 +10,41 @@ import pytest
 import torch
 from PIL import Image
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("cat", "dog", "frog")
+# a tiny CPU run on the tiny folder data set: 48 training images at batch 8 are 6 steps an epoch
+TINY_RUN = {"dataset": "folder", "image_size": 16, "arch": "resnet18", "batch_size": 8, "epochs": 1, "k": 5,
+            "feature_dim": 16, "proj_hidden_dim": 32, "device": "cpu", "workers": 0}
+
+
+def tiny_run_args(data, results, name: str | None = None, *extra: str, **overrides) -> list[str]:
+    """main.py's flags for a tiny CPU run on the folder data set `data`, writing to `results`.
+
+    `overrides` replace or add flags (epochs=2, tensorboard=True, channels_last=False; None drops a
+    flag); `extra` are raw arguments appended at the end ("--resume", "auto").
+    """
+    values = {**TINY_RUN, "data_root": data, "results_dir": results, "name": name, **overrides}
+    return [*as_flags(values), *extra]
+
+
+def as_flags(values: dict) -> list[str]:
+    """{"epochs": 2, "blur": True, "channels_last": False, "name": None} -> ["--epochs", "2", "--blur", "--no-channels_last"]."""
+    args: list[str] = []
+    for flag, value in values.items():
+        if value is None:
+            continue
+        if value is True or value is False:
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            args += [f"--{flag}", str(value)]
+    return args
+
+
+def run_main(args: list[str], script: str = "main.py", timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a script of the repository (main.py unless told) as a subprocess; assert it exits 0."""
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
 
 
 def write_folder(root, train_per_class=16, test_per_class=6, size=16, seed=0):
@@ -36,14 +71,9 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(tiny_folder, tmp_path_factory):
     """A real (tiny) main.py run, as a subprocess: its results folder holds run_model.pth and run_config.json."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     results = tmp_path_factory.mktemp("trained") / "results"
-    args = ["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16", "--arch", "resnet18",
-            "--batch_size", "8", "--train_subset", "16", "--epochs", "1", "--k", "5", "--feature_dim", "16",
-            "--proj_hidden_dim", "32", "--device", "cpu", "--workers", "0", "--results_dir", str(results),
-            "--name", "run"]
-    proc = subprocess.run([sys.executable, "main.py", *args], cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_main(tiny_run_args(tiny_folder, results, "run", train_subset=16))
+    assert (results / "run_model.pth").is_file() and (results / "run_config.json").is_file()
     return results
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from references import pil_simclr_transform  # noqa: E402
 from simclr import augment as A  # noqa: E402
 
 # Linear ops (crop, brightness, contrast, saturation, grayscale, blur, normalize) differ
@@ -384,6 +385,21 @@ def test_pil_transform_shape_and_normalization() -> None:
     out = A.pil_transform(A.AugmentConfig(s, mean, std, jitter_strength=0.0))(Image.fromarray(gray))
     ref = A.normalize(torch.from_numpy(gray)[None], mean, std)[0, :, :s, :s]
     torch.testing.assert_close(out, ref, atol=LINEAR_TOL, rtol=0)
+
+
+def test_pil_transform_draws_as_the_torchvision_reference() -> None:
+    # the same steps in the same order consume the same random numbers: equal views under one seed
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    product = A.pil_transform(A.AugmentConfig(16, mean, std))
+    reference = pil_simclr_transform(16, mean, std)
+    pictures = [Image.fromarray(a.numpy()) for a in _images(8, 32, 24, seed=31)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        got = torch.stack([product(p) for p in pictures for _ in range(2)])
+        torch.manual_seed(5)
+        want = torch.stack([reference(p) for p in pictures for _ in range(2)])
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not torch.equal(got[0], got[1])  # two views of one image differ
 
 
 def test_import_has_no_side_effects() -> None:

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import main
-from simclr import benchmark
+from conftest import tiny_run_args
+from references import naive_nt_xent, naive_step, pil_two_views
 from simclr.augment import AugmentConfig, two_views
 from simclr.engine import Runtime, train_step
-from simclr.model import SimCLR, naive_nt_xent, nt_xent
+from simclr.model import SimCLR, nt_xent
 
 CFG = AugmentConfig(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -66,7 +67,7 @@ def test_steps_on_fixed_views_decrease_the_loss(backend):
         v1, v2 = views[:8], views[8:]
     else:
         torch.manual_seed(0)
-        v1, v2 = benchmark.pil_views(images, benchmark.pil_transform(CFG))
+        v1, v2 = pil_two_views(images, CFG.image_size, CFG.mean, CFG.std)
     runtime = Runtime(torch.device("cpu"), "fp32", True)
     fast_net, naive_net = small_net(), small_net()
     fast_net = fast_net.to(memory_format=torch.channels_last)
@@ -75,7 +76,7 @@ def test_steps_on_fixed_views_decrease_the_loss(backend):
     fast, naive = [], []
     for _ in range(6):
         fast.append(train_step(fast_net, fast_opt, torch.cat([v1, v2]), 0.5, runtime).item())
-        naive.append(benchmark.naive_step(naive_net, naive_opt, v1, v2, 0.5).item())
+        naive.append(naive_step(naive_net, naive_opt, v1, v2, 0.5).item())
     for losses in (fast, naive):
         assert all(math.isfinite(x) for x in losses)
         assert losses[-1] < losses[0] - 0.05, losses
@@ -84,10 +85,8 @@ def test_steps_on_fixed_views_decrease_the_loss(backend):
 @pytest.mark.parametrize("backend", ["tensor", "pil"])
 def test_training_with_either_backend_decreases_the_loss(tiny_folder, tmp_path, backend):
     results = tmp_path / "results"
-    code = main.main(["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16",
-                      "--arch", "resnet18", "--batch_size", "16", "--epochs", "4", "--knn_every", "100", "--k", "5",
-                      "--feature_dim", "16", "--proj_hidden_dim", "32", "--device", "cpu", "--workers", "0",
-                      "--aug_backend", backend, "--results_dir", str(results), "--name", backend])
+    code = main.main(tiny_run_args(tiny_folder, results, backend, batch_size=16, epochs=4, knn_every=100,
+                                   aug_backend=backend))
     assert code == 0
     loss = pd.read_csv(results / f"{backend}_statistics.csv")["train_loss"].tolist()
     assert len(loss) == 4 and all(math.isfinite(x) for x in loss)

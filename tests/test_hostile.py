@@ -17,19 +17,13 @@ from PIL import Image
 from simclr import data
 import main
 from simclr.data import load_dataset
-from conftest import write_folder
+from conftest import tiny_run_args, write_folder
 
 
 class Log(list):
     def __call__(self, line: str) -> None:
         assert "\n" not in line
         self.append(line)
-
-
-def tiny_args(root, results, *extra):
-    return ["--dataset", "folder", "--data_root", str(root), "--image_size", "16", "--arch", "resnet18",
-            "--batch_size", "8", "--epochs", "1", "--k", "5", "--feature_dim", "16", "--proj_hidden_dim", "32",
-            "--device", "cpu", "--workers", "0", "--results_dir", str(results), *extra]
 
 
 def one_line_exit_2(capsys, code) -> str:
@@ -51,7 +45,7 @@ def test_a_full_disk_while_caching_is_one_line_and_leaves_no_temporary(tmp_path,
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "posix_fallocate", full)
-    err = one_line_exit_2(capsys, main.main(tiny_args(root, tmp_path / "r", "--cache_dir", str(cache))))
+    err = one_line_exit_2(capsys, main.main(tiny_run_args(root, tmp_path / "r", cache_dir=cache)))
     assert "not enough space" in err and str(cache) in err and "MiB needed" in err
     assert no_temporaries(cache) and not (tmp_path / "r").exists()
 
@@ -131,7 +125,7 @@ def test_flat_colour_data_is_refused(tmp_path, capsys):
             (root / split / cls).mkdir(parents=True)
             for i in range(8):
                 Image.fromarray(np.full((16, 16, 3), 77, np.uint8)).save(root / split / cls / f"{i}.png")
-    err = one_line_exit_2(capsys, main.main(tiny_args(root, tmp_path / "r")))
+    err = one_line_exit_2(capsys, main.main(tiny_run_args(root, tmp_path / "r")))
     assert "one flat colour" in err and not (tmp_path / "r").exists()
     assert not list((root / ".simclr_cache").glob("*.npy"))  # no orphan cache array either
 
@@ -140,14 +134,14 @@ def test_a_class_whose_images_all_fail_is_refused(tmp_path, capsys):
     root = write_folder(tmp_path / "data")
     for path in (root / "train" / "frog").iterdir():
         path.write_bytes(b"not an image at all")
-    err = one_line_exit_2(capsys, main.main(tiny_args(root, tmp_path / "r")))
+    err = one_line_exit_2(capsys, main.main(tiny_run_args(root, tmp_path / "r")))
     assert "frog" in err and "no image that decodes" in err
 
 
 def test_a_data_root_that_is_a_file(tmp_path, capsys):
     file = tmp_path / "data.txt"
     file.write_text("x")
-    err = one_line_exit_2(capsys, main.main(tiny_args(file, tmp_path / "r")))
+    err = one_line_exit_2(capsys, main.main(tiny_run_args(file, tmp_path / "r")))
     assert "is a file, not a folder" in err
 
 
@@ -159,7 +153,8 @@ def test_a_data_root_that_is_a_file(tmp_path, capsys):
     ("--momentum", "1", "< 1"), ("--threads", "100000", "<= 1024"),
 ])
 def test_absurd_values_name_their_bound(tmp_path, capsys, flag, value, needle):
-    err = one_line_exit_2(capsys, main.main(tiny_args(tmp_path / "nowhere", tmp_path / "r", flag, value)))
+    args = tiny_run_args(tmp_path / "nowhere", tmp_path / "r", **{flag[2:]: value})
+    err = one_line_exit_2(capsys, main.main(args))
     assert flag in err and needle in err
 
 
@@ -176,12 +171,13 @@ def test_a_second_run_of_the_same_name_stops_at_once_naming_the_holder(tiny_fold
     results = tmp_path / "r"
     holder = RunLock(str(results), "same").acquire()  # stands for a live run of that name
     try:
-        err = one_line_exit_2(capsys, main.main(tiny_args(tiny_folder, results, "--name", "same")))
+        err = one_line_exit_2(capsys, main.main(tiny_run_args(tiny_folder, results, "same")))
     finally:
         holder.release()
     assert "in use by process" in err and str(os.getpid()) in err
     assert sorted(p.name for p in results.iterdir()) == [".same.lock"]  # nothing of the run was written
-    assert main.main(tiny_args(tiny_folder, results, "--name", "same")) == 0  # free again: kill -9 leaves no lock
+    assert main.main(tiny_run_args(tiny_folder, results, "same")) == 0  # free again: kill -9 leaves no lock
+    assert (results / "same_model.pth").is_file()
 
 
 def test_the_lock_holder_removes_temporaries_a_killed_run_left(tiny_folder, tmp_path):
@@ -189,14 +185,14 @@ def test_the_lock_holder_removes_temporaries_a_killed_run_left(tiny_folder, tmp_
     results.mkdir()
     (results / ".t_last.pth.0badc0de.tmp").write_bytes(b"x" * 1000)   # a kill -9 during a save leaves this
     (results / ".other_last.pth.0badc0de.tmp").write_bytes(b"y")       # another run's: not ours to remove
-    assert main.main(tiny_args(tiny_folder, results, "--name", "t")) == 0
+    assert main.main(tiny_run_args(tiny_folder, results, "t")) == 0
     assert not (results / ".t_last.pth.0badc0de.tmp").exists() and (results / ".other_last.pth.0badc0de.tmp").exists()
 
 
 def test_results_dir_that_is_a_file(tiny_folder, tmp_path, capsys):
     file = tmp_path / "results"
     file.write_text("not a folder")
-    err = one_line_exit_2(capsys, main.main(tiny_args(tiny_folder, file)))
+    err = one_line_exit_2(capsys, main.main(tiny_run_args(tiny_folder, file)))
     assert str(file) in err and file.read_text() == "not a folder"
 
 
@@ -204,7 +200,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_files(tiny
                                                                              capsys):
     from simclr import files
     results = tmp_path / "r"
-    assert main.main(tiny_args(tiny_folder, results, "--name", "d")) == 0
+    assert main.main(tiny_run_args(tiny_folder, results, "d")) == 0
     capsys.readouterr()
     before = {p.name: p.read_bytes() for p in results.iterdir() if p.suffix in (".csv", ".pth", ".json")}
     real_save = files.torch.save
@@ -213,7 +209,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_files(tiny
         real_save(obj, f, *a, **kw)
         raise OSError(errno.ENOSPC, "No space left on device", str(f.name))
     monkeypatch.setattr(files.torch, "save", full_disk)
-    code = main.main(tiny_args(tiny_folder, results, "--name", "d", "--epochs", "2", "--resume", "auto"))
+    code = main.main(tiny_run_args(tiny_folder, results, "d", "--resume", "auto", epochs=2))
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars: the one error line
     assert code == 2 and err.startswith("error:") and "No space left on device" in err
     assert str(results / "d_") in err and ".tmp" not in err
@@ -227,7 +223,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_files(tiny
 @pytest.fixture(scope="module")
 def finished(tiny_folder, tmp_path_factory):
     results = tmp_path_factory.mktemp("finished")
-    assert main.main(tiny_args(tiny_folder, results, "--name", "f", "--precision", "fp32")) == 0
+    assert main.main(tiny_run_args(tiny_folder, results, "f", precision="fp32")) == 0
     return results
 
 
@@ -274,7 +270,7 @@ def test_nan_in_the_first_epoch_says_no_checkpoint_exists(tiny_folder, tmp_path,
     from simclr import engine
     real = engine.global_nt_xent
     monkeypatch.setattr(engine, "global_nt_xent", lambda z, t: real(z, t) * float("nan"))
-    code = main.main(tiny_args(tiny_folder, tmp_path / "r", "--name", "n"))
+    code = main.main(tiny_run_args(tiny_folder, tmp_path / "r", "n"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("error: the loss became NaN/inf at epoch 1, step 1")
     assert "no checkpoint was written yet" in err[-1] and not (tmp_path / "r" / "n_last.pth").exists()
@@ -290,7 +286,7 @@ def test_a_second_sigterm_exits_143_not_130(tiny_folder, tmp_path, monkeypatch, 
         signal.raise_signal(signal.SIGTERM)  # the second one cuts the wait short
         return loss
     monkeypatch.setattr(main, "train_step", step_then_two_terms)
-    assert main.main(tiny_args(tiny_folder, tmp_path / "r", "--name", "tt")) == 143
+    assert main.main(tiny_run_args(tiny_folder, tmp_path / "r", "tt")) == 143
     assert "interrupted" in capsys.readouterr().err
 
 
@@ -306,7 +302,7 @@ def test_sigterm_during_the_cache_build_exits_143_and_leaves_no_temporary(tmp_pa
             signal.raise_signal(signal.SIGTERM)
         return real(path, size)
     monkeypatch.setattr(data, "_decode_image", decode_then_term)
-    code = main.main(tiny_args(root, tmp_path / "r", "--cache_dir", str(tmp_path / "cache")))
+    code = main.main(tiny_run_args(root, tmp_path / "r", cache_dir=tmp_path / "cache"))
     assert code == 143 and "interrupted" in capsys.readouterr().err
     assert no_temporaries(tmp_path / "cache") and not list((tmp_path / "cache").glob("*.npy"))
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is put back

@@ -1,12 +1,11 @@
-"""Model, NT-Xent loss and kNN against independent references."""
+"""Model and NT-Xent loss against independent references (tests/references.py); kNN is in test_knn.py."""
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from simclr.model import ARCHS, SimCLR, naive_nt_xent, nt_xent
-from simclr.knn import knn_accuracy, knn_scores, topk_accuracy
+from references import naive_nt_xent, naive_nt_xent_ids
+from simclr.model import ARCHS, SimCLR, nt_xent
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 16])
@@ -15,7 +14,29 @@ def test_nt_xent_matches_naive_loop(n, temperature):
     g = torch.Generator().manual_seed(n * 100 + int(temperature * 10))
     z1, z2 = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
     got = nt_xent(torch.cat([z1, z2]), temperature).item()
-    assert got == pytest.approx(naive_nt_xent(z1.double(), z2.double(), temperature).item(), rel=1e-5, abs=1e-6)
+    assert got == pytest.approx(naive_nt_xent(z1, z2, temperature).item(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_the_ids_reference_with_image_ids_is_simclrs_loss(n):
+    # SimCLR's positives are the other view of the same image: ids 0..N-1 twice
+    g = torch.Generator().manual_seed(n)
+    z1, z2 = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+    ids = torch.arange(n).repeat(2)
+    got = naive_nt_xent_ids(torch.cat([z1, z2]), ids, 0.5).item()
+    assert got == pytest.approx(naive_nt_xent(z1, z2, 0.5).item(), rel=1e-12)
+    if n > 1:  # and other positives give another loss: the ids are used
+        other = torch.cat([torch.arange(n), torch.arange(n).roll(1)])
+        assert got != pytest.approx(naive_nt_xent_ids(torch.cat([z1, z2]), other, 0.5).item(), rel=1e-6)
+
+
+def test_the_ids_reference_closed_form_for_identical_positives():
+    # two ids, m identical rows each, the ids orthogonal: each of the m-1 positives gives
+    # -log(e^{1/t} / ((m-1) e^{1/t} + m e^0)), and so does their mean
+    m, t = 3, 0.5
+    z = torch.eye(4)[torch.tensor([0, 1, 0, 1, 0, 1])] * 2.0
+    expected = -math.log(math.exp(1 / t) / ((m - 1) * math.exp(1 / t) + m))
+    assert naive_nt_xent_ids(z, torch.tensor([0, 1, 0, 1, 0, 1]), t).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_nt_xent_closed_form_for_aligned_views():
@@ -93,56 +114,6 @@ def test_grad_checkpoint_gives_same_loss_and_gradients():
     # the recomputation in backward must not update BatchNorm's running statistics again
     for (name, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
-
-
-# ----------------------------------------------------------------------------- kNN
-
-def brute_force_knn(test, test_labels, bank, bank_labels, classes, k, t):
-    """Loop over test samples: sort similarities, weight the top k, rank classes."""
-    top1 = top5 = 0
-    bank_n = F.normalize(bank.double(), dim=1)
-    for x, y in zip(test, test_labels):
-        sims = (bank_n @ F.normalize(x.double(), dim=0)).tolist()
-        order = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
-        votes = [0.0] * classes
-        for i in order:
-            votes[int(bank_labels[i])] += math.exp(sims[i] / t)
-        ranked = sorted(range(classes), key=lambda c: -votes[c])
-        top1 += ranked[0] == int(y)
-        top5 += int(y) in ranked[:5]
-    return 100 * top1 / len(test), 100 * top5 / len(test)
-
-
-@pytest.mark.parametrize("k,t,chunk", [(1, 0.5, 7), (10, 0.1, 1024), (50, 0.5, 3)])
-def test_knn_matches_brute_force(k, t, chunk):
-    g = torch.Generator().manual_seed(k)
-    bank, test = torch.randn(120, 16, generator=g), torch.randn(37, 16, generator=g)
-    bank_labels = torch.randint(0, 10, (120,), generator=g)
-    test_labels = torch.randint(0, 10, (37,), generator=g)
-    got = knn_accuracy(test, test_labels, bank, bank_labels, 10, k, t, chunk_size=chunk)
-    want = brute_force_knn(test, test_labels, bank, bank_labels, 10, k, t)
-    assert got == pytest.approx(want)
-
-
-def test_knn_separable_data_scores_100_and_small_test_set():
-    g = torch.Generator().manual_seed(3)
-    centres = torch.eye(6, 32) * 10
-    bank_labels = torch.arange(6).repeat(20)
-    bank = centres[bank_labels] + 0.1 * torch.randn(120, 32, generator=g)
-    test_labels = torch.tensor([4, 1, 5])  # fewer test images than the chunk size
-    test = centres[test_labels] + 0.1 * torch.randn(3, 32, generator=g)
-    top1, top5 = knn_accuracy(test, test_labels, bank, bank_labels, 6, 200, 0.5, chunk_size=1024)
-    assert top1 == 100.0 and top5 == 100.0
-
-
-def test_knn_weights_votes_by_similarity():
-    # one very close neighbour of class 1 must outvote two far ones of class 0 at low temperature
-    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
-    bank_labels = torch.tensor([1, 0, 0])
-    test = torch.tensor([[1.0, 0.2]])
-    scores = knn_scores(test, bank, bank_labels, 2, 3, 0.05)
-    assert scores.argmax().item() == 1
-    assert topk_accuracy(scores, torch.tensor([1]), (1,)) == [100.0]
 
 
 def test_mac_count_without_thop_is_close_to_thops(monkeypatch):

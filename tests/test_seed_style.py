@@ -1,26 +1,23 @@
 """scripts/seed_style.py, the two-pass reference: with main.py's random stream it trains as main.py does."""
 import csv
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
+from conftest import as_flags, run_main, tiny_run_args
+
 BN_STATS = "per_view"  # the two-pass semantics (with joint the first test fails: 3.50 against 3.28)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 48 images, batch 16: three steps. Adam carries float rounding into the next steps, and equivalent
 # runs drift apart (a 1e-7 relative change of the gradients reaches 1e-2 in the loss within about
 # eight steps), so only the first few steps can be compared to a tight tolerance.
-COMMON = ["--dataset", "folder", "--arch", "resnet18", "--batch_size", "16", "--epochs", "1", "--k", "5",
-          "--feature_dim", "16", "--seed", "3"]
+COMMON = {"dataset": "folder", "arch": "resnet18", "batch_size": 16, "epochs": 1, "k": 5, "feature_dim": 16,
+          "seed": 3}
 
 
 def seed_style(folder, *extra) -> list[float]:
     """Per-epoch losses printed by scripts/seed_style.py."""
-    proc = subprocess.run([sys.executable, "scripts/seed_style.py", "--data_root", str(folder), *COMMON,
-                           "--workers", "0", *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_main(["--data_root", str(folder), *as_flags(COMMON), "--workers", "0", *extra],
+                    script="scripts/seed_style.py")
     return [float(x) for x in re.findall(r"epoch \d+: loss ([0-9.]+)", proc.stdout)]
 
 
@@ -28,11 +25,10 @@ def seed_style(folder, *extra) -> list[float]:
 def main_losses(tiny_folder, tmp_path_factory):
     """main.py's per-epoch losses with PIL views in fp32 (per_view BatchNorm: one pass over both views)."""
     results = tmp_path_factory.mktemp("seed_style")
-    args = ["--data_root", str(tiny_folder), *COMMON, "--proj_hidden_dim", "512",
-            "--aug_backend", "pil", "--workers", "0", "--precision", "fp32", "--no-channels_last",
-            "--bn_stats", BN_STATS, "--device", "cpu", "--results_dir", str(results), "--name", "r"]
-    proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # image_size=None leaves main.py's default, as in seed_style.py, which has no such flag
+    run_main(tiny_run_args(tiny_folder, results, "r", **{**COMMON, "image_size": None, "proj_hidden_dim": 512,
+                                                       "aug_backend": "pil", "precision": "fp32",
+                                                       "channels_last": False, "bn_stats": BN_STATS}))
     with open(results / "r_statistics.csv") as f:
         return [float(row["train_loss"]) for row in csv.DictReader(f)]
 

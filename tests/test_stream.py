@@ -11,6 +11,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from references import pil_simclr_transform
 from simclr.augment import AugmentConfig, pil_transform
 from simclr.data import PilViews
 from simclr.engine import mix_seed
@@ -48,8 +49,12 @@ def _images(n: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
 def _transform():
-    return pil_transform(AugmentConfig(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    """The product's PIL pipeline, which main.py's PilViews runs."""
+    return pil_transform(AugmentConfig(image_size=32, mean=MEAN, std=STD))
 
 
 def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,10 +69,12 @@ def test_seeded_views_are_drawn_like_one_continuing_generator(monkeypatch):
     views = PilViews(images, transform, seed=3, epoch=0)
     seeded = _crop_areas(monkeypatch, lambda: [views[i] for i in range(N)])
 
+    # against torchvision's pipeline as the original tool ran it: one continuing generator
     pictures = [Image.fromarray(images[i].numpy()) for i in range(N)]
+    reference = pil_simclr_transform(32, MEAN, STD)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(99)
-        continuing = _crop_areas(monkeypatch, lambda: [(transform(p), transform(p)) for p in pictures])
+        continuing = _crop_areas(monkeypatch, lambda: [(reference(p), reference(p)) for p in pictures])
 
     assert len(seeded) == len(continuing) == 2 * N
     # 2N = 3000 draws a side: the KS distance of two samples of one law stays below 0.05 with p > 0.999;

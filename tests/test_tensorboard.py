@@ -8,6 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import linear
 import main
+from conftest import tiny_run_args
 from simclr import tblog
 from simclr.cli import UserError
 
@@ -17,10 +18,9 @@ STEP_TAGS = {"step/loss", "step/loss_epoch_mean", "step/lr", "step/images_per_se
 EPOCH_TAGS = {f"epoch/{c}" for c in main.CSV_COLUMNS if c != "epoch"}
 
 
-def args(data, results, name, *extra):
-    return ["--dataset", "folder", "--data_root", str(data), "--image_size", "16", "--arch", "resnet18",
-            "--batch_size", "8", "--train_subset", "24", "--k", "5", "--feature_dim", "16", "--proj_hidden_dim", "32",
-            "--device", "cpu", "--workers", "0", "--results_dir", str(results), "--name", name, "--tensorboard", *extra]
+def args(data, results, name, *extra, **overrides):
+    """A tiny run on 24 training images, logged to TensorBoard."""
+    return tiny_run_args(data, results, name, *extra, **{"train_subset": STEPS * 8, "tensorboard": True, **overrides})
 
 
 def read(logdir, purge=True) -> EventAccumulator:
@@ -49,7 +49,7 @@ def straight(tiny_folder, tmp_path_factory):
     results = tmp_path_factory.mktemp("tb")
     saved, main.READ_EVERY_S = main.READ_EVERY_S, 0.0
     try:
-        assert main.main(args(tiny_folder, results, "run", "--epochs", "2")) == 0
+        assert main.main(args(tiny_folder, results, "run", epochs=2)) == 0
     finally:
         main.READ_EVERY_S = saved
     return results
@@ -87,10 +87,10 @@ def test_resume_after_a_kill_continues_the_log_without_duplicates(tiny_folder, t
         return real_step(*a, **kw)
     with monkeypatch.context() as patch:
         patch.setattr(main, "train_step", dies_mid_epoch_2)
-        assert main.main(args(tiny_folder, tmp_path, "run", "--epochs", "2")) == 130
+        assert main.main(args(tiny_folder, tmp_path, "run", epochs=2)) == 130
     # what the killed run left: steps past its checkpoint (3, 4) that the resumed run will log again
     assert steps(read(tmp_path / "run_tb"), "step/loss") == list(range(STEPS + 2))
-    assert main.main(args(tiny_folder, tmp_path, "run", "--epochs", "2", "--resume", "auto")) == 0
+    assert main.main(args(tiny_folder, tmp_path, "run", "--resume", "auto", epochs=2)) == 0
 
     events, reference = read(tmp_path / "run_tb"), read(straight / "run_tb")
     for tag in STEP_TAGS | EPOCH_TAGS:
@@ -106,8 +106,8 @@ def test_resume_after_a_kill_continues_the_log_without_duplicates(tiny_folder, t
 
 
 def test_a_new_run_of_the_same_name_replaces_the_log(tiny_folder, tmp_path):
-    assert main.main(args(tiny_folder, tmp_path, "again", "--epochs", "2")) == 0
-    assert main.main(args(tiny_folder, tmp_path, "again", "--epochs", "1")) == 0  # not --resume: afresh
+    assert main.main(args(tiny_folder, tmp_path, "again", epochs=2)) == 0
+    assert main.main(args(tiny_folder, tmp_path, "again", epochs=1)) == 0  # not --resume: afresh
     events = read(tmp_path / "again_tb")
     assert steps(events, "step/loss") == list(range(STEPS))
     assert steps(events, "epoch/test_acc@1") == [STEPS - 1]
@@ -127,8 +127,9 @@ def test_linear_logs_its_csv_columns_per_epoch(straight, tmp_path):
 
 
 def test_without_the_flag_nothing_is_written(tiny_folder, tmp_path):
-    assert main.main([a for a in args(tiny_folder, tmp_path, "plain", "--epochs", "1") if a != "--tensorboard"]) == 0
-    assert not (tmp_path / "plain_tb").exists()
+    assert main.main(args(tiny_folder, tmp_path, "plain", epochs=1, tensorboard=None)) == 0
+    assert (tmp_path / "plain_statistics.csv").is_file()  # the run itself happened
+    assert not (tmp_path / "plain_tb").exists() and not list(tmp_path.rglob("events.out.tfevents.*"))
 
 
 def test_row_skips_missing_values_and_the_epoch(tmp_path):
@@ -145,7 +146,7 @@ def test_missing_tensorboard_is_one_line_exit_2(tiny_folder, tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     with pytest.raises(UserError, match="pip install tensorboard"):
         tblog.open_log(str(tmp_path / "tb"))
-    assert main.main(args(tiny_folder, tmp_path, "none", "--epochs", "1")) == 2
+    assert main.main(args(tiny_folder, tmp_path, "none", epochs=1)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --tensorboard needs the tensorboard package"), err
 
