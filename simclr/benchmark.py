@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .augment import AugmentConfig, normalize, pil_transform, two_views
 from .cli import UserError
@@ -25,13 +26,13 @@ from .engine import bf16_peak_tflops, count_macs, make_runtime, mix_seed, train_
 from .files import atomic_write_text
 from .flags import TRAIN_DEFAULTS
 from .knn import forward_in_batches, knn_accuracy
-from .model import SimCLR, naive_nt_xent, per_view_batchnorm
+from .model import SimCLR, per_view_batchnorm
 from .optim import build_optimizer, set_lr
 
 # CIFAR-10 channel statistics: the exact values only matter for realism, not speed.
 CIFAR_MEAN, CIFAR_STD = CHANNEL_STATS["cifar10"]
 TEMPERATURE = 0.5
-LR, WEIGHT_DECAY = 1e-3, 1e-6  # the seed's Adam settings, used by both steps
+LR, WEIGHT_DECAY = 1e-3, 1e-6  # the original tool's Adam settings, used by both steps
 
 # The issue's targets.
 TARGET_AUG_RATIO = 5.0
@@ -61,7 +62,7 @@ def synthetic_images(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def aug_config(image_size: int) -> AugmentConfig:
-    """The seed's augmentation (jitter 0.5, no blur) at the given output side."""
+    """The original tool's augmentation (jitter 0.5, no blur) at the given output side."""
     return AugmentConfig(image_size=image_size, mean=CIFAR_MEAN, std=CIFAR_STD)
 
 
@@ -82,14 +83,28 @@ def interleaved(variants: dict[str, Callable[[int], None]], warmup: int, steps: 
     return times
 
 
-# ----------------------------------------------------------------------------- the naive (seed-style) step
+# ----------------------------------------------------------------------------- the naive step (the original tool's way)
+
+def original_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent as the original tool computes it: exp of every similarity, then -log(positive / sum), for
+    z1, z2 (N, d) -> scalar over the 2N anchors. The speed baseline of the step comparison (it
+    overflows at small temperatures, which simclr.loss.nt_xent does not)."""
+    out = F.normalize(torch.cat([z1, z2]), dim=1)                              # (2N, d)
+    n2 = out.shape[0]
+    sim = torch.exp(out @ out.T / temperature)                                 # (2N, 2N)
+    off_diagonal = ~torch.eye(n2, dtype=torch.bool, device=out.device)
+    denominator = sim.masked_select(off_diagonal).view(n2, n2 - 1).sum(dim=1)  # partner and negatives
+    positive = torch.exp((F.normalize(z1, dim=1) * F.normalize(z2, dim=1)).sum(dim=1) / temperature)
+    return (-torch.log(torch.cat([positive, positive]) / denominator)).mean()
+
 
 def naive_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, v1: torch.Tensor, v2: torch.Tensor,
                temperature: float) -> torch.Tensor:
-    """One seed-style step: a forward pass per view (own BatchNorm statistics each), fp32, naive loss."""
+    """One step the original tool's way: a forward pass per view (own BatchNorm statistics each), fp32,
+    its loss formulation."""
     _, z1 = net(v1)
     _, z2 = net(v2)
-    loss = naive_nt_xent(z1, z2, temperature)
+    loss = original_loss(z1, z2, temperature)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -140,7 +155,7 @@ def augmentation_section(images: torch.Tensor, cfg: AugmentConfig, batch: int, t
     take = lambda i: images[(i % n_batches) * batch:((i % n_batches) + 1) * batch]  # noqa: E731
     generator = torch.Generator().manual_seed(0)
     result: dict = {"batch_images": batch, "threads": threads}
-    # Equal threads: N torch threads for the tensor side, N worker processes (the seed's DataLoader
+    # Equal threads: N torch threads for the tensor side, N worker processes (the original tool's DataLoader
     # workers) for the PIL side, whose work is single-threaded per image.
     settings = [1] if threads == 1 else [1, threads]
     pool = None

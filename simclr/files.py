@@ -13,7 +13,6 @@ import os
 import uuid
 from typing import Callable, Iterable, Sequence
 
-import torch
 
 from .cli import UserError
 
@@ -51,7 +50,8 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to `path`, all or nothing."""
+    """torch.save to `path`, all or nothing (torch is imported here: plot.py writes files without it)."""
+    import torch
     atomic_write(path, lambda f: torch.save(obj, f))
 
 

@@ -6,7 +6,6 @@ head under `g.*`; `SimCLR(...).load_state_dict(torch.load(path, weights_only=Tru
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -243,20 +242,3 @@ def per_view_batchnorm(module: nn.Module) -> nn.Module:
         return PerViewBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                                 device="meta")
     return swap_batchnorm(module, make)
-
-
-def naive_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The reference NT-Xent, written the seed's way: exp of all similarities, then -log(positive / sum).
-
-    z1, z2: (N, d) projections of view 1 and view 2 of the same N images -> scalar loss averaged
-    over the 2N anchors. It overflows at small temperatures (which `nt_xent` does not); the tests
-    and bench.py's naive step use it as the independent formulation to compare against.
-    """
-    out = F.normalize(torch.cat([z1, z2]), dim=1)                              # (2N, d)
-    n2 = out.shape[0]
-    sim = torch.exp(out @ out.T / temperature)                                 # (2N, 2N)
-    off_diagonal = ~torch.eye(n2, dtype=torch.bool, device=out.device)
-    denominator = sim.masked_select(off_diagonal).view(n2, n2 - 1).sum(dim=1)  # partner and negatives
-    positive = torch.exp((F.normalize(z1, dim=1) * F.normalize(z2, dim=1)).sum(dim=1) / temperature)
-    positive = torch.cat([positive, positive])                                 # (2N,)
-    return (-torch.log(positive / denominator)).mean()

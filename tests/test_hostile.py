@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr import data
+from simclr import data, pretrain
 import main
 from simclr.data import load_dataset
 from conftest import tiny_run_args, write_folder
@@ -198,17 +198,16 @@ def test_results_dir_that_is_a_file(tiny_folder, tmp_path, capsys):
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_files(tiny_folder, tmp_path, monkeypatch,
                                                                              capsys):
-    from simclr import files
     results = tmp_path / "r"
     assert main.main(tiny_run_args(tiny_folder, results, "d")) == 0
     capsys.readouterr()
     before = {p.name: p.read_bytes() for p in results.iterdir() if p.suffix in (".csv", ".pth", ".json")}
-    real_save = files.torch.save
+    real_save = torch.save
 
     def full_disk(obj, f, *a, **kw):
         real_save(obj, f, *a, **kw)
         raise OSError(errno.ENOSPC, "No space left on device", str(f.name))
-    monkeypatch.setattr(files.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     code = main.main(tiny_run_args(tiny_folder, results, "d", "--resume", "auto", epochs=2))
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars: the one error line
     assert code == 2 and err.startswith("error:") and "No space left on device" in err
@@ -268,8 +267,8 @@ def test_a_tampered_run_config_is_refused_by_linear_and_neighbors(finished, tmp_
 
 def test_nan_in_the_first_epoch_says_no_checkpoint_exists(tiny_folder, tmp_path, monkeypatch, capsys):
     from simclr import engine
-    real = engine.global_nt_xent
-    monkeypatch.setattr(engine, "global_nt_xent", lambda z, t: real(z, t) * float("nan"))
+    real = engine.global_loss
+    monkeypatch.setattr(engine, "global_loss", lambda *a, **kw: real(*a, **kw) * float("nan"))
     code = main.main(tiny_run_args(tiny_folder, tmp_path / "r", "n"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("error: the loss became NaN/inf at epoch 1, step 1")
@@ -278,14 +277,14 @@ def test_nan_in_the_first_epoch_says_no_checkpoint_exists(tiny_folder, tmp_path,
 
 def test_a_second_sigterm_exits_143_not_130(tiny_folder, tmp_path, monkeypatch, capsys):
     import signal
-    real_step = main.train_step
+    real_step = pretrain.train_step
 
     def step_then_two_terms(*a, **kw):
         loss = real_step(*a, **kw)
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGTERM)  # the second one cuts the wait short
         return loss
-    monkeypatch.setattr(main, "train_step", step_then_two_terms)
+    monkeypatch.setattr(pretrain, "train_step", step_then_two_terms)
     assert main.main(tiny_run_args(tiny_folder, tmp_path / "r", "tt")) == 143
     assert "interrupted" in capsys.readouterr().err
 

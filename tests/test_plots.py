@@ -9,7 +9,7 @@ from PIL import Image
 import main
 import neighbors
 import plot
-from simclr import curves, neighbor_grid
+from simclr import curves, neighbor_grid, pretrain
 from simclr.checkpoint import open_run
 from simclr.data import load_dataset
 from simclr.knn import nearest_neighbors
@@ -96,7 +96,7 @@ def test_compare_one_and_several_runs(tmp_path, capsys):
 def test_compare_reads_main_py_statistics(tmp_path):
     from simclr.files import atomic_write_csv
     path = tmp_path / "r_statistics.csv"
-    atomic_write_csv(str(path), main.CSV_COLUMNS, ROWS)
+    atomic_write_csv(str(path), pretrain.CSV_COLUMNS, ROWS)
     rows = plot.read_statistics(str(path))
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[1]["test_acc@1"] is None
     assert plot.run_name(str(path)) == "r"

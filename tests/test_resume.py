@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from simclr import engine
+from simclr import engine, loop, pretrain
 from simclr import flags
 import main
 from conftest import ROOT, run_main, tiny_run_args
@@ -52,16 +52,16 @@ def copy_reference(straight, tmp_path):
 
 def test_resume_after_one_epoch_is_exact(tiny_folder, tmp_path, straight, monkeypatch):
     extra = copy_reference(straight, tmp_path)
-    real_save_last = main.save_last
+    real_save_last = loop.save_last
     calls = []
 
-    def stop_after_first_epoch(run, epoch, step, *rest):
-        real_save_last(run, epoch, step, *rest)
+    def stop_after_first_epoch(state, epoch, result):
+        real_save_last(state, epoch, result)
         calls.append(epoch)
         if epoch == 1:
             raise KeyboardInterrupt  # the process dies right after epoch 1 was saved
     with monkeypatch.context() as patch:
-        patch.setattr(main, "save_last", stop_after_first_epoch)
+        patch.setattr(loop, "save_last", stop_after_first_epoch)
         assert main.main(tiny_run_args(tiny_folder, tmp_path, "r", *extra, epochs=2)) == 130
     assert calls == [1]
     assert main.main(tiny_run_args(tiny_folder, tmp_path, "r", "--resume", "auto", *extra, epochs=2)) == 0
@@ -70,7 +70,7 @@ def test_resume_after_one_epoch_is_exact(tiny_folder, tmp_path, straight, monkey
 
 def test_resume_mid_epoch_after_sigint_is_exact(tiny_folder, tmp_path, straight, capsys, monkeypatch):
     extra = copy_reference(straight, tmp_path)
-    real_step = main.train_step
+    real_step = pretrain.train_step
     count = [0]
 
     def step_then_interrupt(*a, **kw):
@@ -80,7 +80,7 @@ def test_resume_mid_epoch_after_sigint_is_exact(tiny_folder, tmp_path, straight,
             signal.raise_signal(signal.SIGINT)
         return loss
     with monkeypatch.context() as patch:
-        patch.setattr(main, "train_step", step_then_interrupt)
+        patch.setattr(pretrain, "train_step", step_then_interrupt)
         code = main.main(tiny_run_args(tiny_folder, tmp_path, "r", *extra, epochs=2))
     err = capsys.readouterr().err
     assert code == 130 and "--resume auto" in err
@@ -145,14 +145,14 @@ def test_resume_of_a_bad_file_is_a_clear_error(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tiny_folder, tmp_path, monkeypatch, capsys):
-    real = engine.global_nt_xent
+    real = engine.global_loss
     count = [0]
 
-    def poisoned(z, temperature):
+    def poisoned(*a, **kw):
         count[0] += 1
-        loss = real(z, temperature)
+        loss = real(*a, **kw)
         return loss * float("nan") if count[0] == 8 else loss  # epoch 2, step 2
-    monkeypatch.setattr(engine, "global_nt_xent", poisoned)
+    monkeypatch.setattr(engine, "global_loss", poisoned)
     code = main.main(tiny_run_args(tiny_folder, tmp_path, "nan", epochs=3))
     err = capsys.readouterr().err
     assert code == 1 and "epoch 2, step 2 of 6" in err
@@ -180,7 +180,7 @@ def test_sigint_subprocess_then_resume_auto_completes(tiny_folder, tmp_path):
 
 
 def test_sigterm_stops_after_the_step_with_exit_143(tiny_folder, tmp_path, capsys, monkeypatch):
-    real_step = main.train_step
+    real_step = pretrain.train_step
     count = [0]
 
     def step_then_term(*a, **kw):
@@ -190,7 +190,7 @@ def test_sigterm_stops_after_the_step_with_exit_143(tiny_folder, tmp_path, capsy
             signal.raise_signal(signal.SIGTERM)
         return loss
     with monkeypatch.context() as patch:
-        patch.setattr(main, "train_step", step_then_term)
+        patch.setattr(pretrain, "train_step", step_then_term)
         code = main.main(tiny_run_args(tiny_folder, tmp_path, "term", epochs=1))
     assert code == 143 and count[0] == 2  # no step after the one that was running
     assert "--resume auto" in capsys.readouterr().err

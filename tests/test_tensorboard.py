@@ -9,13 +9,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import linear
 import main
 from conftest import tiny_run_args
-from simclr import tblog
+from simclr import loop, pretrain, tblog
 from simclr.cli import UserError
 
 # 24 training images at batch 8: 3 steps per epoch
 STEPS = 3
 STEP_TAGS = {"step/loss", "step/loss_epoch_mean", "step/lr", "step/images_per_second"}
-EPOCH_TAGS = {f"epoch/{c}" for c in main.CSV_COLUMNS if c != "epoch"}
+EPOCH_TAGS = {f"epoch/{c}" for c in pretrain.CSV_COLUMNS if c != "epoch"}
 
 
 def args(data, results, name, *extra, **overrides):
@@ -40,18 +40,18 @@ def values(events, tag) -> list[float]:
 @pytest.fixture(autouse=True)
 def every_step(monkeypatch):
     """Read (and log) the loss after every step instead of twice a second, so the steps are known."""
-    monkeypatch.setattr(main, "READ_EVERY_S", 0.0)
+    monkeypatch.setattr(loop, "READ_EVERY_S", 0.0)
 
 
 @pytest.fixture(scope="module")
 def straight(tiny_folder, tmp_path_factory):
     """Two epochs in one go, logged at every step: the reference."""
     results = tmp_path_factory.mktemp("tb")
-    saved, main.READ_EVERY_S = main.READ_EVERY_S, 0.0
+    saved, loop.READ_EVERY_S = loop.READ_EVERY_S, 0.0
     try:
         assert main.main(args(tiny_folder, results, "run", epochs=2)) == 0
     finally:
-        main.READ_EVERY_S = saved
+        loop.READ_EVERY_S = saved
     return results
 
 
@@ -77,7 +77,7 @@ def test_main_logs_every_tag_at_its_step(straight):
 
 
 def test_resume_after_a_kill_continues_the_log_without_duplicates(tiny_folder, tmp_path, straight, monkeypatch):
-    real_step = main.train_step
+    real_step = pretrain.train_step
     count = [0]
 
     def dies_mid_epoch_2(*a, **kw):
@@ -86,7 +86,7 @@ def test_resume_after_a_kill_continues_the_log_without_duplicates(tiny_folder, t
             raise KeyboardInterrupt
         return real_step(*a, **kw)
     with monkeypatch.context() as patch:
-        patch.setattr(main, "train_step", dies_mid_epoch_2)
+        patch.setattr(pretrain, "train_step", dies_mid_epoch_2)
         assert main.main(args(tiny_folder, tmp_path, "run", epochs=2)) == 130
     # what the killed run left: steps past its checkpoint (3, 4) that the resumed run will log again
     assert steps(read(tmp_path / "run_tb"), "step/loss") == list(range(STEPS + 2))
@@ -156,13 +156,13 @@ def test_finetune_logs_each_epoch_and_a_resume_does_not_repeat_steps(trained, tm
     import finetune
     common = ["--model_path", str(trained / "run_model.pth"), "--batch_size", "4", "--device", "cpu",
               "--label_fraction", "0.25", "--results_dir", str(tmp_path), "--tensorboard", "--epochs", "2"]
-    real_end = finetune.end_epoch
+    real_end = loop.end_epoch
 
-    def end_then_die(ft, epoch, result):
-        real_end(ft, epoch, result)
+    def end_then_die(state, job, epoch, result):
+        real_end(state, job, epoch, result)
         raise KeyboardInterrupt  # killed right after epoch 1 was written and logged
     with monkeypatch.context() as patch:
-        patch.setattr(finetune, "end_epoch", end_then_die)
+        patch.setattr(loop, "end_epoch", end_then_die)
         assert finetune.main(common) == 130
     assert finetune.main([*common, "--resume", "auto"]) == 0
     events = read(tmp_path / "run_finetune_0.25_tb")
