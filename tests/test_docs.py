@@ -1,0 +1,90 @@
+"""The documentation stays true: the generated flag page is fresh, the README is a short front door
+with the three commands first, no page names one machine's paths, and the README's links resolve."""
+import glob
+import importlib.util
+import os
+import re
+
+import pytest
+
+from simclr.flags import SCRIPT_FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+FLAGS_MD = os.path.join(ROOT, "docs", "flags.md")
+README_LIMIT = 15_000
+MACHINE_PATHS = ("/work/", "/root/", "/home/")
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("flags_md", os.path.join(ROOT, "scripts", "flags_md.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _doc_pages():
+    return [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+
+
+def test_flags_md_is_fresh():
+    assert _read(FLAGS_MD) == _generator().render(), "docs/flags.md is stale: run python scripts/flags_md.py"
+
+
+def test_flags_md_check_fails_on_a_stale_file(tmp_path, capsys):
+    gen = _generator()
+    stale = tmp_path / "flags.md"
+    stale.write_text(gen.render().replace("`--epochs`", "`--epochz`"), encoding="utf-8")
+    assert gen.main(["--check", "--path", str(stale)]) == 1
+    assert gen.main(["--path", str(stale)]) == 0
+    assert gen.main(["--check", "--path", str(stale)]) == 0
+
+
+def test_every_flag_is_in_flags_md():
+    text = _read(FLAGS_MD)
+    missing = []
+    for script, flags in SCRIPT_FLAGS.items():
+        assert f"## {script}" in text, f"no section for {script}"
+        section = text.split(f"## {script}", 1)[1].split("\n## ", 1)[0]
+        missing += [f"{script} --{f.name}" for f in flags if f"`--{f.name}`" not in section]
+    assert not missing, f"flags missing from docs/flags.md: {missing}"
+
+
+def test_readme_is_short_and_starts_with_the_three_commands():
+    text = _read(README)
+    assert len(text) <= README_LIMIT, f"README.md has {len(text)} characters, more than {README_LIMIT}"
+    blocks = re.findall(r"```[^\n]*\n(.*?)```", text, re.S)
+    assert blocks, "README.md has no code block"
+    first = blocks[0]
+    for command in ("pip install -r requirements.txt", "python -m pytest -q",
+                    "python main.py --batch_size 1024 --epochs 500"):
+        assert command in first, f"the README's first code block lacks {command!r}"
+
+
+@pytest.mark.parametrize("page", _doc_pages(), ids=lambda p: os.path.relpath(p, ROOT))
+def test_no_machine_paths(page):
+    text = _read(page)
+    found = [p for p in MACHINE_PATHS if p in text]
+    assert not found, f"{os.path.relpath(page, ROOT)} names one machine's paths: {found}"
+
+
+def _relative_links(text):
+    """Targets of Markdown links, images and HTML src/href that are not URLs or in-page anchors."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r"""(?:src|href)="([^"]+)\"""", text)
+    return [t.split("#", 1)[0] for t in targets
+            if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+
+
+@pytest.mark.parametrize("page", _doc_pages(), ids=lambda p: os.path.relpath(p, ROOT))
+def test_relative_links_exist(page):
+    links = _relative_links(_read(page))
+    if page == README:
+        assert any(link.startswith("docs/") for link in links), "README.md links to no page in docs/"
+    base = os.path.dirname(page)
+    broken = [link for link in links if not os.path.exists(os.path.join(base, link))]
+    assert not broken, f"{os.path.relpath(page, ROOT)} links to missing files: {broken}"
