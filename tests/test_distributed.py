@@ -69,7 +69,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str, bn_stats:
             z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5))
             z_local = local_share(z, rank, world).clone().requires_grad_(True)
             ids = LABEL_IDS if mode == "ids" else None
-            loss = global_loss(z_local, 0.5, ids=None if ids is None else local_share(ids, rank, world))
+            kind, sigma = ("dcl", 0.5) if mode == "dcl" else ("supcon" if ids is not None else "ntxent", None)
+            loss = global_loss(z_local, 0.5, kind, None if ids is None else local_share(ids, rank, world), sigma)
             loss.backward()
             torch.save({"loss": loss.item(), "grad": z_local.grad}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
@@ -121,6 +122,17 @@ def test_gathered_positive_ids_give_the_single_process_loss_and_gradient(tmp_pat
     assert sum(r["loss"] for r in results) / 2 == pytest.approx(loss.item(), abs=1e-6)
     for rank, r in enumerate(results):
         # ids gathered wrongly (or not at all) pair another rank's rows with the wrong positives
+        assert torch.allclose(r["grad"], 2 * local_share(z.grad, rank, 2), atol=1e-6)
+
+
+def test_gathered_decoupled_loss_gives_the_single_process_loss_and_gradient(tmp_path):
+    from simclr.loss import dcl
+    results = run_two(tmp_path, "dcl")
+    z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    loss = dcl(z, 0.5, 0.5)  # DCLW: its weights are a softmax over every pair of the global batch
+    loss.backward()
+    assert sum(r["loss"] for r in results) / 2 == pytest.approx(loss.item(), abs=1e-6)
+    for rank, r in enumerate(results):
         assert torch.allclose(r["grad"], 2 * local_share(z.grad, rank, 2), atol=1e-6)
 
 

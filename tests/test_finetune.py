@@ -280,3 +280,33 @@ def test_sigterm_finishes_the_step_and_exits_143(trained, tmp_path, monkeypatch)
     assert count[0] == 2  # no step after the one that was running
     ckpt = torch.load(tmp_path / "run_finetune_0.25_last.pth", weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, 2)
+
+
+def deep_run(trained, folder) -> str:
+    """A run with SimCLRv2's 3-layer head (--proj_layers 3): its weights and a config that says so."""
+    model = SimCLR("resnet18", 16, 32, proj_layers=3)
+    path = copy_run(trained, folder, "deep", model.state_dict())
+    config_path = os.path.join(folder, "deep_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, "proj_layers": 3}, f)
+    return path
+
+
+def test_the_head_depth_comes_from_the_config_and_from_layer_takes_each_hidden_layer(trained, tmp_path, capsys):
+    path = deep_run(trained, tmp_path / "deep")
+    saved = torch.load(path, weights_only=True)
+    assert finetune.main(quick(path, tmp_path / "out", "--from_layer", "head2", "--epochs", "1", "--lr", "1e-9")) == 0
+    tuned = torch.load(tmp_path / "out" / "deep_finetune_0.25_model.pth", weights_only=True)
+    # the classifier sits after both hidden layers (g.0-g.5) of the 3-layer head, loaded from the weights
+    assert {k for k in tuned if k.startswith("head.")} == {k.replace("g.", "head.", 1) for k in saved
+                                                            if k.startswith("g.") and int(k.split(".")[1]) < 6}
+    assert tuned["fc.weight"].shape == (3, 32)
+    assert torch.allclose(tuned["head.3.weight"], saved["g.3.weight"], atol=1e-6)  # lr 1e-9: barely moved
+    assert config_of(tmp_path / "out", "deep_finetune_0.25")["proj_layers"] == 3
+    capsys.readouterr()
+    # a 3-layer head has two hidden layers: head3 is refused with one line, before anything is written
+    assert finetune.main(quick(path, tmp_path / "out3", "--from_layer", "head3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "head1 to head2" in err and not (tmp_path / "out3").exists()

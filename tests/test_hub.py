@@ -98,3 +98,18 @@ def test_importing_hubconf_imports_no_script_and_does_nothing(tmp_path):
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]" and proc.stderr == ""
+
+
+def test_the_head_depth_comes_from_the_run_config(trained, tmp_path):
+    from conftest import copy_run
+    deep = SimCLR("resnet18", 16, 32, proj_layers=3)
+    path = copy_run(trained, tmp_path, "deep", deep.state_dict())
+    config = json.loads((tmp_path / "deep_config.json").read_text())
+    (tmp_path / "deep_config.json").write_text(json.dumps({**config, "proj_layers": 3}))
+    model = hub_load("resnet18", weights=path)
+    assert [m.out_features for m in model.g if isinstance(m, torch.nn.Linear)] == [32, 32, 16]
+    for key, value in deep.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    # without weights the depth is an argument like the sizes
+    random = hub_load("resnet18", proj_layers=3, feature_dim=16, proj_hidden_dim=32)
+    assert random.g[6].out_features == 16

@@ -53,3 +53,78 @@ def test_labels_travel_with_the_views_of_each_step(tiny_folder, tmp_path, backen
         assert views.shape == (16, 3, 16, 16)
         assert torch.equal(step_labels, labels[order[step * 8:(step + 1) * 8]])
     assert any((s_labels == -1).any() for _, _, s_labels in steps)
+
+
+# ----------------------------------------------------------------------------- the SimCLR family
+
+from references import naive_dcl, naive_nt_xent, naive_nt_xent_ids  # noqa: E402
+from simclr.loss import contrastive_loss, dcl, positive_ids  # noqa: E402
+
+TEMPERATURES = [0.05, 0.1, 0.5, 1.0]
+
+
+def embeddings(n: int = 12, d: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(2 * n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_supcon_against_the_loop_reference_with_repeated_labels(temperature):
+    z = embeddings()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 3, -1, 3, -1, 1])       # repeated, one class alone, unlabeled
+    ids = positive_ids("supcon", labels)
+    got = contrastive_loss(z, temperature, "supcon", ids)
+    # the reference sees the unlabeled images' ids as distinct, as the product makes them
+    assert ids[8] != ids[10] and ids[8] == ids[8 + 12]
+    assert got.item() == pytest.approx(naive_nt_xent_ids(z, ids, temperature).item(), rel=1e-5)
+    assert torch.isfinite(got)
+
+
+def test_supcon_with_distinct_labels_or_none_is_ntxent():
+    z = embeddings(seed=1)
+    distinct = positive_ids("supcon", torch.arange(12))
+    unlabeled = positive_ids("supcon", torch.full((12,), -1))
+    plain = contrastive_loss(z, 0.5, "ntxent")
+    assert torch.allclose(contrastive_loss(z, 0.5, "supcon", distinct), plain, atol=1e-6)
+    assert torch.allclose(contrastive_loss(z, 0.5, "supcon", unlabeled), plain, atol=1e-6)
+    assert positive_ids("ntxent", torch.arange(12)) is None and positive_ids("dcl", torch.arange(12)) is None
+
+
+def test_supcon_ids_of_unlabeled_images_are_unique_across_ranks():
+    # rank 1's first unlabeled image must not share an id with rank 0's: offsets are batch positions
+    rank0, rank1 = positive_ids("supcon", torch.full((4,), -1), 0), positive_ids("supcon", torch.full((4,), -1), 4)
+    assert set(rank0.tolist()).isdisjoint(rank1.tolist())
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("sigma", [None, 0.5])
+def test_dcl_against_the_loop_reference(temperature, sigma):
+    z = embeddings(seed=2)
+    got = dcl(z, temperature, sigma)
+    assert got.item() == pytest.approx(naive_dcl(z[:12], z[12:], temperature, sigma).item(), rel=1e-5, abs=1e-6)
+    # the positive is out of the denominator: DCL differs from NT-Xent by exactly the log of that sum
+    if sigma is None:
+        assert not torch.isclose(got, nt_xent(z, temperature))
+
+
+def test_dcl_gradients_match_the_reference():
+    z = embeddings(n=6, seed=3).double().requires_grad_(True)
+    dcl(z, 0.2, 0.5).backward()
+    ref = z.detach().clone().requires_grad_(True)
+    naive_dcl(ref[:6], ref[6:], 0.2, 0.5).backward()
+    assert torch.allclose(z.grad, ref.grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("loss", ["ntxent", "supcon", "dcl"])
+def test_every_loss_stays_fp32_and_finite_under_bf16_autocast(loss):
+    z = embeddings(seed=4) * 30  # large projections: only normalisation keeps exp(sim / 0.05) in range
+    ids = positive_ids(loss, torch.tensor([0, 1, 2, 0, 1, 2, 0, 3, -1, 3, -1, 1]))
+    exact = contrastive_loss(z, 0.05, loss, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = contrastive_loss(z.bfloat16(), 0.05, loss, ids)
+    assert inside.dtype == torch.float32 and torch.isfinite(inside)
+    assert inside.item() == pytest.approx(exact.item(), rel=0.05)
+
+
+def test_the_ntxent_default_still_equals_the_textbook_loss():
+    z = embeddings(seed=5)
+    assert contrastive_loss(z, 0.5).item() == pytest.approx(naive_nt_xent(z[:12], z[12:], 0.5).item(), rel=1e-5)

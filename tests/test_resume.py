@@ -199,17 +199,17 @@ def test_sigterm_stops_after_the_step_with_exit_143(tiny_folder, tmp_path, capsy
 
 def test_resume_accepts_the_resolved_default_image_size_and_refuses_another():
     saved = flags.train_values({"dataset": "cifar10"})
-    values, _ = flags.resume_values({"image_size": 32, "resume": "x"}, saved, "x")
+    values, _ = flags.train_resume_values({"image_size": 32, "resume": "x"}, saved, "x")
     assert values["image_size"] == 32
     with pytest.raises(UserError, match="image_size"):
-        flags.resume_values({"image_size": 64, "resume": "x"}, saved, "x")
+        flags.train_resume_values({"image_size": 64, "resume": "x"}, saved, "x")
     with pytest.raises(UserError, match="recipe"):
-        flags.resume_values({"recipe": "paper", "resume": "x"}, saved, "x")
+        flags.train_resume_values({"recipe": "paper", "resume": "x"}, saved, "x")
 
 
 def test_resume_takes_machine_settings_afresh_and_keeps_the_plan():
     saved = {**flags.train_values({"epochs": 7}), "device": "cuda:3", "precision": "fp16", "workers": 99}
-    values, _ = flags.resume_values({"resume": "x"}, saved, "x")
+    values, _ = flags.train_resume_values({"resume": "x"}, saved, "x")
     assert (values["device"], values["precision"], values["workers"]) == ("auto", "auto", flags.TRAIN_DEFAULTS["workers"])
     assert values["epochs"] == 7
 
@@ -218,4 +218,4 @@ def test_resume_refuses_a_checkpoint_config_that_makes_no_sense():
     saved = flags.train_values({})
     for key, value in (("batch_size", "eight"), ("feature_dim", -5), ("image_size", 1e30), ("arch", "resnet99")):
         with pytest.raises(UserError, match=key):
-            flags.resume_values({"resume": "x"}, {**saved, key: value}, "x_last.pth")
+            flags.train_resume_values({"resume": "x"}, {**saved, key: value}, "x_last.pth")
