@@ -22,7 +22,7 @@ from .augment import AugmentConfig, normalize, pil_transform, two_views
 from .cli import UserError
 from .data import CHANNEL_STATS
 from .encoders import ENCODERS
-from .engine import bf16_peak_tflops, count_macs, make_runtime, mix_seed, train_step, usable_cores
+from .engine import apply_gradients, bf16_peak_tflops, count_macs, make_runtime, mix_seed, train_step, usable_cores
 from .files import atomic_write_text
 from .flags import TRAIN_DEFAULTS
 from .knn import forward_in_batches, knn_accuracy
@@ -105,9 +105,7 @@ def naive_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, v1: torch
     _, z1 = net(v1)
     _, z2 = net(v2)
     loss = original_loss(z1, z2, temperature)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
+    apply_gradients(loss, optimizer)
     return loss.detach()
 
 

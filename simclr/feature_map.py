@@ -12,13 +12,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import MODEL_CONFIG_KEYS, config_path_for, data_location, open_run, run_base
+from .checkpoint import run_base
 from .cli import UserError, first_line
-from .data import load_dataset
-from .engine import make_runtime, usable_cores
+from .engine import usable_cores
 from .files import atomic_write_bytes, atomic_write_csv
 from .flags import MIN_POINTS, THUMBNAILS
 from .knn import encoder_features
+from .run_data import open_for_features
 from .tblog import open_log, require_tensorboard
 
 AGREEMENT_K = 10          # neighbours for the printed class-agreement figure
@@ -189,13 +189,9 @@ def run(args) -> int:
     if args.tensorboard:
         require_tensorboard()
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731 -- stdout only says what was written
-    model, config = open_run(args.model_path, args.config or config_path_for(args.model_path),
-                             needs=MODEL_CONFIG_KEYS, encoder_only=True)
     # fp32: t-SNE's neighbourhoods are computed to within rounding, not to bf16 noise
-    runtime = make_runtime(args.device, "fp32", channels_last=False, threads=args.threads)
-    if args.device == "auto" and runtime.device.type == "cpu":
-        log("note: no CUDA GPU found, computing features on the CPU")
-    bundle = load_dataset(**data_location(config, args.dataset, args.data_root, args.image_size), log=log)
+    model, config, runtime, bundle = open_for_features(args.model_path, args.config, args.dataset, args.data_root,
+                                                       args.image_size, args.device, args.threads, log)
     n_test = len(bundle.test)
     if n_test < MIN_POINTS:
         raise UserError(f"the test split has {n_test} images; a map needs at least {MIN_POINTS}")

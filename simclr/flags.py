@@ -397,7 +397,19 @@ def train_resume_values(explicit: dict, saved: dict, source: str) -> tuple[dict,
     return resume_values(TRAIN_FLAGS, explicit, saved, source, derive, LEGACY_VALUES)
 
 
-# ----------------------------------------------------------------------------- linear.py
+# ----------------------------------------------------------------------------- linear.py and finetune.py
+
+def evaluation_files(suffix: str, tag: str, when: str = "") -> tuple[Flag, ...]:
+    """--results_dir, --name, --tensorboard, --tensorboard_dir of a script that writes NAME_SUFFIX_* files
+    beside the weights it evaluates, logging TAG/COLUMN."""
+    return (
+        shared("results_dir", default=None, optional=True,
+               help="where the files go; None means the folder of --model_path (or of --config, else results)"),
+        shared("name", help=f"file prefix before _{suffix}; None means NAME of NAME_model.pth (+ _untrained)"),
+        shared("tensorboard", help=f"also write TensorBoard event files, tags {tag}/COLUMN of the CSV{when}"),
+        shared("tensorboard_dir", help=f"folder of the TensorBoard event files; None means RESULTS/NAME_{suffix}_tb"),
+    )
+
 
 FROM_CONFIG = "None means the run config's"
 # Default learning rate per optimizer: SGD on standardised features tolerates a large step
@@ -435,11 +447,7 @@ LINEAR_FLAGS: tuple[Flag, ...] = (
     shared("channels_last", help="channels-last memory format for the encoder"),
     shared("threads", aliases=("workers",)),
     shared("seed", help="seed of the probe (and of --untrained's encoder)"),
-    shared("results_dir", default=None, optional=True,
-           help="where the files go; None means the folder of --model_path (or of --config, else results)"),
-    shared("name", help="file prefix; None means NAME of NAME_model.pth (+ _untrained)"),
-    shared("tensorboard", help="also write TensorBoard event files, tags linear/COLUMN of the CSV"),
-    shared("tensorboard_dir", help="folder of the TensorBoard event files; None means RESULTS/NAME_linear_tb"),
+    *evaluation_files("linear", "linear"),
 )
 
 LinearConfig = config_class("LinearConfig", LINEAR_FLAGS, "Every resolved flag of a linear evaluation.")
@@ -488,11 +496,7 @@ FINETUNE_FLAGS: tuple[Flag, ...] = (
     shared("channels_last"),
     shared("threads"),
     shared("seed", help="seed of the label subset, the batch order, the crops and --untrained's initialisation"),
-    shared("results_dir", default=None, optional=True,
-           help="where the files go; None means the folder of --model_path (or of --config, else results)"),
-    shared("name", help="file prefix before _finetune_TAG; None means NAME of NAME_model.pth (+ _untrained)"),
-    shared("tensorboard", help="also write TensorBoard event files, tags finetune/COLUMN of the CSV per epoch"),
-    shared("tensorboard_dir", help="folder of the TensorBoard event files; None means RESULTS/NAME_finetune_TAG_tb"),
+    *evaluation_files("finetune_TAG", "finetune", " per epoch"),
     Flag("resume", None, "continue from a NAME_finetune_TAG_last.pth checkpoint, or 'auto' for this run's", str,
          group="run", optional=True),
 )

@@ -11,12 +11,13 @@ from typing import Callable, Iterable
 
 import torch
 
-from .checkpoint import MODEL_CONFIG_KEYS, config_path_for, data_location, open_run, run_base
+from .checkpoint import run_base
 from .cli import UserError, first_line
-from .data import DataBundle, load_dataset
-from .engine import Runtime, make_runtime
+from .data import DataBundle
+from .engine import Runtime
 from .files import atomic_write_bytes
 from .knn import encoder_features, nearest_neighbors
+from .run_data import open_for_features
 from .model import SimCLR
 
 # Picture layout, in pixels.
@@ -155,13 +156,8 @@ def search(args) -> tuple[DataBundle, Neighbors, str]:
     """Load config, weights and data, find the neighbours; returns (bundle, result, output path)."""
     from tqdm import tqdm
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731 -- stdout only says what was written
-    model, config = open_run(args.model_path, args.config or config_path_for(args.model_path),
-                             needs=MODEL_CONFIG_KEYS, encoder_only=True)
-    # fp32: similarities are compared to within rounding, not to bf16 noise
-    runtime = make_runtime(args.device, "fp32", channels_last=False, threads=args.threads)
-    if args.device == "auto" and runtime.device.type == "cpu":
-        log("note: no CUDA GPU found, computing features on the CPU")
-    bundle = load_dataset(**data_location(config, args.dataset, args.data_root, args.image_size), log=log)
+    model, _, runtime, bundle = open_for_features(args.model_path, args.config, args.dataset, args.data_root,
+                                                  args.image_size, args.device, args.threads, log)
     bar = lambda it: tqdm(it, desc="features of the labeled training images", leave=False, file=sys.stderr)  # noqa: E731
     result = find_neighbors(model.to(runtime.device), bundle, args.n, args.k, args.seed, runtime,
                             args.eval_batch_size, bar)

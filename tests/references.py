@@ -119,12 +119,9 @@ def pil_two_views(images: torch.Tensor, image_size: int, mean, std) -> tuple[tor
     image 0, then of image 1, and so on.
     """
     transform = pil_simclr_transform(image_size, mean, std)
-    first, second = [], []
-    for array in images.numpy():
-        picture = Image.fromarray(array)
-        first.append(transform(picture))
-        second.append(transform(picture))
-    return torch.stack(first), torch.stack(second)
+    pictures = [Image.fromarray(array) for array in images.numpy()]
+    pairs = [(transform(picture), transform(picture)) for picture in pictures]   # view 1, then view 2
+    return torch.stack([one for one, _ in pairs]), torch.stack([two for _, two in pairs])
 
 
 # ----------------------------------------------------------------------------- training step

@@ -13,6 +13,7 @@ from PIL import Image
 
 import embed
 import main
+from conftest import tiny_run_args
 from simclr import feature_map
 from simclr.checkpoint import open_run
 from simclr.data import load_dataset
@@ -24,11 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_run(tiny_folder, tmp_path_factory):
     """results dir of a 1-epoch tiny CPU run named 'tiny' (2 steps: the weights only need to exist)."""
     results = tmp_path_factory.mktemp("embed") / "results"
-    args = ["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16", "--arch", "resnet18",
-            "--batch_size", "8", "--epochs", "1", "--k", "5", "--feature_dim", "16", "--proj_hidden_dim", "32",
-            "--device", "cpu", "--workers", "0", "--results_dir", str(results), "--name", "tiny",
-            "--train_subset", "16"]
-    assert main.main(args) == 0
+    assert main.main(tiny_run_args(tiny_folder, results, "tiny", train_subset=16)) == 0  # 2 steps
     return results
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import main
+from conftest import tiny_run_args
 import neighbors
 import plot
 from simclr import curves, neighbor_grid, pretrain
@@ -197,11 +198,7 @@ def test_pick_queries_is_seeded_and_distinct():
 def tiny_run(tiny_folder, tmp_path_factory):
     """results dir of a 1-epoch tiny CPU run named 'tiny'."""
     results = tmp_path_factory.mktemp("neighbors") / "results"
-    args = ["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16", "--arch", "resnet18",
-            "--batch_size", "8", "--epochs", "1", "--k", "5", "--feature_dim", "16", "--proj_hidden_dim", "32",
-            "--device", "cpu", "--workers", "0", "--results_dir", str(results), "--name", "tiny",
-            "--train_subset", "16"]  # 2 steps: the weights only need to exist
-    assert main.main(args) == 0
+    assert main.main(tiny_run_args(tiny_folder, results, "tiny", train_subset=16)) == 0  # 2 steps
     return results
 
 
