@@ -6,7 +6,8 @@
 #   run_statistics.csv, run_curves.png     the real run (ResNet-18 on the real CIFAR-10 images)
 #   run_linear_statistics.csv              linear.py on the run's best weights
 #   compare_statistics.csv                 the same minutes with the other --bn_stats mode (if it exists)
-#   summary.json    card, torch, s/epoch, images/s, TFLOP/s, % of bf16 peak, peak memory, kNN and linear top-1
+#   summary.json    card, torch, s/epoch, images/s, TFLOP/s, % of bf16 peak, peak memory, kNN and linear top-1,
+#                   and the kNN top-1 of a short run of --loss supcon, --loss dcl --dcl_sigma 0.5, --proj_layers 3
 #
 #   scripts/gpu_check.sh --data cifar10-jpg.tar.gz --wheels DIR --out DIR          # on the GPU (< 9 min on an H100)
 #   scripts/gpu_check.sh --dry-run --data ARCHIVE --out DIR                        # the same sequence, CPU, tiny
@@ -120,6 +121,14 @@ EOF
   echo "(main.py exit $?)" >> "$LOG"
   cp "$WORK/results/compare_statistics.csv" "$OUT/" 2>/dev/null
 fi
+# the SimCLR family, a short run each: supervised contrastive, DCLW, SimCLRv2's 3-layer head
+if [ $DRY = 1 ]; then FAMILY_BUDGET=60; else FAMILY_BUDGET=45; fi
+for variant in "supcon:--loss supcon" "dclw:--loss dcl --dcl_sigma 0.5" "v2head:--proj_layers 3"; do
+  name=${variant%%:*}; read -r -a flags <<< "${variant#*:}"
+  step "family: $name (${flags[*]}), $FAMILY_BUDGET s"
+  timeout -s INT "$FAMILY_BUDGET" "$PY" main.py "${RUN[@]}" "${flags[@]}" --name "family_$name" >> "$LOG" 2>&1
+  echo "(main.py exit $?)" >> "$LOG"
+done
 for f in run_statistics.csv run_curves.png run_linear_statistics.csv; do
   cp "$WORK/results/$f" "$OUT/" 2>/dev/null || echo "missing: $f" | tee -a "$LOG"
 done
@@ -168,6 +177,13 @@ try:
     summary["other_bn_stats_epochs"] = int(other["epoch"].max())
 except Exception:  # noqa: BLE001 - only when the flag exists
     pass
+for name in ("supcon", "dclw", "v2head"):
+    try:
+        family = pd.read_csv(os.path.join(results, f"family_{name}_statistics.csv"))
+        summary[f"family_{name}"] = {"epochs": int(family["epoch"].max()),
+                                     "knn_top1": float(family["test_acc@1"].max())}
+    except Exception as e:  # noqa: BLE001 - one variant failing must not hide the others
+        summary[f"family_{name}_error"] = f"{type(e).__name__}: {e}"
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2, default=str)
 print(json.dumps(summary, indent=2, default=str))
 EOF
