@@ -22,7 +22,7 @@ from .checkpoint import (Encoder, check_not_taken, evaluated_name, evaluation_di
 from .cli import InvalidResult, UserError
 from .curves import plot_run_or_warn
 from .data import load_dataset, subset
-from .engine import Runtime, make_runtime, mix_seed, seed_everything
+from .engine import Runtime, make_runtime, mix_seed, seed_everything, versions
 from .files import atomic_save, atomic_save_json, atomic_write_csv
 from .flags import LinearConfig
 from .knn import forward_in_batches, topk_accuracy
@@ -174,7 +174,7 @@ def run(cfg: LinearConfig) -> int:
                       "results_dir": os.path.dirname(paths["config"]), "encoder": dataclasses.asdict(enc),
                       "image_size": bundle.image_size, "mean": list(mean), "std": list(std),
                       "num_classes": num_classes, "classes": bundle.classes, "feature_width": model.feature_width,
-                      "precision": runtime.precision, "torch_version": torch.__version__}, paths["config"])
+                      "precision": runtime.precision, **versions()}, paths["config"])
 
     to_input = lambda batch: normalize(batch, mean, std)  # noqa: E731
     train_y, test_y = train.labels.to(runtime.device), test.labels.to(runtime.device)

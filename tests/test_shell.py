@@ -1,4 +1,4 @@
-"""The evaluation scripts answer --help and refuse a bad flag before torch is imported (exit codes 0 and 2)."""
+"""Every script answers --help and refuse a bad flag before torch is imported (exit codes 0 and 2)."""
 import os
 import subprocess
 import sys
@@ -8,7 +8,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # each script with a flag it refuses while parsing
-REFUSED = {"linear.py": ["--model_path", "x_model.pth", "--batch_size", "0"],
+REFUSED = {"main.py": ["--lr", "1e300"],
+           "finetune.py": ["--model_path", "x_model.pth", "--label_fraction", "2"],
+           "linear.py": ["--model_path", "x_model.pth", "--batch_size", "0"],
            "neighbors.py": ["--model_path", "x_model.pth", "--k", "0"],
            "embed.py": ["--model_path", "x_model.pth", "--method", "umap"],
            "plot.py": ["a_statistics.csv", "--bogus"],
