@@ -305,8 +305,13 @@ def number(text):
 
 
 def read_status(run: Run) -> dict | None:
+    """The run's NAME_sweep.json: what the sweep recorded when its process exited (None: never)."""
+    return read_status_file(run.path("_sweep.json"))
+
+
+def read_status_file(path) -> dict | None:
     try:
-        with open(run.path("_sweep.json"), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             status = json.load(f)
     except (OSError, ValueError):
         return None
@@ -363,6 +368,7 @@ class Active:
     err_offset: int
     started: float
     files: list = field(default_factory=list)
+    signalled: bool = False
 
 
 def command(plan: Plan, task: Task) -> list[str]:
@@ -452,10 +458,15 @@ class Sweep:
             print(f"\n{signal.Signals(signum).name}: passing it to the running runs (they save a checkpoint); "
                   f"no new run starts", file=sys.stderr, flush=True)
         for active in list(self.running.values()):
-            try:
-                active.proc.send_signal(signum)
-            except ProcessLookupError:
-                pass
+            self._forward(active, signum)
+
+    @staticmethod
+    def _forward(active: Active, signum: int) -> None:
+        active.signalled = True
+        try:
+            active.proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
 
     def _start(self, task: Task, slot: int) -> None:
         run = task.run
@@ -475,7 +486,9 @@ class Sweep:
             out.close()
             err.close()
             raise
-        self.running[slot] = Active(task, slot, proc, err_path, offset, time.monotonic(), [out, err])
+        active = self.running[slot] = Active(task, slot, proc, err_path, offset, time.monotonic(), [out, err])
+        if self.signum is not None and not active.signalled:  # the signal came while it was being started
+            self._forward(active, self.signum)
 
     def _record(self, active: Active, code: int) -> Task | None:
         """Write the run's status whole; the evaluation task that follows a finished run, if asked."""
