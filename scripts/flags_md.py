@@ -82,6 +82,9 @@ def render(script_flags: dict[str, tuple[F.Flag, ...]] | None = None) -> str:
     lines += ["Scripts: " + " · ".join(f"[{name}](#{name.replace('.', '')})" for name in script_flags), ""]
     for script, flags in script_flags.items():
         lines += [f"## {script}", ""]
+        if script == "sweep.py":
+            lines += ["`python sweep.py [FLAGS] -- [main.py flags shared by every run]`; the tables and the",
+                      "folder layout: [sweep.md](sweep.md).", ""]
         groups: dict[str, list[F.Flag]] = {}
         for flag in flags:
             groups.setdefault(flag.group, []).append(flag)

@@ -69,6 +69,7 @@ class Flag:
     le: float | None = None            # value <= le
     optional: bool = False             # None is allowed (means: derived, see help)
     aliases: tuple[str, ...] = ()      # old names, accepted but not shown in --help
+    repeat: bool = False               # may be given several times; the values are collected in a list
 
     def check(self, value: Any, source: str = "") -> Any:
         """The value if it fits this flag's type and bounds; else a UserError naming flag, value and bound."""
@@ -111,14 +112,35 @@ class Flag:
         return " and ".join(part for part in (low, high) if part)
 
 
+_KINDS = {int: "a whole number", float: "a number"}
+TRUE_WORDS, FALSE_WORDS = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
+
+
+def parse_text(flag: Flag, text: str, source: str = "") -> Any:
+    """A flag's value written as text (a sweep's grid value) -> the value, judged as the script's parser
+    and Flag.check judge it; on/off flags take true/false, optional flags `none` (the flag left out)."""
+    where = f" in {source}" if source else ""
+    if flag.type is None:
+        word = text.strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise UserError(f"--{flag.name}{where} is an on/off flag: write true or false, got {text!r}")
+    if flag.optional and text.strip().lower() == "none":
+        return None
+    try:
+        value = flag.type(text)
+    except ValueError:
+        raise UserError(f"--{flag.name}{where} must be {_KINDS.get(flag.type, 'text')}, got {text!r}") from None
+    return flag.check(value, source)
+
+
 def _flag_type(flag: Flag):
     """argparse type: parses the text, then checks the bounds, so a bad value is one line at parse time."""
     def parse(text: str):
         try:
             value = flag.type(text)
         except ValueError:
-            kind = {int: "a whole number", float: "a number"}.get(flag.type, "text")
-            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be {_KINDS.get(flag.type, 'text')}, got {text!r}") from None
         try:
             return flag.check(value)
         except UserError as e:  # argparse puts "argument --NAME: " in front
@@ -147,6 +169,8 @@ def build_parser(flags: Iterable[Flag], description: str, epilog: str | None = N
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs.update(type=_flag_type(flag), choices=flag.choices)
+            if flag.repeat:
+                kwargs["action"] = "append"
             if flag.choices is not None:
                 kwargs["metavar"] = "{" + ",".join(map(str, flag.choices)) + "}"
         group.add_argument(f"--{flag.name}", **kwargs)
@@ -578,10 +602,42 @@ BENCH_FLAGS: tuple[Flag, ...] = (
 )
 
 
+# ----------------------------------------------------------------------------- sweep.py
+
+THEN_SCRIPTS = ("linear", "finetune")
+# main.py flags the sweep sets for each run itself: neither a grid key nor a flag after --
+SWEEP_OWNED = ("seed", "name", "results_dir", "resume")
+
+SWEEP_FLAGS: tuple[Flag, ...] = (
+    Flag("seeds", "0", "seeds of every configuration: a range 0-4, a list 0,1,2, or both (0-2,7)", str,
+         group="grid"),
+    Flag("grid", None, "KEY=V1,V2,...: a flag of main.py and its values (given again for each key); every "
+         "combination runs for every seed; on/off flags take true,false", str, group="grid", optional=True,
+         repeat=True),
+    Flag("baseline", None, "KEY=V,KEY=V: the configuration the others are compared with, paired by seed "
+         "(comparison.csv)", str, group="grid", optional=True),
+    Flag("name", None, "sweep name; None means the grid keys joined by _", str, group="files", optional=True),
+    Flag("out", None, "folder of the runs and the tables; None means results/sweep_NAME", str, group="files",
+         optional=True),
+    Flag("gpus", None, "GPU indices to use, e.g. 0,1,2,3: up to one run per GPU at once, each seeing only its "
+         "own; None means one run at a time on the default device", str, group="devices", optional=True),
+    Flag("gpus_per_run", 1, "GPUs per run: more than 1 starts each run with torchrun on that many of --gpus "
+         "(of all GPUs when --gpus is not given)", int, group="devices", ge=1, le=1024),
+    Flag("then", None, "evaluate each finished run's NAME_model.pth with linear.py or finetune.py and add its "
+         "final test top-1 to the tables", str, THEN_SCRIPTS, "evaluation", optional=True),
+    dataclasses.replace(FINETUNE["label_fraction"], group="evaluation",
+                        help=f"--then finetune: fraction of the labels; None means {DEFAULT_FRACTION}"),
+    Flag("then_args", None, "more flags of the evaluation script, in quotes (e.g. '--epochs 20')", str,
+         group="evaluation", optional=True),
+    Flag("dry_run", False, "list the runs and their commands; start none, write nothing", group="files"),
+)
+
+
 # ----------------------------------------------------------------------------- every script's table
 
 # The flags of each script, in --help order: docs/flags.md is generated from this table.
 SCRIPT_FLAGS: dict[str, tuple[Flag, ...]] = {
     "main.py": TRAIN_FLAGS, "linear.py": LINEAR_FLAGS, "finetune.py": FINETUNE_FLAGS,
     "neighbors.py": NEIGHBORS_FLAGS, "embed.py": EMBED_FLAGS, "bench.py": BENCH_FLAGS,
+    "sweep.py": SWEEP_FLAGS,
 }
