@@ -217,10 +217,18 @@ def data_location(config: dict, dataset: str | None = None, data_root: str | Non
     The config's cache folder holds the decoded images of the config's data folder; another data
     folder (a copy elsewhere, the full set instead of a subset) keeps its own cache.
     """
+    require_labeled(config, dataset, data_root)
     name, root = dataset or config["dataset"], data_root or config["data_root"]
     same = name == config["dataset"] and os.path.abspath(root) == os.path.abspath(config["data_root"])
     return dict(name=name, root=root, image_size=image_size or config["image_size"],
                 cache_dir=config.get("cache_dir") if same else None)
+
+
+def require_labeled(saved: dict, dataset: str | None, data_root: str | None) -> None:
+    """Refuse to evaluate a run of an unlabeled-only folder on its own data: it has no classes to score."""
+    if saved.get("num_classes") == 0 and dataset is None and data_root is None:
+        raise UserError(f"the run trained on unlabeled images only ({saved.get('data_root')}/unlabeled/), which "
+                        f"have no classes: pass --data_root a folder with train/<class>/ and test/<class>/")
 
 
 HEAD_KEYS = ("feature_dim", "proj_hidden_dim", "proj_layers")
@@ -324,6 +332,7 @@ def resolve_encoder(saved: dict, arch: str | None = None, stem: str | None = Non
     def pick(key: str, flag, default=None):
         return flag if flag is not None else saved.get(key, default)
 
+    require_labeled(saved, dataset, data_root)
     arch, dataset, stem = pick("arch", arch), pick("dataset", dataset), pick("stem", stem, "cifar")
     if arch is None or dataset is None:
         raise UserError("the run config names no arch or dataset: pass --arch and --dataset")
@@ -448,7 +457,7 @@ def save_training_checkpoint(path: str, *, model: nn.Module, optimizer: torch.op
         "scaler": scaler.state_dict() if scaler is not None else {},
         "epoch": epoch, "step_in_epoch": step, "epoch_loss_sum": loss_sum, "epoch_seconds": seconds,
         "best_acc": best_acc, "history": list(history), "rng": rng_state(), "config": dict(config),
-        **(extra or {}),
+        **_to_cpu(extra or {}),
     }, path)
 
 

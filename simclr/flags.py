@@ -263,6 +263,9 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     shared("eval_batch_size", group="evaluation"),
     Flag("knn_at_start", False, "also evaluate the untrained encoder, as an epoch-0 row of the CSV",
          group="evaluation"),
+    Flag("online_probe", True, "train a linear classifier (its own Adam, lr 1e-3) on the detached encoder features "
+         "of the labeled images of every step and report its test top-1/top-5 at each evaluation; never changes "
+         "the encoder; off when the training images have no labels", group="evaluation", role="run"),
 
     Flag("recipe", "seed", "preset: seed (the original tool's: Adam 1e-3, constant), paper (LARS, lr 1.0 x B/256, "
          "10 warm-up epochs, cosine, head 2048), supcon (SupContrast's CIFAR recipe) or simclrv2 (paper + a "
@@ -366,7 +369,7 @@ def derive(values: dict) -> dict:
 
 # Run-defining flags added after checkpoints were first written: the value an older checkpoint, which
 # lacks the key, was trained with (not today's default).
-LEGACY_VALUES = dict(bn_stats="joint", loss="ntxent", proj_layers=2)
+LEGACY_VALUES = dict(bn_stats="joint", loss="ntxent", proj_layers=2, online_probe=False)
 
 
 def resume_values(flags: Iterable[Flag], explicit: dict, saved: dict, source: str,
