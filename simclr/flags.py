@@ -183,7 +183,8 @@ def _shared() -> dict[str, Flag]:
         Flag("arch", "resnet50", "encoder", str, ARCHS, "model and loss", "run"),
         Flag("stem", "cifar", "first layer: cifar (3x3 conv, no max-pool) or imagenet (7x7/2 conv + max-pool)",
              str, STEMS, "model and loss", "run"),
-        Flag("dataset", "cifar10", "data set; folder reads DATA_ROOT/train/<class>/* and DATA_ROOT/test/<class>/*",
+        Flag("dataset", "cifar10", "data set; folder reads DATA_ROOT/train/<class>/* and DATA_ROOT/test/<class>/*, "
+             "and images without classes at any depth of DATA_ROOT/unlabeled/",
              str, DATASETS, "data", "run"),
         Flag("data_root", "data", "where the data set is (downloaded to, for torchvision sets)", str, group="data"),
         Flag("image_size", None, "image side; None means the data set's (32; stl10: 96)", int, group="data",

@@ -145,7 +145,7 @@ class Pretraining:
                 say(f"tensorboard: event files in {logdir} (tensorboard --logdir {os.path.dirname(logdir) or '.'})")
         try:
             if cfg.knn_at_start and self.evaluates and not state.history and state.start_step == 0:
-                figures = self.evaluate()
+                figures = {**self.evaluate(), "probe_acc@1": None, "probe_acc@5": None}  # no probe trained yet
                 state.history.append({"epoch": 0, **figures})
                 say(f"untrained encoder: kNN top-1 {figures['test_acc@1']:.2f}% top-5 {figures['test_acc@5']:.2f}%")
                 log_row(state, state.history[-1])
@@ -280,7 +280,8 @@ class OnlineProbe:
     """
 
     def __init__(self, width: int, num_classes: int, device: torch.device, world: World):
-        self.linear = torch.nn.Linear(width, num_classes).to(device)
+        # built on the meta device, so its default random initialisation never runs
+        self.linear = torch.nn.Linear(width, num_classes, device="meta").to_empty(device=device)
         torch.nn.init.zeros_(self.linear.weight)
         torch.nn.init.zeros_(self.linear.bias)
         self.optimizer = torch.optim.Adam(self.linear.parameters(), lr=PROBE_LR)
@@ -348,6 +349,9 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
     if cfg.batch_size > n_train:
         raise UserError(f"--batch_size {cfg.batch_size} is larger than the {n_train} training images; "
                         f"use --batch_size {n_train} or less")
+    if cfg.loss == "supcon" and not (bundle.train.labels >= 0).any():
+        raise UserError(f"--loss supcon needs labels, and none of the {n_train} training images of {cfg.data_root} "
+                        f"has one; use --loss ntxent or dcl")
     if n_bank == 0 and len(bundle.test) == 0:  # a folder of unlabeled/ only
         say(f"note: {cfg.data_root} holds unlabeled images only: training without evaluation (empty accuracy "
             f"columns; NAME_model.pth is the last epoch's weights); evaluate them with linear.py --data_root "
@@ -357,9 +361,6 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
         raise UserError(f"--k {cfg.k} is larger than the {n_bank} images of the kNN bank; use --k {n_bank} or less")
     if len(bundle.test) == 0:
         raise UserError(f"the test split of {cfg.data_root} has no images")
-    if cfg.loss == "supcon" and not (bundle.train.labels >= 0).any():
-        raise UserError(f"--loss supcon needs labels, and none of the {n_train} training images of {cfg.data_root} "
-                        f"has one; use --loss ntxent or dcl")
     return bundle
 
 

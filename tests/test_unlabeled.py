@@ -194,7 +194,9 @@ def test_a_checkpoint_from_before_the_probe_resumes_with_it_off(tiny_folder, tmp
 def test_unlabeled_views_never_reach_the_probe():
     world = World()
     h = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))  # 2b = 8 views of b = 4 images
+    before = torch.get_rng_state()
     mixed = pretrain.OnlineProbe(5, 3, torch.device("cpu"), world)
+    assert torch.equal(before, torch.get_rng_state())  # built without drawing from the run's generator
     mixed.step(h, torch.tensor([2, -1, 0, -1]))
     only = pretrain.OnlineProbe(5, 3, torch.device("cpu"), world)
     keep = torch.tensor([0, 2, 4, 6])
