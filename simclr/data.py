@@ -108,6 +108,14 @@ def load_dataset(name: str, root: str, image_size: int | None = None, download: 
     return _load_folder(root, size, cache_dir, log)
 
 
+def require_labeled(bundle: DataBundle, root: str) -> DataBundle:
+    """The bundle, if it has labeled training and test images (an evaluation needs both); else a DataError."""
+    if len(bundle.memory) == 0 or len(bundle.test) == 0:
+        raise DataError(f'{_shown(root)} has no labeled train/<class>/ or no test/<class>/ images (unlabeled/ alone '
+                        f'cannot be evaluated on): pass --data_root a folder with both')
+    return bundle
+
+
 def subset(images: ImageSet, n: int | None, seed: int) -> ImageSet:
     """A fixed random subset of n images (all when n is None or not smaller)."""
     if n is None or n >= len(images.labels):

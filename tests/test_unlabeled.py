@@ -8,8 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+import embed
+import finetune
 import linear
 import main
+import neighbors
 from conftest import tiny_run_args, write_folder
 from simclr import pretrain
 from simclr.cli import DataError
@@ -122,13 +125,18 @@ def test_unlabeled_only_trains_without_evaluation_and_keeps_the_last_weights(tmp
     last = torch.load(results / "u_last.pth", weights_only=True)["model"]
     assert model.keys() == last.keys() and all(torch.equal(model[k], last[k]) for k in model)
     # its evaluations need labeled data, named on the command line
-    argv = ["--model_path", str(results / "u_model.pth"), "--epochs", "1", "--device", "cpu",
-            "--results_dir", str(tmp_path / "lin")]
-    assert linear.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unlabeled images only" in err[0] and "--data_root" in err[0], err
-    assert not (tmp_path / "lin").exists()
-    assert linear.main([*argv, "--data_root", str(tiny_folder)]) == 0
+    out = tmp_path / "out"
+    weights = ["--model_path", str(results / "u_model.pth"), "--device", "cpu"]
+    scripts = [(linear, ["--epochs", "1", "--results_dir", str(out)]),
+               (finetune, ["--epochs", "1", "--label_fraction", "0.5", "--results_dir", str(out)]),
+               (neighbors, ["--out", str(out / "n.png")]), (embed, ["--method", "pca", "--out", str(out / "e.png")])]
+    for script, extra in scripts:
+        for data, needle in (([], "unlabeled images only"), (["--data_root", str(root)], "no labeled train")):
+            assert script.main([*weights, *extra, *data]) == 2, (script, data)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and needle in err[0] and "--data_root" in err[0], (script, err)
+            assert not out.exists()
+    assert linear.main([*weights, *scripts[0][1], "--data_root", str(tiny_folder)]) == 0
 
 
 # ----------------------------------------------------------------------------- the online probe
