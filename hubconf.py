@@ -36,7 +36,9 @@ def _build(arch: str, weights: str | None, encoder_only: bool, sizes: dict):
     else:
         net, config = _checkpoint.open_run(weights)
         if config["arch"] != arch:
-            raise _UserError(f"{weights} holds a {config['arch']} (says {_checkpoint.config_path_for(weights)}), "
+            says = ("as the original tool's weights always do" if config.get("original_tool")
+                    else f"says {_checkpoint.config_path_for(weights)}")
+            raise _UserError(f"{weights} holds a {config['arch']} ({says}), "
                              f"not a {arch}; load it with the {config['arch']} entry point")
     return net.f if encoder_only else net
 

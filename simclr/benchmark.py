@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .augment import AugmentConfig, normalize, pil_transform, two_views
 from .cli import UserError
 from .data import CHANNEL_STATS
+from .distributed import World
 from .encoders import ENCODERS
 from .engine import apply_gradients, bf16_peak_tflops, count_macs, make_runtime, mix_seed, train_step, usable_cores
 from .files import atomic_write_text
@@ -28,6 +29,7 @@ from .flags import TRAIN_DEFAULTS
 from .knn import forward_in_batches, knn_accuracy
 from .model import SimCLR, per_view_batchnorm
 from .optim import build_optimizer, set_lr
+from .pretrain import OnlineProbe
 
 # CIFAR-10 channel statistics: the exact values only matter for realism, not speed.
 CIFAR_MEAN, CIFAR_STD = CHANNEL_STATS["cifar10"]
@@ -40,6 +42,7 @@ TARGET_STEP_RATIO = 1.3
 TARGET_EPOCH_SECONDS = {("resnet50", 1024): 3.0, ("resnet18", 1024): 1.5}
 TARGET_DATA_SHARE = 0.05
 TARGET_PER_VIEW_OVERHEAD = 1.05  # --bn_stats per_view step time / joint step time
+TARGET_PROBE_OVERHEAD = 1.02  # step with the online probe / step without
 
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 
@@ -317,6 +320,61 @@ def report_bn_stats(bn: dict) -> list[str]:
             f"{verdict(bn['ratio'] <= TARGET_PER_VIEW_OVERHEAD)}"]
 
 
+# ----------------------------------------------------------------------------- online probe section
+
+def probe_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: int, device: torch.device,
+                  warmup: int, steps: int, num_classes: int = 10) -> dict:
+    """Seconds per main.py step without and with --online_probe (train_step, then the probe's step on the
+    detached h): same weights and views, interleaved in alternating order, as in the BatchNorm section."""
+    torch.manual_seed(0)
+    plain = default_model(arch).to(device).to(memory_format=torch.channels_last)
+    probed = copy.deepcopy(plain)
+    runtime = make_runtime(device, "auto", True)
+    generator = torch.Generator(device=device).manual_seed(0)
+    data = images.to(device)
+    views = [two_views(data[i * batch:(i + 1) * batch], cfg, generator) for i in range(max(1, data.shape[0] // batch))]
+    labels = torch.randint(0, num_classes, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
+    probe = OnlineProbe(probed.feature_width, num_classes, device, World())
+
+    def timed_step(net: torch.nn.Module, with_probe: bool) -> Callable[[int], None]:
+        optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
+
+        def run(i: int) -> None:
+            if with_probe:
+                _, h = train_step(net, optimizer, views[i % len(views)], TEMPERATURE, runtime, features=True)
+                probe.step(h, labels)
+            else:
+                train_step(net, optimizer, views[i % len(views)], TEMPERATURE, runtime)
+            sync(device)
+        return run
+
+    runs = {"off": timed_step(plain, False), "on": timed_step(probed, True)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(warmup + steps):
+        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+            t0 = time.perf_counter()
+            runs[name](i)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    off_s, on_s = median(times["off"]), median(times["on"])
+    paired = median([a / b for a, b in zip(times["on"], times["off"])])
+    return {"arch": arch, "batch_size": batch, "image_size": cfg.image_size, "precision": runtime.precision,
+            "steps": steps, "off_seconds_per_step": off_s, "on_seconds_per_step": on_s, "ratio": on_s / off_s,
+            "paired_ratio": paired}
+
+
+def report_probe(pr: dict) -> list[str]:
+    """Print the probe's cost table; returns target lines."""
+    rows = [("step --no-online_probe", pr["off_seconds_per_step"], "s/step"),
+            ("step --online_probe", pr["on_seconds_per_step"], "s/step"),
+            ("step ratio probe on/off", pr["ratio"], "x (of the medians)"),
+            ("step ratio probe on/off, paired", pr["paired_ratio"], "x (median of each iteration's ratio)")]
+    print_table(f"online probe ({pr['arch']}, batch {pr['batch_size']}, {pr['image_size']}px, "
+                f"{pr['precision']}, median of {pr['steps']} steps)", rows)
+    return [f"online probe step <= {TARGET_PROBE_OVERHEAD:g}x the step: {pr['paired_ratio']:.3f}x (paired), "
+            f"{verdict(pr['paired_ratio'] <= TARGET_PROBE_OVERHEAD)}"]
+
+
 # ----------------------------------------------------------------------------- GPU epoch section
 
 class StepTimer:
@@ -567,6 +625,9 @@ def measure(args) -> dict:
 
     record["bn_stats"] = bn_stats_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["bn_steps"])
     targets += report_bn_stats(record["bn_stats"])
+
+    record["online_probe"] = probe_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["bn_steps"])
+    targets += report_probe(record["online_probe"])
 
     if device.type == "cuda":
         batches = (512, 1024) if args.batch_size is None else (args.batch_size,)

@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import random
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -65,7 +66,8 @@ def is_training_checkpoint(obj) -> bool:
 
 
 def model_state(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor (encoder `f.*` and head `g.*`) of a NAME_model.pth or NAME_last.pth of main.py."""
+    """Every tensor (encoder `f.*` and head `g.*`) of a NAME_model.pth or NAME_last.pth of main.py, or of
+    the original tool's *_model.pth with its keys renamed to ours."""
     obj = load_untrusted(path)
     if is_training_checkpoint(obj):
         obj = obj["model"]
@@ -76,7 +78,71 @@ def model_state(path: str) -> dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise UserError(f"{path} is not a SimCLR state_dict: {bad[0]} is not a tensor")
+    if is_original_tool(obj):
+        original_tool_config(obj, path)  # its head must fit before anything is built from it
+        obj = from_original_tool(obj)
     return obj
+
+
+# ----------------------------------------------------------------------------- the original tool's files
+
+# The original tool (leftthomas/SimCLR) saves its Model's state_dict: f = nn.Sequential(conv1, bn1, relu,
+# layer1..layer4, avgpool) of a torchvision ResNet-50 (3x3 stride-1 conv1, no max-pool, no fc), so its
+# encoder keys are numbered children; its head g (Linear 2048->512 no bias, BatchNorm1d, ReLU, Linear) is ours.
+ORIGINAL_ENCODER_KEYS = {"f.0.": "f.conv1.", "f.1.": "f.bn1.", "f.3.": "f.layer1.", "f.4.": "f.layer2.",
+                         "f.5.": "f.layer3.", "f.6.": "f.layer4."}
+# Its CIFAR-10 normalisation (utils.py of the original tool), which differs from the data set's true std
+ORIGINAL_MEAN, ORIGINAL_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+_announced: set[str] = set()
+
+
+def is_original_tool(state: dict) -> bool:
+    """True for a state_dict with the original tool's numbered encoder keys (f.0.weight conv1, f.3.* layer1)."""
+    return "f.0.weight" in state and any(k.startswith("f.3.") for k in state) and "f.conv1.weight" not in state
+
+
+def from_original_tool(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The original tool's keys renamed to ours (f.0 -> f.conv1, f.1 -> f.bn1, f.3..f.6 -> f.layer1..4);
+    other keys (the head g.*, and any that fit nothing) are kept as they are, for load_strict to judge."""
+    def rename(key: str) -> str:
+        for old, new in ORIGINAL_ENCODER_KEYS.items():
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+    return {rename(k): v for k, v in state.items()}
+
+
+def original_tool_config(state: dict[str, torch.Tensor], path: str) -> dict:
+    """The run config the original tool's weights imply: ResNet-50, CIFAR stem, its 2-layer head with
+    feature_dim read from g.3, CIFAR-10 with its normalisation. A head that does not fit is a UserError."""
+    w0, w3, b3 = state.get("g.0.weight"), state.get("g.3.weight"), state.get("g.3.bias")
+    ok = (isinstance(w0, torch.Tensor) and w0.dim() == 2 and w0.shape[1] == 2048 and "g.0.bias" not in state
+          and isinstance(w3, torch.Tensor) and w3.dim() == 2 and w3.shape[1] == w0.shape[0]
+          and isinstance(b3, torch.Tensor) and b3.shape == w3.shape[:1]
+          and all(isinstance(state.get(f"g.1.{k}"), torch.Tensor) and state[f"g.1.{k}"].shape == w0.shape[:1]
+                  for k in ("weight", "bias", "running_mean", "running_var")))
+    if not ok:
+        shapes = {k: tuple(v.shape) for k, v in state.items() if k.startswith("g.") and isinstance(v, torch.Tensor)}
+        raise UserError(f"{path} has the original tool's encoder keys but a head that does not fit its "
+                        f"Linear(2048, H, bias=False), BatchNorm1d(H), ReLU, Linear(H, D) (found {shapes or 'none'})")
+    return {"arch": "resnet50", "stem": "cifar", "feature_dim": int(w3.shape[0]), "proj_hidden_dim": int(w0.shape[0]),
+            "proj_layers": 2, "dataset": "cifar10", "data_root": "data", "image_size": 32,
+            "mean": list(ORIGINAL_MEAN), "std": list(ORIGINAL_STD), "num_classes": 10, "original_tool": True}
+
+
+def original_run_config(path: str) -> dict | None:
+    """The implied run config of the original tool's weights at path (announced once, on stderr), else None."""
+    obj = load_untrusted(path)
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj) or not is_original_tool(obj):
+        return None
+    saved = original_tool_config(obj, path)
+    if os.path.abspath(path) not in _announced:
+        _announced.add(os.path.abspath(path))
+        print(f"{path}: the original tool's weights, no run config beside them: assuming ResNet-50, CIFAR stem, head "
+              f"2048-{saved['proj_hidden_dim']}-{saved['feature_dim']}, CIFAR-10 in data/ normalised with mean "
+              f"{ORIGINAL_MEAN} std {ORIGINAL_STD} (--dataset, --data_root choose other data)", file=sys.stderr,
+              flush=True)
+    return saved
 
 
 def encoder_state(path: str) -> dict[str, torch.Tensor]:
@@ -151,10 +217,18 @@ def data_location(config: dict, dataset: str | None = None, data_root: str | Non
     The config's cache folder holds the decoded images of the config's data folder; another data
     folder (a copy elsewhere, the full set instead of a subset) keeps its own cache.
     """
+    require_labeled(config, dataset, data_root)
     name, root = dataset or config["dataset"], data_root or config["data_root"]
     same = name == config["dataset"] and os.path.abspath(root) == os.path.abspath(config["data_root"])
     return dict(name=name, root=root, image_size=image_size or config["image_size"],
                 cache_dir=config.get("cache_dir") if same else None)
+
+
+def require_labeled(saved: dict, dataset: str | None, data_root: str | None) -> None:
+    """Refuse to evaluate a run of an unlabeled-only folder on its own data: it has no classes to score."""
+    if saved.get("num_classes") == 0 and dataset is None and data_root is None:
+        raise UserError(f"the run trained on unlabeled images only ({saved.get('data_root')}/unlabeled/), which "
+                        f"have no classes: pass --data_root a folder with train/<class>/ and test/<class>/")
 
 
 HEAD_KEYS = ("feature_dim", "proj_hidden_dim", "proj_layers")
@@ -194,12 +268,13 @@ def open_run(weights: str, config_path: str | None = None, arch: str | None = No
     must fit the model exactly: encoder and head, or with encoder_only the encoder's alone (the
     head keeps its initialisation: for callers that use only h). Every bad input is a one-line UserError.
     """
+    if saved is None and config_path is None and not os.path.isfile(config_path_for(weights)):
+        saved = original_run_config(weights)
+        if saved is None:
+            raise UserError(f"no run config {config_path_for(weights)} beside {weights}: it says which model the "
+                            f"weights fit")
     if saved is None:
-        if config_path is None:
-            config_path = config_path_for(weights)
-            if not os.path.isfile(config_path):
-                raise UserError(f"no run config {config_path} beside {weights}: it says which model the weights fit")
-        saved = read_run_config(config_path)
+        saved = read_run_config(config_path or config_path_for(weights))
     source = config_path or "the run config"
     missing = [key for key in needs if key not in saved]
     if missing:
@@ -235,6 +310,9 @@ def find_run_config(model_path: str | None, config: str | None, arch: str | None
     if path is None and model_path is not None:
         path = config_path_for(model_path)
         if not os.path.isfile(path):
+            original = original_run_config(model_path) if os.path.isfile(model_path) else None
+            if original is not None:
+                return original
             if arch is not None and dataset is not None:
                 return {}
             raise UserError(f"no run config {path} next to the weights: pass --config, or --arch and --dataset "
@@ -254,13 +332,16 @@ def resolve_encoder(saved: dict, arch: str | None = None, stem: str | None = Non
     def pick(key: str, flag, default=None):
         return flag if flag is not None else saved.get(key, default)
 
+    require_labeled(saved, dataset, data_root)
     arch, dataset, stem = pick("arch", arch), pick("dataset", dataset), pick("stem", stem, "cifar")
     if arch is None or dataset is None:
         raise UserError("the run config names no arch or dataset: pass --arch and --dataset")
     if arch not in ARCHS or stem not in STEMS or not isinstance(dataset, str):
         raise UserError(f"the run config has arch {arch!r}, stem {stem!r}, dataset {dataset!r}; "
                         f"override them with --arch, --stem, --dataset")
-    same_data = dataset == saved.get("dataset") and data_root in (None, saved.get("data_root"))
+    # the original tool's weights carry no data folder: its normalisation holds for CIFAR-10 wherever it is
+    same_data = dataset == saved.get("dataset") and (data_root in (None, saved.get("data_root"))
+                                                     or saved.get("original_tool") is True)
     mean, std = saved.get("mean"), saved.get("std")
     usable = same_data and isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3
     # the run's cache folder holds the run's data folder; another data folder keeps its own cache
@@ -376,7 +457,7 @@ def save_training_checkpoint(path: str, *, model: nn.Module, optimizer: torch.op
         "scaler": scaler.state_dict() if scaler is not None else {},
         "epoch": epoch, "step_in_epoch": step, "epoch_loss_sum": loss_sum, "epoch_seconds": seconds,
         "best_acc": best_acc, "history": list(history), "rng": rng_state(), "config": dict(config),
-        **(extra or {}),
+        **_to_cpu(extra or {}),
     }, path)
 
 

@@ -108,6 +108,14 @@ def load_dataset(name: str, root: str, image_size: int | None = None, download: 
     return _load_folder(root, size, cache_dir, log)
 
 
+def require_labeled(bundle: DataBundle, root: str) -> DataBundle:
+    """The bundle, if it has labeled training and test images (an evaluation needs both); else a DataError."""
+    if len(bundle.memory) == 0 or len(bundle.test) == 0:
+        raise DataError(f'{_shown(root)} has no labeled train/<class>/ or no test/<class>/ images (unlabeled/ alone '
+                        f'cannot be evaluated on): pass --data_root a folder with both')
+    return bundle
+
+
 def subset(images: ImageSet, n: int | None, seed: int) -> ImageSet:
     """A fixed random subset of n images (all when n is None or not smaller)."""
     if n is None or n >= len(images.labels):
@@ -276,7 +284,7 @@ def _load_stl10(root: str, size: int, download: bool, log: Callable[[str], Any])
 class _Scan:
     paths: list[str]          # absolute image paths, class-major, sorted
     labels: np.ndarray        # int64 (len(paths),)
-    skipped: list[str]        # 'relative path (reason)' of entries that are not images to decode
+    skipped: list[str]        # 'path relative to the data root (reason)' of entries that are not images to decode
     fingerprint: str          # hash of (relative path, size, mtime, ctime, inode) of every file seen
 
 
@@ -333,20 +341,22 @@ def _walk_files(top: str) -> Iterator[tuple[str, os.stat_result | None, str | No
     yield from walk(top)
 
 
-def _scan_split(split_dir: str, classes: list[str]) -> _Scan:
-    """List every file under split_dir/<class>/ (recursively) and fingerprint them; DataError on an image-less class."""
+def _scan_split(split_dir: str, classes: list[str], unlabeled_dir: str | None = None) -> _Scan:
+    """List every file under split_dir/<class>/ (recursively), then with unlabeled_dir every file at any depth
+    below it (label -1), and fingerprint them; DataError on an image-less class or unlabeled folder."""
     paths: list[str] = []
     labels: list[int] = []
     skipped: list[str] = []
     digest = hashlib.sha256()
     split_name = os.path.basename(os.path.normpath(split_dir))
     prefix_len = len(os.path.join(split_dir, ''))  # os.path.relpath is slow over 50k files
+    root_len = len(os.path.join(os.path.dirname(split_dir), ''))
     for index, cls in enumerate(classes):
         n_files = n_images = 0
         for full, st, problem in _walk_files(os.path.join(split_dir, cls)):
             rel = full[prefix_len:]
             if problem is not None:
-                skipped.append(f'{_shown_path(rel)} ({problem})')
+                skipped.append(f'{_shown_path(full[root_len:])} ({problem})')
                 continue
             # ctime and inode change on every edit or replacement, even when size and mtime are put back
             digest.update(os.fsencode(rel) + f'\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n'.encode())
@@ -356,12 +366,30 @@ def _scan_split(split_dir: str, classes: list[str]) -> _Scan:
                 labels.append(index)
                 n_images += 1
             else:
-                skipped.append(f'{_shown_path(rel)} (not an image file)')
+                skipped.append(f'{_shown_path(full[root_len:])} (not an image file)')
         if n_files == 0:
             raise DataError(f'class folder {split_name}/{cls} in {split_dir} is empty: add images or remove the folder')
         if n_images == 0:
             raise DataError(f'class folder {split_name}/{cls} in {split_dir} has no image files '
                             f'({", ".join(IMAGE_EXTENSIONS)}): add images or remove the folder')
+    if unlabeled_dir is not None:
+        unlabeled_len = len(os.path.join(os.path.dirname(unlabeled_dir), ''))
+        n_images = 0
+        for full, st, problem in _walk_files(unlabeled_dir):
+            rel = full[unlabeled_len:]  # 'unlabeled/...': apart from every class folder's files
+            if problem is not None:
+                skipped.append(f'{_shown_path(rel)} ({problem})')
+                continue
+            digest.update(b'\0u\0' + os.fsencode(rel) + f'\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n'.encode())
+            if full.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(full)
+                labels.append(-1)
+                n_images += 1
+            else:
+                skipped.append(f'{_shown_path(rel)} (not an image file)')
+        if n_images == 0:
+            raise DataError(f'{unlabeled_dir} has no image files ({", ".join(IMAGE_EXTENSIONS)}) at any depth: '
+                            f'add images or remove the folder')
     return _Scan(paths, np.asarray(labels, dtype=np.int64), skipped, digest.hexdigest())
 
 
@@ -466,14 +494,15 @@ def _manifest_path(directory: str, stem: str) -> str:
 
 
 def _read_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Scan,
-                classes: list[str]) -> tuple[ImageSet, dict] | None:
+                classes: list[str], unlabeled_dir: str | None = None) -> tuple[ImageSet, dict] | None:
     """Load a valid cache (images memory-mapped, uint8 (N, S, S, 3)) or None if absent/stale/broken."""
     try:
         with open(_manifest_path(directory, stem)) as f:
             man = json.load(f)
         if (man.get('version') != _CACHE_VERSION or man.get('image_size') != size
                 or man.get('fingerprint') != scan.fingerprint or man.get('classes') != classes
-                or man.get('split_dir') != os.path.abspath(split_dir)):
+                or man.get('split_dir') != os.path.abspath(split_dir)
+                or man.get('unlabeled_dir') != (unlabeled_dir and os.path.abspath(unlabeled_dir))):
             return None
         count = int(man['count'])
         # mode='c' (copy-on-write) gives a writable array, so torch.from_numpy does not warn;
@@ -517,7 +546,7 @@ def _reserve(path: str, directory: str) -> None:
 
 
 def _build_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Scan, classes: list[str],
-                 log: Callable[[str], Any]) -> dict:
+                 log: Callable[[str], Any], unlabeled_dir: str | None = None) -> dict:
     """Decode every image of scan into directory/<stem>-<token>.npy (+ labels, manifest); return the manifest."""
     token = uuid.uuid4().hex[:12]
     images_name, labels_name = f'{stem}-{token}.npy', f'{stem}-{token}-labels.npy'
@@ -528,7 +557,7 @@ def _build_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Sc
         _reserve(tmp, directory)  # a full disk under a memory map is a bus error, not an exception
         count, keep, skipped, mean, std = _decode_into(out, scan, split_dir, log)
         labels = scan.labels[keep]
-        _check_decoded(split_dir, classes, labels, std)
+        _check_decoded(split_dir, classes, labels, std, unlabeled_dir)
         out.flush()
         checksum = _checksum(out[:count])
         del out
@@ -542,6 +571,8 @@ def _build_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Sc
            'fingerprint': scan.fingerprint, 'classes': classes, 'count': count,
            'images': images_name, 'labels': labels_name, 'mean': mean.tolist(), 'std': std.tolist(),
            'skipped': skipped, 'checksum': checksum, 'labels_checksum': _checksum(labels)}
+    if unlabeled_dir is not None:  # absent otherwise: caches written before unlabeled folders stay valid
+        man['unlabeled_dir'] = os.path.abspath(unlabeled_dir)
     # The manifest is written last: until it is replaced, readers see the previous complete cache.
     atomic_write(_manifest_path(directory, stem), lambda f: f.write(json.dumps(man, indent=1).encode()))
     for name in os.listdir(directory):  # drop files of earlier builds of this split/size
@@ -558,6 +589,7 @@ def _decode_into(out: np.ndarray, scan: _Scan, split_dir: str,
     Returns (images decoded, keep mask (N,), skipped lines, mean (3,), std (3,) of the [0, 1] pixels)."""
     keep = np.ones(len(scan.paths), dtype=bool)
     skipped = list(scan.skipped)
+    root = os.path.dirname(split_dir)
     # Exact integer sums (255**2 fits uint16), converted to float64 at the end.
     s1 = np.zeros(3, dtype=np.int64)
     s2 = np.zeros(3, dtype=np.int64)
@@ -570,11 +602,11 @@ def _decode_into(out: np.ndarray, scan: _Scan, split_dir: str,
         s2 += (flat.astype(np.uint16) ** 2).sum(axis=0, dtype=np.int64)
         for i, reason in failed:
             keep[start + i] = False
-            skipped.append(f'{_shown_path(os.path.relpath(scan.paths[start + i], split_dir))} ({reason})')
+            skipped.append(f'{_shown_path(os.path.relpath(scan.paths[start + i], root or "."))} ({reason})')
         start += k + len(failed)
         cursor += k
     for line in skipped:
-        log(f'skipped {os.path.join(split_dir, line)}')
+        log(f'skipped {os.path.join(root, line)}')
     if cursor == 0:
         raise DataError(f'no readable images in {split_dir}: every file failed to decode (see the lines above)')
     pixels = cursor * out.shape[1] * out.shape[2]
@@ -583,9 +615,14 @@ def _decode_into(out: np.ndarray, scan: _Scan, split_dir: str,
     return cursor, keep, skipped, mean, std
 
 
-def _check_decoded(split_dir: str, classes: list[str], labels: np.ndarray, std: np.ndarray) -> None:
-    """Refuse a split with a class left without images, or with no variation to normalise by."""
-    empty = [classes[c] for c in np.flatnonzero(np.bincount(labels, minlength=len(classes)) == 0)]
+def _check_decoded(split_dir: str, classes: list[str], labels: np.ndarray, std: np.ndarray,
+                   unlabeled_dir: str | None = None) -> None:
+    """Refuse a split with a class left without images, an unlabeled folder without one, or no variation to
+    normalise by."""
+    if unlabeled_dir is not None and not (labels < 0).any():
+        raise DataError(f'no image in {unlabeled_dir} decodes (see the lines above): add readable images or '
+                        f'remove the folder')
+    empty = [classes[c] for c in np.flatnonzero(np.bincount(labels[labels >= 0], minlength=len(classes)) == 0)]
     if empty:
         raise DataError(f'class folder {empty[0]} in {split_dir} has no image that decodes (see the lines above): '
                         f'add readable images or remove the folder')
@@ -610,41 +647,50 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _folder_split(split_dir: str, size: int, cache_dir: str | None,
-                  log: Callable[[str], Any]) -> tuple[ImageSet, list[str], tuple[float, ...], tuple[float, ...]]:
-    """One split of a folder data set: (images uint8 (N, S, S, 3), classes, mean (3,), std (3,)), via the cache."""
+def _folder_split(split_dir: str, size: int, cache_dir: str | None, log: Callable[[str], Any],
+                  unlabeled_dir: str | None = None) -> tuple[ImageSet, list[str], tuple[float, ...], tuple[float, ...]]:
+    """One split of a folder data set: (images uint8 (N, S, S, 3), classes, mean (3,), std (3,)), via the cache.
+
+    unlabeled_dir: its images (label -1) come after split_dir's labeled ones, in the same cache; split_dir
+    may be unlabeled_dir itself (no classes)."""
     if not os.path.isdir(split_dir):
         raise DataError(f'{split_dir} is not a folder: expected {split_dir}/<class>/<images>')
-    classes = _list_classes(split_dir)
-    if not classes:
+    classes = [] if split_dir == unlabeled_dir else _list_classes(split_dir)
+    if not classes and split_dir != unlabeled_dir:
         raise DataError(f'{split_dir} has no class folders: expected {split_dir}/<class>/<images>')
-    scan = _scan_split(split_dir, classes)
+    scan = _scan_split(split_dir, classes, unlabeled_dir)
     split_name = os.path.basename(os.path.normpath(split_dir))
-    stem = f'{split_name}-{size}px'
+    both = unlabeled_dir is not None and split_dir != unlabeled_dir
+    stem = f'{split_name}+unlabeled-{size}px' if both else f'{split_name}-{size}px'
+    what = f'{split_dir} and {unlabeled_dir}' if both else split_dir
     candidates = _cache_candidates(split_dir, cache_dir)
     for directory in candidates:
-        found = _read_cache(directory, stem, split_dir, size, scan, classes)
+        found = _read_cache(directory, stem, split_dir, size, scan, classes, unlabeled_dir)
         if found is not None:
             images, man = found
             note = f', {len(man["skipped"])} files were skipped' if man['skipped'] else ''
-            log(f'using cached {split_dir} ({len(images)} images, {size}x{size}{note}) from {directory}')
+            log(f'using cached {what} ({len(images)} images, {size}x{size}{note}) from {directory}')
             return images, classes, tuple(man['mean']), tuple(man['std'])
     directory = next((d for d in candidates if _dir_writable(d)), None)
     if directory is None:
-        raise DataError(f'cannot write an image cache for {split_dir} in {" or ".join(candidates)}: '
+        raise DataError(f'cannot write an image cache for {what} in {" or ".join(candidates)}: '
                         f'pass a writable cache_dir')
     os.makedirs(directory, exist_ok=True)
-    log(f'decoding {len(scan.paths)} images of {split_dir} into cache {directory} ...')
+    log(f'decoding {len(scan.paths)} images of {what} into cache {directory} ...')
     with _sigterm_raises():
-        man = _build_cache(directory, stem, split_dir, size, scan, classes, log)
-    found = _read_cache(directory, stem, split_dir, size, scan, classes)
+        man = _build_cache(directory, stem, split_dir, size, scan, classes, log, unlabeled_dir)
+    found = _read_cache(directory, stem, split_dir, size, scan, classes, unlabeled_dir)
     if found is None:  # only if the folder changed while we were decoding it
-        raise DataError(f'{split_dir} changed while its cache was being built: run again')
+        raise DataError(f'{what} changed while its cache was being built: run again')
     return found[0], classes, tuple(man['mean']), tuple(man['std'])
 
 
 def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str], Any]) -> DataBundle:
-    """ImageFolder-style root/{train,test}/<class>/*; memory = train (same object), mean/std from train."""
+    """ImageFolder-style root/{train,test}/<class>/*; memory = train (same object), mean/std from train.
+
+    With root/unlabeled/ (images at any depth, STL-10's name): train = train/ + unlabeled/ (label -1), one
+    cache, labeled rows first, memory = those rows (a view), mean/std of both. With root/unlabeled/ alone:
+    train = its images, memory and test empty, no classes: a run without evaluation."""
     if os.path.exists(root) and not os.path.isdir(root):
         raise DataError(f'data folder {root} is a file, not a folder: pass the folder that holds train/ and test/')
     if not os.path.isdir(root):
@@ -652,9 +698,18 @@ def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str
                         f'and {_shown(root)}test/<class>/*.jpg or pass the right path')
     split_dirs = {s: os.path.join(root, s) for s in ('train', 'test')}
     missing = [s + '/' for s, d in split_dirs.items() if not os.path.isdir(d)]
+    unlabeled_dir = os.path.join(root, 'unlabeled')
+    if not os.path.isdir(unlabeled_dir):
+        unlabeled_dir = None
+    as3 = lambda v: (float(v[0]), float(v[1]), float(v[2]))  # noqa: E731
+    if unlabeled_dir is not None and len(missing) == 2:
+        train, _, mean, std = _folder_split(unlabeled_dir, size, cache_dir, log, unlabeled_dir)
+        none = ImageSet(torch.zeros((0, size, size, 3), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+        return DataBundle('folder', train, none, none, [], as3(mean), as3(std), size)
     if missing:
         raise DataError(f'{_shown(root)} has no {" or ".join(missing)} folder: expected '
-                        f'{_shown(root)}train/<class>/* and {_shown(root)}test/<class>/*')
+                        f'{_shown(root)}train/<class>/* and {_shown(root)}test/<class>/*'
+                        + (' (or unlabeled/ alone)' if unlabeled_dir is not None else ''))
     train_classes, test_classes = (_list_classes(d) for d in split_dirs.values())
     if train_classes != test_classes:
         only_train = sorted(set(train_classes) - set(test_classes))
@@ -662,7 +717,10 @@ def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str
         raise DataError(f'class folders differ between {_shown(root)}train/ and test/: '
                         f'only in train: {", ".join(only_train) or "-"}; only in test: {", ".join(only_test) or "-"}; '
                         f'make both hold the same class folders')
-    train, classes, mean, std = _folder_split(split_dirs['train'], size, cache_dir, log)
+    train, classes, mean, std = _folder_split(split_dirs['train'], size, cache_dir, log, unlabeled_dir)
     test, _, _, _ = _folder_split(split_dirs['test'], size, cache_dir, log)
-    as3 = lambda v: (float(v[0]), float(v[1]), float(v[2]))  # noqa: E731
-    return DataBundle('folder', train, train, test, classes, as3(mean), as3(std), size)
+    memory = train
+    if unlabeled_dir is not None:  # the labeled rows come first: the bank is a view of them, never a copy
+        n_labeled = int((train.labels >= 0).sum())
+        memory = ImageSet(train.images[:n_labeled], train.labels[:n_labeled])
+    return DataBundle('folder', train, memory, test, classes, as3(mean), as3(std), size)

@@ -147,16 +147,18 @@ def mix_seed(*parts: int) -> int:
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, views: torch.Tensor, temperature: float,
                runtime: Runtime, scaler: torch.amp.GradScaler | None = None, loss: str = "ntxent",
-               ids: torch.Tensor | None = None, dcl_sigma: float | None = None) -> torch.Tensor:
+               ids: torch.Tensor | None = None, dcl_sigma: float | None = None,
+               features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One SimCLR step on views (2b, 3, S, S) = [view 1; view 2]: forward, loss, backward, optimizer step.
 
     loss: ntxent | supcon | dcl; ids: (2b,) positive id of each view (None: the two views of an
-    image). Returns the detached loss, left on the device (no sync)."""
+    image). Returns the detached loss, left on the device (no sync); with features, (loss, h) where h
+    (2b, width) are the step's encoder features, detached (what an online probe trains on)."""
     with runtime.autocast():
-        _, z = net(runtime.prepare(views))                                  # z: (2b, feature_dim)
+        h, z = net(runtime.prepare(views))                                  # h: (2b, width), z: (2b, feature_dim)
     value = global_loss(z, temperature, loss, ids, dcl_sigma)               # fp32, over the global batch
     apply_gradients(value, optimizer, scaler)
-    return value.detach()
+    return (value.detach(), h.detach()) if features else value.detach()
 
 
 def apply_gradients(loss: torch.Tensor, optimizer: torch.optim.Optimizer,

@@ -19,7 +19,7 @@ from .checkpoint import (Encoder, check_not_taken, evaluated_name, evaluation_di
                          source_id)
 from .cli import UserError
 from .curves import plot_run_or_warn
-from .data import DataBundle, ImageSet, balanced_label_indices, load_dataset
+from .data import DataBundle, ImageSet, balanced_label_indices, load_dataset, require_labeled
 from .distributed import World
 from .engine import apply_gradients, make_runtime, mix_seed, seed_everything, versions
 from .files import atomic_save_json
@@ -45,8 +45,8 @@ def run(explicit: dict) -> int:
         require_tensorboard()
     cfg, job = plan(explicit, say)  # everything the user can get wrong is refused before any file is written
     runtime = make_runtime(cfg.device, cfg.precision, cfg.channels_last, threads=cfg.threads)
-    bundle = load_dataset(job.encoder.dataset, job.encoder.data_root, job.encoder.image_size,
-                          cache_dir=job.encoder.cache_dir, log=say)
+    bundle = require_labeled(load_dataset(job.encoder.dataset, job.encoder.data_root, job.encoder.image_size,
+                                          cache_dir=job.encoder.cache_dir, log=say), job.encoder.data_root)
     labels = choose_labels(bundle, cfg)
     ft = FineTuning(cfg, job, bundle, labels, runtime, say)
     return ft.train()

@@ -207,7 +207,8 @@ def _shared() -> dict[str, Flag]:
         Flag("arch", "resnet50", "encoder", str, ARCHS, "model and loss", "run"),
         Flag("stem", "cifar", "first layer: cifar (3x3 conv, no max-pool) or imagenet (7x7/2 conv + max-pool)",
              str, STEMS, "model and loss", "run"),
-        Flag("dataset", "cifar10", "data set; folder reads DATA_ROOT/train/<class>/* and DATA_ROOT/test/<class>/*",
+        Flag("dataset", "cifar10", "data set; folder reads DATA_ROOT/train/<class>/* and DATA_ROOT/test/<class>/*, "
+             "and images without classes at any depth of DATA_ROOT/unlabeled/",
              str, DATASETS, "data", "run"),
         Flag("data_root", "data", "where the data set is (downloaded to, for torchvision sets)", str, group="data"),
         Flag("image_size", None, "image side; None means the data set's (32; stl10: 96)", int, group="data",
@@ -287,6 +288,9 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     shared("eval_batch_size", group="evaluation"),
     Flag("knn_at_start", False, "also evaluate the untrained encoder, as an epoch-0 row of the CSV",
          group="evaluation"),
+    Flag("online_probe", True, "train a linear classifier (its own Adam, lr 1e-3) on the detached encoder features "
+         "of the labeled images of every step and report its test top-1/top-5 at each evaluation; never changes "
+         "the encoder; off when the training images have no labels", group="evaluation", role="run"),
 
     Flag("recipe", "seed", "preset: seed (the original tool's: Adam 1e-3, constant), paper (LARS, lr 1.0 x B/256, "
          "10 warm-up epochs, cosine, head 2048), supcon (SupContrast's CIFAR recipe) or simclrv2 (paper + a "
@@ -390,7 +394,7 @@ def derive(values: dict) -> dict:
 
 # Run-defining flags added after checkpoints were first written: the value an older checkpoint, which
 # lacks the key, was trained with (not today's default).
-LEGACY_VALUES = dict(bn_stats="joint", loss="ntxent", proj_layers=2)
+LEGACY_VALUES = dict(bn_stats="joint", loss="ntxent", proj_layers=2, online_probe=False)
 
 
 def resume_values(flags: Iterable[Flag], explicit: dict, saved: dict, source: str,

@@ -21,7 +21,7 @@ from .checkpoint import (Encoder, check_not_taken, evaluated_name, evaluation_di
                          resolve_encoder, source_id)
 from .cli import InvalidResult, UserError
 from .curves import plot_run_or_warn
-from .data import load_dataset, subset
+from .data import load_dataset, require_labeled, subset
 from .engine import Runtime, make_runtime, mix_seed, seed_everything, versions
 from .files import atomic_save, atomic_save_json, atomic_write_csv
 from .flags import LinearConfig
@@ -158,7 +158,8 @@ def run(cfg: LinearConfig) -> int:
     enc, name, paths, trained = plan(cfg)
     runtime = make_runtime(cfg.device, cfg.precision, cfg.channels_last, threads=cfg.threads)
     model, frozen = load_encoder(cfg, enc, trained, runtime)
-    bundle = load_dataset(enc.dataset, enc.data_root, enc.image_size, cache_dir=enc.cache_dir, log=say)
+    bundle = require_labeled(load_dataset(enc.dataset, enc.data_root, enc.image_size, cache_dir=enc.cache_dir,
+                                          log=say), enc.data_root)
     train, test = subset(bundle.memory, cfg.train_subset, cfg.seed), bundle.test
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"{enc.data_root} has no labeled train or no test images for the linear probe")

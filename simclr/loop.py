@@ -65,6 +65,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)         # the CSV rows
     best: float = -1.0                 # best evaluation figure so far (main.py: kNN top-1)
     log: NoLog = field(default_factory=NoLog)                # TensorBoard, or nothing
+    extra: Callable[[], dict] = dict   # more entries of NAME_last.pth, the job's own (plain values and tensors)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -269,7 +270,7 @@ def save_last(state: RunState, epoch: int, result: EpochResult) -> None:
     save_training_checkpoint(state.paths["last.pth"], model=state.model, optimizer=state.optimizer,
                              scaler=state.scaler, config=state.config, epoch=epoch, step=result.done,
                              loss_sum=sums[0], seconds=result.seconds, best_acc=state.best, history=state.history,
-                             extra={"epoch_sums": sums})
+                             extra={**state.extra(), "epoch_sums": sums})
 
 
 def restore(state: RunState, checkpoint: dict, path: str, what: str,

@@ -11,10 +11,11 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 from .augment import AugmentConfig, normalize, pil_transform, two_views
 from .checkpoint import load_training_checkpoint, save_weights
-from .cli import UserError
+from .cli import UserError, first_line
 from .curves import plot_run_or_warn
 from .data import DataBundle, ImageSet, load_dataset, pil_view_batches, subset
 from .distributed import World, convert_batchnorm, in_turn
@@ -30,7 +31,8 @@ from .optim import Schedule, build_optimizer, scaled_lr, set_lr
 from .tblog import require_tensorboard
 
 CSV_COLUMNS = ("epoch", "train_loss", "test_acc@1", "test_acc@5", "lr", "epoch_seconds",
-               "train_images_per_second", "knn_seconds")
+               "train_images_per_second", "knn_seconds", "probe_acc@1", "probe_acc@5")
+PROBE_LR = 1e-3
 NAN_ADVICE = "try a lower --lr, more --warmup_epochs or --precision fp32"
 
 
@@ -115,13 +117,26 @@ class Pretraining:
         self.state = RunState(cfg.name, "main.py", cfg.epochs, cfg.batch_size, world, self.runtime, model, optimizer,
                               self.runtime.grad_scaler(), schedule, paths, CSV_COLUMNS, dataclasses.asdict(cfg), say,
                               NAN_ADVICE)
+        self.probe = None
+        if cfg.online_probe and self.evaluates and bool((self.bundle.train.labels >= 0).any()):
+            self.probe = OnlineProbe(model.feature_width, len(self.bundle.classes), self.runtime.device, world)
+            self.state.extra = lambda: {"online_probe": self.probe.state_dict()}
+        elif cfg.online_probe:
+            say("note: no labeled training images, so no online probe (its CSV columns stay empty)")
+
+    @property
+    def evaluates(self) -> bool:
+        """False for a folder of unlabeled images only: nothing to evaluate against."""
+        return len(self.bundle.test) > 0 and len(self.bundle.memory) > 0
 
     def train(self, checkpoint: dict | None) -> int:
         """Restore if resuming, write the config, then train epoch by epoch; returns the exit code."""
         cfg, state, say = self.cfg, self.state, self.say
         if checkpoint is not None:
-            restore(state, checkpoint, resume_path(cfg) if cfg.resume == "auto" else cfg.resume,
-                    f"{cfg.arch} SimCLR model")
+            path = resume_path(cfg) if cfg.resume == "auto" else cfg.resume
+            restore(state, checkpoint, path, f"{cfg.arch} SimCLR model")
+            if self.probe is not None:
+                self.probe.restore(checkpoint.get("online_probe"), path)
         if self.world.is_main:
             self.write_config()
             if cfg.tensorboard:
@@ -129,17 +144,17 @@ class Pretraining:
                 open_tensorboard(state, logdir, dataclasses.asdict(cfg))
                 say(f"tensorboard: event files in {logdir} (tensorboard --logdir {os.path.dirname(logdir) or '.'})")
         try:
-            if cfg.knn_at_start and not state.history and state.start_step == 0:
-                top1, top5, seconds = self.evaluate()
-                state.history.append({"epoch": 0, "test_acc@1": top1, "test_acc@5": top5, "knn_seconds": seconds})
-                say(f"untrained encoder: kNN top-1 {top1:.2f}% top-5 {top5:.2f}%")
+            if cfg.knn_at_start and self.evaluates and not state.history and state.start_step == 0:
+                figures = {**self.evaluate(), "probe_acc@1": None, "probe_acc@5": None}  # no probe trained yet
+                state.history.append({"epoch": 0, **figures})
+                say(f"untrained encoder: kNN top-1 {figures['test_acc@1']:.2f}% top-5 {figures['test_acc@5']:.2f}%")
                 log_row(state, state.history[-1])
             code = run_epochs(state, self)
         finally:
             state.log.close()  # what was logged reaches the disk, also when the run stops or fails
         if code == 0:
-            say(f"done: best kNN top-1 {state.best:.2f}%; weights {state.paths['model.pth']}, "
-                f"statistics {state.paths['statistics.csv']}")
+            best = f"best kNN top-1 {state.best:.2f}%" if self.evaluates else "no evaluation (no labeled data)"
+            say(f"done: {best}; weights {state.paths['model.pth']}, statistics {state.paths['statistics.csv']}")
         return code
 
     def write_config(self) -> None:
@@ -161,8 +176,10 @@ class Pretraining:
             set_lr(state.optimizer, state.schedule.lr(epoch * state.steps_per_epoch + step))
             # views (2b, 3, S, S) = [view 1; view 2]; labels (b,), -1 unlabeled: supcon's positives
             ids = positive_ids(cfg.loss, labels, offset)
-            loss = train_step(self.net, state.optimizer, views, cfg.temperature, self.runtime, state.scaler,
-                              cfg.loss, ids, cfg.dcl_sigma)
+            loss, h = train_step(self.net, state.optimizer, views, cfg.temperature, self.runtime, state.scaler,
+                                 cfg.loss, ids, cfg.dcl_sigma, features=True)
+            if self.probe is not None:  # after the encoder's step, on its detached h: nothing flows back
+                self.probe.step(h, labels)
             if monitor.update(step, loss):
                 break
 
@@ -205,13 +222,15 @@ class Pretraining:
         row = {"epoch": epoch + 1, "train_loss": result.sums[0].item() / state.steps_per_epoch, "test_acc@1": None,
                "test_acc@5": None, "lr": state.optimizer.param_groups[0]["lr"], "epoch_seconds": result.seconds,
                "train_images_per_second": state.steps_per_epoch * cfg.batch_size / result.seconds,
-               "knn_seconds": None}
-        if (epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs:
-            top1, top5, seconds = self.evaluate()
-            row.update({"test_acc@1": top1, "test_acc@5": top5, "knn_seconds": seconds})
-            if top1 > state.best and self.world.is_main:
+               "knn_seconds": None, "probe_acc@1": None, "probe_acc@5": None}
+        if not self.evaluates:  # nothing to choose the best epoch by: the weights of the last one
+            if self.world.is_main:
                 save_weights(state.model, state.paths["model.pth"])
-            state.best = max(state.best, top1)
+        elif (epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs:
+            row.update(self.evaluate())
+            if row["test_acc@1"] > state.best and self.world.is_main:
+                save_weights(state.model, state.paths["model.pth"])
+            state.best = max(state.best, row["test_acc@1"])
         return row
 
     def plot(self, history: list[dict]) -> None:
@@ -220,11 +239,14 @@ class Pretraining:
     def describe(self, row: dict) -> str:
         acc = (f"kNN top-1 {row['test_acc@1']:.2f}% top-5 {row['test_acc@5']:.2f}%"
                if row["test_acc@1"] is not None else "no kNN this epoch")
+        if row.get("probe_acc@1") is not None:
+            acc += f", probe top-1 {row['probe_acc@1']:.2f}%"
         return (f"epoch {row['epoch']}/{self.cfg.epochs}: loss {row['train_loss']:.4f}, {acc}, "
                 f"{row['epoch_seconds']:.1f} s, {row['train_images_per_second']:.0f} images/s")
 
-    def evaluate(self) -> tuple[float, float, float]:
-        """Weighted kNN top-1, top-5 (%) of test images against the bank, on encoder features h; and the seconds."""
+    def evaluate(self) -> dict:
+        """The CSV's figures: weighted kNN top-1, top-5 (%) of test images against the bank, on encoder features h;
+        the online probe's top-1, top-5 on the same test features (None without a probe); the seconds."""
         from tqdm import tqdm
         t0 = time.perf_counter()
         cfg, bundle, world, model = self.cfg, self.bundle, self.world, self.state.model
@@ -240,9 +262,70 @@ class Pretraining:
             bank, test = features(bundle.memory, "kNN bank"), features(bundle.test, "test set")
             top1, top5 = knn_accuracy(test, bundle.test.labels, bank, bundle.memory.labels, len(bundle.classes), cfg.k,
                                       cfg.knn_temperature)
+            probe = self.probe.accuracy(test, bundle.test.labels) if self.probe is not None else (None, None)
         finally:
             model.train(was_training)
-        return top1, top5, time.perf_counter() - t0
+        return {"test_acc@1": top1, "test_acc@5": top5, "probe_acc@1": probe[0], "probe_acc@5": probe[1],
+                "knn_seconds": time.perf_counter() - t0}
+
+
+class OnlineProbe:
+    """A linear classifier on the encoder features h, trained in every step beside the encoder.
+
+    It sees h detached, after the encoder's step, with its own optimizer and in fp32, so the encoder's
+    weights are the same with and without it. Adam at a fixed 1e-3: h drifts as the encoder learns, and
+    an adaptive step follows it without a schedule tied to the run's. Zero-initialised: it draws nothing
+    from the random generators the run's views come from. Under torchrun every rank trains on its own
+    views, with the loss and gradients averaged over all ranks' labeled views, so the copies stay equal.
+    """
+
+    def __init__(self, width: int, num_classes: int, device: torch.device, world: World):
+        # built on the meta device, so its default random initialisation never runs
+        self.linear = torch.nn.Linear(width, num_classes, device="meta").to_empty(device=device)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+        self.optimizer = torch.optim.Adam(self.linear.parameters(), lr=PROBE_LR)
+        self.world = world
+
+    def step(self, h: torch.Tensor, labels: torch.Tensor) -> None:
+        """One step on h (2b, width) of [view 1; view 2] with labels (b,); unlabeled (-1) views are left out.
+        No host-device sync: the mean is over a count kept on the device."""
+        targets = labels.repeat(2)                                                  # (2b,) both views
+        total = F.cross_entropy(self.linear(h.float()), targets, ignore_index=-1, reduction="sum")
+        count = (targets >= 0).sum().float()
+        if self.world.distributed:
+            torch.distributed.all_reduce(count)
+        self.optimizer.zero_grad(set_to_none=True)
+        (total / count.clamp_min(1)).backward()
+        if self.world.distributed:
+            for p in self.linear.parameters():
+                torch.distributed.all_reduce(p.grad)  # sums of per-rank shares of the global mean
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        """Top-1, top-5 (%) of features (N, width) against labels (N,)."""
+        logits = self.linear(features.float())                                      # (N, classes)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()             # (N, 5)
+        hits = top == labels.cpu()[:, None]
+        return 100.0 * hits[:, 0].float().mean().item(), 100.0 * hits.any(dim=1).float().mean().item()
+
+    def state_dict(self) -> dict:
+        return {"linear": {k: v.detach().cpu() for k, v in self.linear.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def restore(self, saved, path: str) -> None:
+        """Put back what state_dict saved in NAME_last.pth; a checkpoint without it (written with the probe
+        off, or before it existed, which resume reads as off) cannot be one that has it on."""
+        if not isinstance(saved, dict):
+            raise UserError(f"--resume {path}: it has no online_probe entry although its run has --online_probe; "
+                            f"the file is damaged")
+        try:
+            self.linear.load_state_dict(saved["linear"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except Exception as e:  # noqa: BLE001 - a malformed part of an untrusted file is the user's to fix
+            raise UserError(f"--resume {path}: its online_probe entry does not fit this run ({first_line(e)[:120]}); "
+                            f"the file is damaged") from None
 
 
 # ----------------------------------------------------------------------------- build steps, in calling order
@@ -266,13 +349,18 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
     if cfg.batch_size > n_train:
         raise UserError(f"--batch_size {cfg.batch_size} is larger than the {n_train} training images; "
                         f"use --batch_size {n_train} or less")
+    if cfg.loss == "supcon" and not (bundle.train.labels >= 0).any():
+        raise UserError(f"--loss supcon needs labels, and none of the {n_train} training images of {cfg.data_root} "
+                        f"has one; use --loss ntxent or dcl")
+    if n_bank == 0 and len(bundle.test) == 0:  # a folder of unlabeled/ only
+        say(f"note: {cfg.data_root} holds unlabeled images only: training without evaluation (empty accuracy "
+            f"columns; NAME_model.pth is the last epoch's weights); evaluate them with linear.py --data_root "
+            f"a folder with train/<class>/ and test/<class>/")
+        return bundle
     if cfg.k > n_bank:
         raise UserError(f"--k {cfg.k} is larger than the {n_bank} images of the kNN bank; use --k {n_bank} or less")
     if len(bundle.test) == 0:
         raise UserError(f"the test split of {cfg.data_root} has no images")
-    if cfg.loss == "supcon" and not (bundle.train.labels >= 0).any():
-        raise UserError(f"--loss supcon needs labels, and none of the {n_train} training images of {cfg.data_root} "
-                        f"has one; use --loss ntxent or dcl")
     return bundle
 
 

@@ -23,7 +23,8 @@ OTHERS = {f"project {p} {m}" for p in ("fp32", "bf16") for m in ("channels_last"
 ROWS = ("aug tensor two_views, 1 thread(s)", "aug pil per image, 1 process(es)", "aug ratio tensor/pil, 1 thread(s)",
         "step naive", "step project ", *sorted(f"step {v}" for v in OTHERS), "step ratio project/naive",
         "step fastest project variant", "step --bn_stats joint", "step --bn_stats per_view",
-        "step ratio per_view/joint", "== targets")
+        "step ratio per_view/joint", "step --no-online_probe", "step --online_probe", "step ratio probe on/off",
+        "== targets")
 
 
 def positive(value) -> bool:
@@ -52,7 +53,7 @@ def test_quick_run_prints_every_row_and_the_json_line(quick_run):
     lines = [line for line in stdout.splitlines() if line.startswith("BENCH_JSON ")]
     assert len(lines) == 1
     assert json.loads(lines[0][len("BENCH_JSON "):]) == record
-    assert {"device", "threads", "augmentation", "train_step", "bn_stats", "targets"} <= set(record)
+    assert {"device", "threads", "augmentation", "train_step", "bn_stats", "online_probe", "targets"} <= set(record)
     assert record["device"] == "cpu" and record["threads"] == 1 and record["quick"] is True
     assert "epochs" not in record  # the CUDA-only section
 
@@ -87,9 +88,15 @@ def test_quick_run_figures_are_positive_and_consistent(quick_run):
         assert positive(bn[key]), (key, bn[key])
     assert bn["ratio"] == pytest.approx(bn["per_view_seconds_per_step"] / bn["joint_seconds_per_step"])
 
+    probe = record["online_probe"]
+    for key in ("off_seconds_per_step", "on_seconds_per_step", "ratio", "paired_ratio"):
+        assert positive(probe[key]), (key, probe[key])
+    assert probe["ratio"] == pytest.approx(probe["on_seconds_per_step"] / probe["off_seconds_per_step"])
+
     # the printed ratios are the record's
     assert f"{step['ratio']:.2f}x" in stdout and f"{aug['ratio']:.2f}x" in stdout and f"{bn['ratio']:.3f}x" in stdout
-    assert len(record["targets"]) == 3 and all(t.endswith(("met", "NOT met")) for t in record["targets"])
+    assert f"{probe['paired_ratio']:.3f}x" in stdout
+    assert len(record["targets"]) == 4 and all(t.endswith(("met", "NOT met")) for t in record["targets"])
 
 
 def test_help_and_a_refused_flag(capsys):

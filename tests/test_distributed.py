@@ -167,6 +167,19 @@ def test_torchrun_two_processes_end_to_end(tiny_folder, tmp_path):
     best = frame.loc[frame["test_acc@1"].idxmax()]
     assert top1 == pytest.approx(best["test_acc@1"]) and top5 == pytest.approx(best["test_acc@5"])
 
+    # the online probe (on by default) of rank 0's checkpoint scores the last epoch's test features as logged
+    from simclr.distributed import World
+    from simclr.pretrain import OnlineProbe
+    last = torch.load(results / "ddp_last.pth", weights_only=True)
+    model.load_state_dict(last["model"])
+    model.eval()
+    probe = OnlineProbe(model.feature_width, len(bundle.classes), torch.device("cpu"), World())
+    probe.restore(last["online_probe"], "ddp_last.pth")
+    test = extract_features(model.encode, bundle.test.images, to_input, runtime)
+    p1, p5 = probe.accuracy(test, bundle.test.labels)
+    assert p1 == pytest.approx(frame["probe_acc@1"].iloc[-1]) and p5 == pytest.approx(frame["probe_acc@5"].iloc[-1])
+    assert probe.linear.weight.abs().sum() > 0
+
 
 def test_cpu_batchnorm_conversion_keeps_the_parameters_an_optimizer_holds():
     model = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32)
