@@ -114,6 +114,8 @@ def read_run_config(path: str, flag: str = "--config") -> dict:
         raise UserError(f"{flag} {path}: no such file; pass --config results/NAME_config.json") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable JSON run config ({first_line(e)})") from None
+    except RecursionError:
+        raise UserError(f"{path} is not a run config of main.py (its JSON is nested too deeply)") from None
     if not isinstance(saved, dict):
         raise UserError(f"{path} is not a run config of main.py (not a JSON object)")
     return check_run_config(saved, path)
@@ -304,7 +306,7 @@ def check_not_taken(paths: dict[str, str], source: str, what: str) -> None:
     try:
         with open(paths["config"]) as f:
             previous = json.load(f).get("source")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         previous = None
     if os.path.exists(paths["config"]):
         taken = previous != source
