@@ -124,6 +124,11 @@ def run_cli(job: Callable[[], int], oom_advice: str = DEFAULT_OOM_ADVICE,
     def say(message: str) -> None:
         print(f"{prefix()}error: {message}", file=sys.stderr, flush=True)
 
+    # SIGTERM, where nothing else handles it, stops like Ctrl-C: one line and exit 143, not a silent death
+    # (main.py and finetune.py put their StopRequest over this while they train)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         return job()
     except UserError as e:
@@ -149,5 +154,11 @@ def run_cli(job: Callable[[], int], oom_advice: str = DEFAULT_OOM_ADVICE,
         print("interrupted; files on disk are complete (each is written whole or not at all)", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     finally:
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
         if cleanup is not None:
             cleanup()
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
