@@ -313,3 +313,36 @@ def test_content_fingerprint_ignores_where_and_sees_what(tiny_folder, tmp_path):
     b = load_dataset("folder", str(write_folder(tmp_path / "o", seed=3)), 16, log=lambda line: None).train
     assert data.content_fingerprint(a) == data.content_fingerprint(data.ImageSet(a.images.clone(), a.labels.clone()))
     assert data.content_fingerprint(a) != data.content_fingerprint(b)
+
+
+def test_a_damaged_pickle_is_said_in_words(tmp_path):
+    import zipfile
+    from simclr.checkpoint import load_untrusted
+    torch.save({"a": torch.zeros(2)}, tmp_path / "ok.pth")
+    with zipfile.ZipFile(tmp_path / "ok.pth") as src, zipfile.ZipFile(tmp_path / "bad.pth", "w") as out:
+        for info in src.infolist():  # the same archive with a pickle that pops from an empty stack
+            out.writestr(info, b"\x80\x020." if info.filename.endswith("data.pkl") else src.read(info))
+    with pytest.raises(UserError) as e:
+        load_untrusted(str(tmp_path / "bad.pth"))
+    assert "is damaged" in str(e.value) and "save or copy it again" in str(e.value)
+
+
+def test_embed_projector_on_a_full_disk_leaves_no_half_sprite(trained, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorboard")
+    import embed
+    from PIL import Image
+    real_save = Image.Image.save
+
+    def half_then_full(self, fp, *a, **kw):
+        if str(fp).endswith("sprite.png"):
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *a, **kw)
+    monkeypatch.setattr(Image.Image, "save", half_then_full)
+    logdir = tmp_path / "tb"
+    code = embed.main(["--model_path", str(trained / "run_model.pth"), "--method", "pca", "--device", "cpu",
+                       "--tensorboard", "--tensorboard_dir", str(logdir), "--out", str(tmp_path / "m.png")])
+    err = last_error(capsys)
+    assert code == 2 and str(logdir) in err and "No space left on device" in err
+    assert not list(tmp_path.rglob("sprite.png")) and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
