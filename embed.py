@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import sys
 
-from simclr.cli import UserError, run_cli
-from simclr.flags import EMBED_FLAGS, build_parser
+try:  # Ctrl-C in the first moments (these imports) is one line too, not a traceback
+    from simclr.cli import UserError, run_cli
+    from simclr.flags import EMBED_FLAGS, build_parser
+except KeyboardInterrupt:
+    print("interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,11 @@
-"""Compare runs: the loss and kNN top-1 curves of several NAME_statistics.csv files on one figure.
+"""Compare runs: the loss and top-1 curves of several CSVs of one kind on one figure.
 
     python plot.py results/*_statistics.csv --out compare.png
+
+The kind of each CSV is told by its columns (docs/files.md): main.py's statistics (kNN top-1),
+linear.py's (a test_loss column: probe top-1) or finetune.py's (train_acc@1 without test_loss).
+The first file's kind is drawn; files of another kind are skipped with a note, never drawn on
+axes that name something else.
 """
 from __future__ import annotations
 
@@ -8,11 +13,28 @@ import os
 import sys
 from typing import Sequence
 
-from simclr.cli import OneLineParser, UserError, first_line, run_cli
-from simclr.curves import epoch_axes, pyplot, save, series
-from simclr.names import run_name
+try:  # Ctrl-C in the first moments (these imports) is one line too, not a traceback
+    from simclr.cli import OneLineParser, UserError, first_line, run_cli
+    from simclr.curves import epoch_axes, pyplot, save, series
+    from simclr.names import run_name
+except KeyboardInterrupt:
+    print("interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 REQUIRED = ("epoch", "train_loss", "test_acc@1", "test_acc@5")
+# kind -> (what it is, its loss axis, its accuracy axis)
+KINDS = {"pretraining": ("main.py statistics", "train loss", "kNN top-1 (%)"),
+         "linear": ("linear.py probe", "train loss (cross-entropy)", "linear probe top-1 (%)"),
+         "finetune": ("finetune.py", "train loss (cross-entropy)", "fine-tuned top-1 (%)")}
+
+
+def kind_of(columns) -> str:
+    """Which script wrote a CSV with these columns."""
+    if "test_loss" in columns:
+        return "linear"
+    if "train_acc@1" in columns:
+        return "finetune"
+    return "pretraining"
 
 
 def read_statistics(path: str) -> list[dict]:
@@ -35,8 +57,9 @@ def read_statistics(path: str) -> list[dict]:
             raise UserError(f"{path}: column {column} has a non-numeric value {frame[column].iloc[row]!r} "
                             f"(line {row + 2}); pass NAME_statistics.csv files of main.py")
         frame[column] = values
+    kind = kind_of(frame.columns)
     frame = frame.astype(object).where(frame.notna(), None)
-    return frame.to_dict("records")
+    return [{**row, "kind": kind} for row in frame.to_dict("records")] or [{"kind": kind}]
 
 
 def plot_compare(paths: Sequence[str], out: str) -> None:
@@ -46,16 +69,23 @@ def plot_compare(paths: Sequence[str], out: str) -> None:
     names = [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), name) if names.count(name) > 1
              else name for p, name in zip(paths, names)]
     runs = [(name, read_statistics(p)) for p, name in zip(paths, names)]
+    kind = runs[0][1][0]["kind"]
+    for (name, rows), path in zip(runs, paths):
+        if rows[0]["kind"] != kind:
+            print(f"skipped {path}: a {KINDS[rows[0]['kind']][0]} CSV, not {KINDS[kind][0]} like {paths[0]}; "
+                  f"plot each kind on its own", file=sys.stderr)
+    runs = [(name, [r for r in rows if "epoch" in r]) for name, rows in runs if rows[0]["kind"] == kind]
+    _, loss_label, acc_label = KINDS[kind]
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, rows in runs:
         line, = left.plot(*series(rows, "train_loss"), marker=".", label=name)  # a 1-epoch run is a dot
         right.plot(*series(rows, "test_acc@1"), marker=".", color=line.get_color(), label=name)
-    left.set(xlabel="epoch", ylabel="train loss")
-    right.set(xlabel="epoch", ylabel="kNN top-1 (%)")
+    left.set(xlabel="epoch", ylabel=loss_label)
+    right.set(xlabel="epoch", ylabel=acc_label)
     epoch_axes(left, right)
     right.legend(fontsize="small")
-    fig.suptitle(f"{len(runs)} run{'s' if len(runs) != 1 else ''}")
+    fig.suptitle(f"{len(runs)} run{'s' if len(runs) != 1 else ''} ({KINDS[kind][0]})")
     fig.tight_layout()
     save(fig, out)
 
@@ -68,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 def compare(argv: list[str] | None) -> int:
     """Parse, read every CSV, write the figure."""
     parser = OneLineParser(description="Draw the curves of one or several runs on one figure.")
-    parser.add_argument("csv", nargs="+", help="results/NAME_statistics.csv files of main.py")
+    parser.add_argument("csv", nargs="+", help="CSVs of one kind: NAME_statistics.csv of main.py, or of linear.py, "
+                        "or of finetune.py (others are skipped with a note)")
     parser.add_argument("--out", default="compare.png", help="PNG to write (default: compare.png)")
     args = parser.parse_args(argv)
     try:

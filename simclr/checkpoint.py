@@ -39,12 +39,17 @@ def _load_error(path: str, e: Exception) -> UserError:
     if isinstance(e, pickle.UnpicklingError) and code is not None:
         return UserError(f"{path} refused: unpickling it would run code ({code}); nothing in it was run "
                          f"(weights_only=True accepts only tensors and plain containers)")
-    if isinstance(e, EOFError) or "zip archive" in text or "central directory" in text:
+    if (isinstance(e, EOFError) or "zip archive" in text or "central directory" in text
+            or "PytorchStreamReader" in text):
         return UserError(f"{path} is truncated or corrupted (not a complete PyTorch file); save or copy it again")
     # torch's message wraps the reason in advice about weights_only=False, which must not be followed here
     boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch")
     reasons = [line for line in lines if not line.startswith(boilerplate)]
     detail = reasons[0] if reasons else type(e).__name__
+    if isinstance(e, (pickle.UnpicklingError, IndexError, KeyError, ValueError, TypeError)) and code is None:
+        # the unpickler's own words ("pop from empty list", "Unsupported operand 149") say nothing to a user
+        return UserError(f"{path} is damaged: its data is not the pickled tensors torch.save writes "
+                         f"(the reader stopped at: {detail[:80]}); save or copy it again")
     return UserError(f"{path} is not a PyTorch weights file that can be loaded safely ({detail[:160]})")
 
 
@@ -180,6 +185,8 @@ def read_run_config(path: str, flag: str = "--config") -> dict:
         raise UserError(f"{flag} {path}: no such file; pass --config results/NAME_config.json") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable JSON run config ({first_line(e)})") from None
+    except RecursionError:
+        raise UserError(f"{path} is not a run config of main.py (its JSON is nested too deeply)") from None
     if not isinstance(saved, dict):
         raise UserError(f"{path} is not a run config of main.py (not a JSON object)")
     return check_run_config(saved, path)
@@ -385,7 +392,7 @@ def check_not_taken(paths: dict[str, str], source: str, what: str) -> None:
     try:
         with open(paths["config"]) as f:
             previous = json.load(f).get("source")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         previous = None
     if os.path.exists(paths["config"]):
         taken = previous != source

@@ -11,6 +11,7 @@ decides what the user reads and which code the shell sees. Importing it does not
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 from typing import Callable
@@ -87,7 +88,7 @@ def resume_command(script: str) -> str:
         i = args.index("--resume")
         del args[i:i + 2]
     args = [a for a in args if not a.startswith("--resume=")]
-    return " ".join(["python", script, *args, "--resume", "auto"])
+    return shlex.join(["python", script, *args, "--resume", "auto"])  # quoted: a name with a space pastes back
 
 
 class Interrupted(KeyboardInterrupt):
@@ -104,6 +105,13 @@ def _is_out_of_memory(e: BaseException) -> bool:
     return torch is not None and isinstance(e, torch.OutOfMemoryError)
 
 
+def is_write_failure(e: BaseException) -> bool:
+    """True for the RuntimeError of torch.save's zip writer when a write fails (a full disk: 'unexpected pos')."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("inline_container" in text or "unexpected pos" in text
+                                            or "PytorchStreamWriter failed" in text)
+
+
 DEFAULT_OOM_ADVICE = "use a smaller batch (--batch_size, --eval_batch_size) or --precision bf16"
 
 
@@ -116,6 +124,11 @@ def run_cli(job: Callable[[], int], oom_advice: str = DEFAULT_OOM_ADVICE,
     def say(message: str) -> None:
         print(f"{prefix()}error: {message}", file=sys.stderr, flush=True)
 
+    # SIGTERM, where nothing else handles it, stops like Ctrl-C: one line and exit 143, not a silent death
+    # (main.py and finetune.py put their StopRequest over this while they train)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         return job()
     except UserError as e:
@@ -129,6 +142,10 @@ def run_cli(job: Callable[[], int], oom_advice: str = DEFAULT_OOM_ADVICE,
         say(f"{where}{e.strerror or first_line(e)}; free space or choose another folder, then run again")
         return 2
     except Exception as e:
+        if is_write_failure(e):
+            say("a file could not be written (no space left on device?); free space or choose another folder, "
+                "then run again")
+            return 2
         if not _is_out_of_memory(e):
             raise
         say(f"out of GPU memory; {oom_advice}")
@@ -137,5 +154,11 @@ def run_cli(job: Callable[[], int], oom_advice: str = DEFAULT_OOM_ADVICE,
         print("interrupted; files on disk are complete (each is written whole or not at all)", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     finally:
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
         if cleanup is not None:
             cleanup()
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)

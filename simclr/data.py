@@ -10,6 +10,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -122,6 +123,18 @@ def subset(images: ImageSet, n: int | None, seed: int) -> ImageSet:
         return images
     keep = torch.randperm(len(images.labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return ImageSet(images.images[keep], images.labels[keep])
+
+
+def content_fingerprint(images: ImageSet, sample: int = 1024) -> str:
+    """A hash of what a data split holds, wherever it lies: its shape, every label and up to `sample`
+    evenly spaced images (a moved or copied folder gives the same value, other data another)."""
+    n = len(images)
+    picks = torch.linspace(0, n - 1, min(n, sample)).round().long().unique() if n else torch.zeros(0, dtype=torch.long)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(tuple(images.images.shape)).encode())
+    digest.update(images.labels.cpu().numpy().astype(np.int64).tobytes())
+    digest.update(np.ascontiguousarray(images.images[picks].cpu().numpy()).tobytes())
+    return digest.hexdigest()
 
 
 def balanced_label_indices(labels: torch.Tensor, num_classes: int, per_class: int, seed: int) -> torch.Tensor:
@@ -306,11 +319,18 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _walk_files(top: str) -> Iterator[tuple[str, os.stat_result | None, str | None]]:
+def _walk_files(top: str, others: tuple[str, ...] = ()) -> Iterator[tuple[str, os.stat_result | None, str | None]]:
     """(path, stat, None) for every regular file below top, sorted, links followed once; (path, None, reason)
-    for every entry that cannot be an image: a dangling link, a link loop, a special file, an unreadable folder.
-    Nothing is opened, so a FIFO or a device never blocks the scan."""
+    for every entry that cannot be an image: a dangling link, a link loop, a special file, an unreadable folder,
+    a link to a folder that holds top (its images would be scanned again) or into one of `others` (the other
+    class folders: their images would get this class's label). Nothing is opened, so a FIFO or a device never
+    blocks the scan."""
     seen: set[tuple[int, int]] = set()
+    real_top = os.path.realpath(top)
+    real_others = [os.path.realpath(o) for o in others]
+
+    def inside(path: str, folder: str) -> bool:
+        return path == folder or path.startswith(os.path.join(folder, ''))
 
     def walk(folder: str) -> Iterator[tuple[str, os.stat_result | None, str | None]]:
         try:
@@ -318,6 +338,14 @@ def _walk_files(top: str) -> Iterator[tuple[str, os.stat_result | None, str | No
             if (st.st_dev, st.st_ino) in seen:
                 yield folder, None, 'a link back to a folder already scanned'
                 return
+            if folder != top:
+                real = os.path.realpath(folder)
+                if inside(real_top, real) and real != real_top:
+                    yield folder, None, 'a link to a folder that holds this class folder'
+                    return
+                if any(inside(real, other) for other in real_others):
+                    yield folder, None, 'a link into another class folder'
+                    return
             seen.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
@@ -353,7 +381,8 @@ def _scan_split(split_dir: str, classes: list[str], unlabeled_dir: str | None = 
     root_len = len(os.path.join(os.path.dirname(split_dir), ''))
     for index, cls in enumerate(classes):
         n_files = n_images = 0
-        for full, st, problem in _walk_files(os.path.join(split_dir, cls)):
+        others = tuple(os.path.join(split_dir, c) for c in classes if c != cls)
+        for full, st, problem in _walk_files(os.path.join(split_dir, cls), others):
             rel = full[prefix_len:]
             if problem is not None:
                 skipped.append(f'{_shown_path(full[root_len:])} ({problem})')
@@ -514,10 +543,23 @@ def _read_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Sca
         # the arrays must be the ones this manifest describes: same-shaped other data is rebuilt, not trained on
         if man.get('checksum') != _checksum(images[:count]) or man.get('labels_checksum') != _checksum(labels):
             return None
-    except (OSError, ValueError, KeyError, TypeError):
+        if not _manifest_values_ok(man):  # fields the checksums do not cover: a bad one means rebuild
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     # The image file may have a few unused rows at the end (files that failed to decode).
     return ImageSet(torch.from_numpy(images[:count]), torch.from_numpy(labels.astype(np.int64))), man
+
+
+def _manifest_values_ok(man: dict) -> bool:
+    """3 finite means in [0, 1], 3 finite stds in (0, 1], `skipped` a list of strings."""
+    def three(values, low_open: bool) -> bool:
+        return (isinstance(values, list) and len(values) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                        and (0 < v if low_open else 0 <= v) and v <= 1 for v in values))
+    skipped = man.get('skipped')
+    return (three(man.get('mean'), False) and three(man.get('std'), True)
+            and isinstance(skipped, list) and all(isinstance(line, str) for line in skipped))
 
 
 def _checksum(array: np.ndarray) -> str:
@@ -693,6 +735,13 @@ def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str
     train = its images, memory and test empty, no classes: a run without evaluation."""
     if os.path.exists(root) and not os.path.isdir(root):
         raise DataError(f'data folder {root} is a file, not a folder: pass the folder that holds train/ and test/')
+    if os.path.islink(root) and not os.path.exists(root):
+        try:
+            os.stat(root)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise DataError(f'data folder {root} is a link loop (a symbolic link that leads back to itself): '
+                                f'point it at the folder that holds train/ and test/') from None
     if not os.path.isdir(root):
         raise DataError(f'data folder {root} does not exist: create {_shown(root)}train/<class>/*.jpg '
                         f'and {_shown(root)}test/<class>/*.jpg or pass the right path')

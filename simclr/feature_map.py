@@ -182,6 +182,22 @@ def sprite_images(images: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the run
 
+def move_into(src: str, dst: str) -> None:
+    """Move the projector files of folder src into dst by renames (src's own event file stays behind)."""
+    import shutil
+    for entry in os.scandir(src):
+        target = os.path.join(dst, entry.name)
+        if entry.name.startswith("events.out.tfevents"):
+            continue
+        if entry.is_dir() and os.path.isdir(target):
+            move_into(entry.path, target)  # e.g. 00000/: keep other embeddings, replace this one whole
+        elif entry.is_dir():
+            os.rename(entry.path, target)
+        else:
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(entry.path, target)
+
 def run(args) -> int:
     """embed.py's parsed flags: compute features and the 2-D map, write PNG, CSV and (asked for) the projector files."""
     if args.method == "tsne":
@@ -216,7 +232,7 @@ def run(args) -> int:
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
 
     name = os.path.basename(run_base(args.model_path))
-    out = args.out or f"{run_base(args.model_path)}_embed_{args.method}.png"
+    out = args.out or f"{run_base(args.model_path)}_embed_{map_tag(args.method, args.n, args.thumbnails)}.png"
     csv_path = os.path.splitext(out)[0] + ".csv"
     thumbs = []
     if args.thumbnails:
@@ -242,13 +258,35 @@ def run(args) -> int:
     return 0
 
 
+def map_tag(method: str, n: int | None, thumbnails: bool) -> str:
+    """What a map's default file name says about it: METHOD, then _nN and _thumbnails when asked for, so
+    a map of another sample or with thumbnails never replaces the plain map of the full test set."""
+    return method + (f"_n{n}" if n is not None else "") + ("_thumbnails" if thumbnails else "")
+
+
 def write_projector(logdir: str, h: torch.Tensor, labels: torch.Tensor, picked: torch.Tensor, images: torch.Tensor,
                     classes: list[str], log) -> None:
-    """Features h (n, d), class names, test indices and thumbnails into logdir for TensorBoard's projector."""
-    board = open_log(logdir)
+    """Features h (n, d), class names, test indices and thumbnails into logdir for TensorBoard's projector.
+
+    Written into a temporary folder beside logdir first, then moved in: a full disk leaves the previous
+    projector files (or none), never a truncated sprite."""
+    import shutil
+    import uuid
+    parent, base = os.path.split(os.path.abspath(logdir))
+    tmp = os.path.join(parent, f".{base}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        metadata = [[classes[int(c)], str(int(c)), str(int(i))] for c, i in zip(labels, picked)]
-        board.embedding(h, metadata, ["class", "label", "test_index"], sprite_images(images), "encoder_h")
+        board = open_log(tmp)
+        try:
+            metadata = [[classes[int(c)], str(int(c)), str(int(i))] for c, i in zip(labels, picked)]
+            board.embedding(h, metadata, ["class", "label", "test_index"], sprite_images(images), "encoder_h")
+        finally:
+            board.close()
+        os.makedirs(logdir, exist_ok=True)
+        move_into(tmp, logdir)
+    except (OSError, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise UserError(f"cannot write the projector files in {logdir}: {reason}; free space or pass another "
+                        f"--tensorboard_dir (the previous projector files are kept)") from None
     finally:
-        board.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     log(f"tensorboard: projector files in {logdir} (tensorboard --logdir {os.path.dirname(logdir) or '.'})")

@@ -9,12 +9,18 @@ import csv
 import io
 import json
 import math
+import errno
 import os
+import re
 import uuid
 from typing import Callable, Iterable, Sequence
 
 
-from .cli import UserError
+from .cli import UserError, is_write_failure
+
+# `.TARGET.XXXXXXXX.tmp`: the temporary of an atomic write of TARGET (8 hex digits make it unique).
+TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]{8}\.tmp$")
+
 
 def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write through `write` into a temp file beside `path`, fsync, then rename over `path`.
@@ -36,6 +42,8 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno is not None:  # name the file the user knows, not the temporary
             raise OSError(e.errno, e.strerror, path) from None
+        if is_write_failure(e):  # torch.save's own writer reports a full disk as a RuntimeError
+            raise OSError(errno.ENOSPC, "the write failed (no space left on device?)", path) from None
         raise
 
 
@@ -78,6 +86,22 @@ def _csv_cell(value) -> str:
     return str(value)
 
 
+def check_name_fits(directory: str, names: Iterable[str], flag: str = "--name") -> None:
+    """Refuse, before anything is set up, file names whose temporaries (.NAME.XXXXXXXX.tmp) the file
+    system of `directory` cannot hold (NAME_MAX, 255 bytes on most)."""
+    probe = os.path.abspath(directory)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        limit = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = max(names, key=lambda n: len(os.fsencode(n)))
+    if len(os.fsencode(f".{longest}.00000000.tmp")) > limit:
+        raise UserError(f"{flag}: the file name {longest[:40]}... is longer than the {limit} bytes the file system "
+                        f"of {directory} allows (with its temporary's 14 more); use a shorter {flag}")
+
+
 class RunLock:
     """An exclusive lock on a run name in a results folder, held for the life of the run.
 
@@ -85,9 +109,10 @@ class RunLock:
     way (kill -9 included), so a lock is never stale. The lock file also names the holder's PID.
     """
 
-    def __init__(self, results_dir: str, name: str):
+    def __init__(self, results_dir: str, name: str, files: Iterable[str] = ()):
+        """files: the names of the files this run writes (its temporaries are the holder's to remove)."""
         self.path = os.path.join(results_dir, f".{name}.lock")
-        self.results_dir, self.name = results_dir, name
+        self.results_dir, self.name, self.files = results_dir, name, frozenset(files)
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
@@ -108,10 +133,13 @@ class RunLock:
         return self
 
     def remove_stale_temporaries(self) -> list[str]:
-        """Delete .NAME_*.tmp files of atomic writes that a killed process left (only the lock holder may)."""
+        """Delete the temporaries of atomic writes of this run's own files that a killed process left (only
+        the lock holder may): an exact file name, so a run named NAME_b, or NAME's linear.py or
+        finetune.py outputs, keep theirs."""
         removed = []
         for entry in os.scandir(self.results_dir):
-            if entry.name.startswith(f".{self.name}_") and entry.name.endswith(".tmp"):
+            match = TEMPORARY.match(entry.name)
+            if match and match["target"] in self.files:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                     removed.append(entry.name)

@@ -22,11 +22,11 @@ from .curves import plot_run_or_warn
 from .data import DataBundle, ImageSet, balanced_label_indices, load_dataset, require_labeled
 from .distributed import World
 from .engine import apply_gradients, make_runtime, mix_seed, seed_everything, versions
-from .files import atomic_save_json
+from .files import RunLock, atomic_save_json, check_name_fits
 from .flags import (DEFAULT_FRACTION, FINETUNE_DEFAULTS, FINETUNE_FLAGS, FINETUNE_RUN_KEYS, FinetuneConfig,
                     check_name, resume_values)
-from .knn import extract_features, topk_accuracy, topk_hits
-from .loop import RESULT_FILES, EpochResult, RunState, open_tensorboard, restore, run_epochs
+from .knn import extract_features, percent, topk_accuracy, topk_hits
+from .loop import RESULT_FILES, EpochResult, RunState, existing, finished, open_tensorboard, restore, run_epochs
 from .model import Classifier, SimCLR, head_depth
 from .optim import Schedule, build_optimizer, set_lr
 from .tblog import require_tensorboard
@@ -44,12 +44,18 @@ def run(explicit: dict) -> int:
     if explicit.get("tensorboard"):
         require_tensorboard()
     cfg, job = plan(explicit, say)  # everything the user can get wrong is refused before any file is written
-    runtime = make_runtime(cfg.device, cfg.precision, cfg.channels_last, threads=cfg.threads)
-    bundle = require_labeled(load_dataset(job.encoder.dataset, job.encoder.data_root, job.encoder.image_size,
-                                          cache_dir=job.encoder.cache_dir, log=say), job.encoder.data_root)
-    labels = choose_labels(bundle, cfg)
-    ft = FineTuning(cfg, job, bundle, labels, runtime, say)
-    return ft.train()
+    # one process per NAME_finetune_TAG and folder, from here to the end (released by the kernel on any exit)
+    lock = RunLock(os.path.dirname(job.paths["config.json"]) or ".", job.prefix,
+                   [os.path.basename(p) for p in job.paths.values()]).acquire()
+    try:
+        runtime = make_runtime(cfg.device, cfg.precision, cfg.channels_last, threads=cfg.threads)
+        bundle = require_labeled(load_dataset(job.encoder.dataset, job.encoder.data_root, job.encoder.image_size,
+                                              cache_dir=job.encoder.cache_dir, log=say), job.encoder.data_root)
+        labels = choose_labels(bundle, cfg)
+        ft = FineTuning(cfg, job, bundle, labels, runtime, say)
+        return ft.train()
+    finally:
+        lock.release()
 
 
 # ----------------------------------------------------------------------------- what to run, checked before writing
@@ -116,9 +122,10 @@ def locate(values: dict) -> tuple[FinetuneConfig, Job]:
         raise UserError("--model_path is required (or --untrained with --config or --arch and --dataset)")
     if values["name"] is not None:
         check_name(values["name"])
-    if values["lr"] is None:
-        values = {**values, "lr": default_lr(values["batch_size"])}
-    cfg = FinetuneConfig(**values)
+    if values["epochs"] is None:  # SimCLR (B.5): 60 epochs with 1% of the labels, 30 with 10%
+        one_percent = values["labels_per_class"] is None and (values["label_fraction"] or DEFAULT_FRACTION) <= 0.01
+        values = {**values, "epochs": 60 if one_percent else 30}
+    cfg = FinetuneConfig(**values)  # lr None: default_lr of the batch used, known once the labels are drawn
     saved = find_run_config(cfg.model_path, cfg.config, cfg.arch, cfg.dataset)
     encoder = resolve_encoder(saved, cfg.arch, cfg.stem, cfg.dataset, cfg.data_root, cfg.image_size, cfg.cache_dir)
     head = head_sizes(saved, cfg.config or cfg.model_path or "the run config")
@@ -130,6 +137,7 @@ def locate(values: dict) -> tuple[FinetuneConfig, Job]:
     prefix = f"{name}_finetune_{label_tag(cfg)}"
     results_dir = evaluation_dir(cfg.results_dir, cfg.model_path, cfg.config)
     paths = {kind: os.path.join(results_dir, f"{prefix}_{kind}") for kind in RESULT_FILES}
+    check_name_fits(results_dir, [os.path.basename(p) for p in paths.values()])
     return cfg, Job(encoder, saved, head, prefix, paths, source_id(cfg.model_path, cfg.config, cfg.untrained))
 
 
@@ -140,10 +148,10 @@ def default_lr(batch_size: int) -> float:
 
 
 def label_tag(cfg: FinetuneConfig) -> str:
-    """The TAG of the file names: the fraction (0.1) or the count per class (50perclass)."""
-    if cfg.labels_per_class is not None:
-        return f"{cfg.labels_per_class}perclass"
-    return f"{fraction_of(cfg):g}"
+    """The TAG of the file names: the fraction (0.1) or the count per class (50perclass), then the layer
+    when it is not the encoder (0.1_head1), so fine-tuning from another layer keeps its own files."""
+    tag = f"{cfg.labels_per_class}perclass" if cfg.labels_per_class is not None else f"{fraction_of(cfg):g}"
+    return tag if cfg.from_layer == "encoder" else f"{tag}_{cfg.from_layer}"
 
 
 def fraction_of(cfg: FinetuneConfig) -> float:
@@ -186,10 +194,20 @@ class FineTuning:
         model = runtime.place(Classifier(simclr.train(), cfg.from_layer, num_classes))
         self.labeled = ImageSet(bundle.memory.images[label_indices],
                                 bundle.memory.labels[label_indices].to(runtime.device))
-        self.batch = min(cfg.batch_size, len(self.labeled))
-        steps_per_epoch = len(self.labeled) // self.batch  # a fresh order every epoch: dropped images are seen later
-        schedule = Schedule(cfg.lr, steps_per_epoch, cfg.epochs * steps_per_epoch, 0, "cosine")
-        optimizer = build_optimizer(model, "sgd", cfg.lr, cfg.weight_decay, cfg.momentum, nesterov=cfg.momentum > 0)
+        n = len(self.labeled)
+        # Checkpoints written before "batching" dropped the last incomplete batch; they resume as they ran.
+        self.even = job.checkpoint is None or job.checkpoint["config"].get("batching") == "even"
+        if self.even:  # every label every epoch: ceil(n / batch_size) batches of nearly equal size (>= 2 for BatchNorm)
+            steps_per_epoch = max(1, min(-(-n // cfg.batch_size), n // 2))
+            self.bounds = [round(i * n / steps_per_epoch) for i in range(steps_per_epoch + 1)]
+            self.batch = -(-n // steps_per_epoch)
+        else:
+            self.batch = min(cfg.batch_size, n)
+            steps_per_epoch = n // self.batch
+            self.bounds = [i * self.batch for i in range(steps_per_epoch + 1)]
+        self.lr = cfg.lr if cfg.lr is not None else default_lr(self.batch)
+        schedule = Schedule(self.lr, steps_per_epoch, cfg.epochs * steps_per_epoch, 0, "cosine")
+        optimizer = build_optimizer(model, "sgd", self.lr, cfg.weight_decay, cfg.momentum, nesterov=cfg.momentum > 0)
         self.aug = AugmentConfig(image_size=bundle.image_size, mean=tuple(mean), std=tuple(std),
                                  min_crop_scale=cfg.min_crop_scale)
         self.state = RunState(job.prefix, "finetune.py", cfg.epochs, self.batch, World(), runtime, model, optimizer,
@@ -197,9 +215,12 @@ class FineTuning:
                               "try a lower --lr", n_sums=3, log_steps=False, tb_tag="finetune")
         self.state.config = self.record()
         source = f"untrained {enc.arch} (seed {cfg.seed})" if cfg.untrained else cfg.model_path
+        few = (f" (fewer labels than --batch_size {cfg.batch_size}: every label in one batch)"
+               if n < cfg.batch_size else "")
         say(f"fine-tuning {source} from {cfg.from_layer}: {len(self.labeled)} labeled images "
             f"({len(self.labeled) // num_classes} per class) of {len(bundle.memory)}, {len(bundle.test)} test images, "
-            f"{num_classes} classes, batch {self.batch}, {steps_per_epoch} steps per epoch")
+            f"{num_classes} classes, batch {self.batch}{few}, {steps_per_epoch} steps per epoch, lr {self.lr:g}, "
+            f"{cfg.epochs} epochs")
 
     def train(self) -> int:
         """Restore if resuming, write the config, then train epoch by epoch; returns the exit code."""
@@ -209,6 +230,10 @@ class FineTuning:
                 raise UserError("the labeled images differ from the checkpoint's (has the data set changed?); "
                                 "start a new run with another --name")
             restore(state, job.checkpoint, job.resume_path, "fine-tuned model of these flags", self.legacy_sums)
+            if finished(state):  # nothing to train: the run's files stay as they are
+                self.say(f"{job.prefix} is finished ({state.start_epoch} of {cfg.epochs} epochs): "
+                         f"{existing(job.paths[k] for k in ('statistics.csv', 'model.pth', 'config.json'))}")
+                return 0
         os.makedirs(os.path.dirname(job.paths["config.json"]) or ".", exist_ok=True)
         atomic_save_json(state.config, job.paths["config.json"])
         if cfg.tensorboard:  # one point per epoch; a resumed run drops what was logged past its checkpoint
@@ -235,13 +260,14 @@ class FineTuning:
         """The config JSON (and the checkpoint's config): flags, source, the label indices and what was built."""
         bundle, cfg, job = self.bundle, self.cfg, self.job
         counts = torch.bincount(self.labeled.labels.cpu(), minlength=len(bundle.classes)).tolist()
-        return {**dataclasses.asdict(cfg), "source": job.source, "prefix": job.prefix,
+        return {**dataclasses.asdict(cfg), "lr": self.lr, "source": job.source, "prefix": job.prefix,
                 "encoder": dataclasses.asdict(job.encoder), "feature_dim": job.head[0],
                 "proj_hidden_dim": job.head[1], "proj_layers": job.head[2], "image_size": bundle.image_size, "mean": list(self.aug.mean),
                 "std": list(self.aug.std), "num_classes": len(bundle.classes), "classes": bundle.classes,
                 "label_split": "the data set's labeled training split, in load order", "labels": len(self.labeled),
                 "labels_by_class": counts, "batch": self.batch, "steps_per_epoch": self.state.steps_per_epoch,
-                "precision": self.runtime.precision, **versions(), "label_indices": self.label_indices.tolist()}
+                "precision": self.runtime.precision, **versions(), "label_indices": self.label_indices.tolist(),
+                **({"batching": "even"} if self.even else {})}
 
     # ------------------------------------------------------------------------- one epoch
 
@@ -255,7 +281,7 @@ class FineTuning:
         generator = torch.Generator(device=runtime.device)
         state.model.train()
         for step in range(monitor.first, state.steps_per_epoch):
-            idx = perm[step * self.batch:(step + 1) * self.batch]
+            idx = perm[self.bounds[step]:self.bounds[step + 1]]
             set_lr(state.optimizer, state.schedule.lr(epoch * state.steps_per_epoch + step))
             generator.manual_seed(mix_seed(cfg.seed, epoch, step))
             x = crop_flip(images[idx].to(runtime.device, non_blocking=True), self.aug, generator)  # (B, 3, S, S)
@@ -273,11 +299,11 @@ class FineTuning:
 
     def epoch_row(self, epoch: int, result: EpochResult) -> dict:
         """Test in eval mode, save the weights; returns the CSV row."""
-        steps, seen = self.state.steps_per_epoch, self.state.steps_per_epoch * self.batch
+        steps, seen = self.state.steps_per_epoch, self.bounds[-1]  # images per epoch
         loss_sum, hits1, hits5 = result.sums.tolist()
         test1, test5 = self.evaluate()
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / steps, "train_acc@1": 100 * hits1 / seen,
-               "train_acc@5": 100 * hits5 / seen, "test_acc@1": test1, "test_acc@5": test5,
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / steps, "train_acc@1": percent(hits1, seen),
+               "train_acc@5": percent(hits5, seen), "test_acc@1": test1, "test_acc@5": test5,
                "lr": self.state.optimizer.param_groups[0]["lr"], "epoch_seconds": result.seconds}
         save_weights(self.state.model, self.job.paths["model.pth"])
         return row

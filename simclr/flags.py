@@ -506,13 +506,14 @@ FINETUNE_FLAGS: tuple[Flag, ...] = (
          group="labels", role="run", gt=0, le=1, optional=True),
     Flag("labels_per_class", None, "use N labeled images of every class instead of a fraction", int,
          group="labels", role="run", ge=1, le=BIG, optional=True),
-    Flag("batch_size", 64, "labeled images per step (the last incomplete batch of an epoch is dropped)", int,
+    Flag("batch_size", 64, "most labeled images per step: every label is used every epoch, in ceil(labels / N) "
+         "batches of nearly equal size (one batch of all labels when there are fewer than N)", int,
          group="fine-tuning", role="run", ge=2, le=2 ** 20),
-    Flag("epochs", 30, "epochs over the labeled subset (SimCLR: 60 for 1%, 30 for 10% of ImageNet)", int,
-         group="fine-tuning", role="run", ge=1, le=10 ** 6),
+    Flag("epochs", None, "epochs over the labeled subset; None means 60 for --label_fraction 0.01 or less, else 30 "
+         "(SimCLR's 1% and 10% settings)", int, group="fine-tuning", role="run", ge=1, le=10 ** 6, optional=True),
     Flag("lr", None, "learning rate of SGD with Nesterov momentum, cosine decay to 0 over all steps; None means "
-         "0.05 x batch_size / 256 (SimCLR's fine-tuning rule)", float, group="fine-tuning", role="run", gt=0,
-         le=MAX_LR, optional=True),
+         "0.05 x B / 256 with B the batch actually used (SimCLR's fine-tuning rule)", float, group="fine-tuning",
+         role="run", gt=0, le=MAX_LR, optional=True),
     Flag("momentum", 0.9, "Nesterov momentum (0: plain SGD)", float, group="fine-tuning", role="run", ge=0, lt=1),
     Flag("weight_decay", 0.0, "L2 penalty on every weight (SimCLR's fine-tuning uses none)", float,
          group="fine-tuning", role="run", ge=0, le=10),

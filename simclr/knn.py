@@ -80,7 +80,13 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     """Percent of rows whose label is among the top-k scores, for each k (k capped at C)."""
     if scores.shape[0] == 0:
         return [float("nan")] * len(ks)
-    return [(hits / scores.shape[0]).item() * 100 for hits in topk_hits(scores, labels, ks)]
+    n = scores.shape[0]
+    return [percent(hits, n) for hits in topk_hits(scores, labels, ks).tolist()]
+
+
+def percent(hits: float, n: int) -> float:
+    """100 x hits / n from whole counts, in double precision: 106 of 500 is 21.2, not 21.199999749660492."""
+    return 100 * round(hits) / n
 
 
 def knn_accuracy(test_features: torch.Tensor, test_labels: torch.Tensor, bank_features: torch.Tensor,

@@ -25,7 +25,7 @@ from .data import load_dataset, require_labeled, subset
 from .engine import Runtime, make_runtime, mix_seed, seed_everything, versions
 from .files import atomic_save, atomic_save_json, atomic_write_csv
 from .flags import LinearConfig
-from .knn import forward_in_batches, topk_accuracy
+from .knn import forward_in_batches, percent, topk_accuracy, topk_hits
 from .model import SimCLR
 from .names import LINEAR_COLUMNS
 from .optim import build_optimizer, lr_at, set_lr
@@ -118,13 +118,13 @@ def fit(batch_features: BatchFn, train_y: torch.Tensor, test_x: torch.Tensor, te
             loss.backward()
             optimizer.step()
             # train metrics are running averages over the epoch's batches (no second pass over the data)
-            acc1, acc5 = topk_accuracy(logits.detach(), y, (1, 5))
+            top1, top5 = topk_hits(logits.detach(), y, (1, 5)).tolist()
             loss_sum += loss.item() * len(idx)
-            hits1 += acc1 * len(idx)
-            hits5 += acc5 * len(idx)
+            hits1 += top1
+            hits5 += top5
         test_loss, test1, test5 = evaluate(linear, test_x, test_y)
-        rows.append({"epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc@1": hits1 / n,
-                     "train_acc@5": hits5 / n, "test_loss": test_loss, "test_acc@1": test1, "test_acc@5": test5,
+        rows.append({"epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc@1": percent(hits1, n),
+                     "train_acc@5": percent(hits5, n), "test_loss": test_loss, "test_acc@1": test1, "test_acc@5": test5,
                      "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0})
         epochs.set_postfix(loss=f"{rows[-1]['train_loss']:.3f}", test_top1=f"{test1:.2f}")
         if on_epoch is not None:

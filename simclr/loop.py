@@ -118,14 +118,17 @@ def run_epochs(state: RunState, job: Job) -> int:
 
 
 def end_epoch(state: RunState, job: Job, epoch: int, result: EpochResult) -> dict:
-    """The job's row, then the CSV, curves, TensorBoard and the checkpoint that says the epoch is done."""
+    """The job's row, TensorBoard, the checkpoint that says the epoch is done, then the CSV and curves.
+
+    The CSV follows the checkpoint (which holds the rows too): a save that fails (a full disk) leaves a
+    CSV that never claims an epoch no checkpoint holds."""
     row = job.epoch_row(epoch, result)
     state.history.append(row)
     if state.world.is_main:
+        log_row(state, row)  # before the checkpoint: a resumed run purges what was logged past it
+        save_last(state, epoch + 1, EpochResult(0, torch.zeros(state.n_sums), 0.0))
         atomic_write_csv(state.paths["statistics.csv"], state.csv_columns, state.history)
         job.plot(state.history)
-        log_row(state, row)  # before the checkpoint that says this epoch is done
-        save_last(state, epoch + 1, EpochResult(0, torch.zeros(state.n_sums), 0.0))
     return row
 
 
@@ -304,5 +307,16 @@ def restore(state: RunState, checkpoint: dict, path: str, what: str,
     state.carried_sums, state.carried_seconds = [float(v) for v in sums], checkpoint["epoch_seconds"]
     state.history = [row for row in checkpoint["history"] if row["epoch"] <= state.start_epoch]
     state.best = checkpoint["best_acc"]
-    state.say(f"resuming {state.name} at epoch {state.start_epoch + 1}, step {state.start_step} "
-              f"of {state.steps_per_epoch}")
+    if not finished(state):
+        state.say(f"resuming {state.name} at epoch {state.start_epoch + 1}, step {state.start_step} "
+                  f"of {state.steps_per_epoch}")
+
+
+def finished(state: RunState) -> bool:
+    """True when the run's position is past its last epoch: nothing is left to train."""
+    return state.start_epoch >= state.epochs
+
+
+def existing(paths) -> str:
+    """The paths among `paths` that exist, comma-separated (a finished line names only real files)."""
+    return ", ".join(p for p in paths if os.path.exists(p)) or "none"

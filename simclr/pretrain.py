@@ -7,6 +7,7 @@ stops, the monitor, checkpoints) is in simclr.loop; what is SimCLR's is here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -17,15 +18,16 @@ from .augment import AugmentConfig, normalize, pil_transform, two_views
 from .checkpoint import load_training_checkpoint, save_weights
 from .cli import UserError, first_line
 from .curves import plot_run_or_warn
-from .data import DataBundle, ImageSet, load_dataset, pil_view_batches, subset
+from .data import DataBundle, ImageSet, content_fingerprint, load_dataset, pil_view_batches, subset
 from .distributed import World, convert_batchnorm, in_turn
 from .engine import Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision, seed_everything
 from .engine import train_step, versions
-from .files import RunLock, atomic_save_json
+from .files import RunLock, atomic_save_json, check_name_fits
 from .flags import TRAIN_FLAGS, TrainConfig, check_name, check_values, train_resume_values, train_values
 from .knn import knn_accuracy, sharded_features
 from .loss import positive_ids
-from .loop import RESULT_FILES, EpochResult, RunState, log_row, open_tensorboard, restore, run_epochs
+from .loop import RESULT_FILES, EpochResult, RunState, existing, finished, log_row, open_tensorboard, restore
+from .loop import run_epochs
 from .model import SimCLR
 from .optim import Schedule, build_optimizer, scaled_lr, set_lr
 from .tblog import require_tensorboard
@@ -45,7 +47,8 @@ def run(explicit: dict, world: World) -> int:
         say(note)
     job = Pretraining(cfg, world, say)
     # one process per run name and results folder, from here to the end (released by the kernel on any exit)
-    lock = RunLock(cfg.results_dir, cfg.name).acquire() if world.is_main else None
+    files = [f"{cfg.name}_{kind}" for kind in RESULT_FILES]
+    lock = RunLock(cfg.results_dir, cfg.name, files).acquire() if world.is_main else None
     try:
         return job.train(checkpoint)
     finally:
@@ -76,6 +79,7 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
     values.update(device=str(device), precision=precision)
     cfg = TrainConfig(**check_values(values, TRAIN_FLAGS))
     check_name(cfg.name)
+    check_name_fits(cfg.results_dir, [f"{cfg.name}_{kind}" for kind in RESULT_FILES])
     if cfg.warmup_epochs > cfg.epochs:
         raise UserError(f"--warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}")
     if cfg.tensorboard and world.is_main:
@@ -101,6 +105,7 @@ class Pretraining:
         self.cfg, self.world, self.say = cfg, world, say
         self.runtime = setup_runtime(cfg, world)
         self.bundle = load_data(cfg, world, say)
+        self.data = data_identity(self.bundle)
         seed_everything(cfg.seed)  # the model's initialisation
         model, self.params, self.macs = build_model(cfg, self.bundle, self.runtime, say)
         steps_per_epoch = len(self.bundle.train) // cfg.batch_size  # the last incomplete batch is dropped
@@ -117,10 +122,11 @@ class Pretraining:
         self.state = RunState(cfg.name, "main.py", cfg.epochs, cfg.batch_size, world, self.runtime, model, optimizer,
                               self.runtime.grad_scaler(), schedule, paths, CSV_COLUMNS, dataclasses.asdict(cfg), say,
                               NAN_ADVICE)
+        self.state.extra = lambda: {"data": self.data}
         self.probe = None
         if cfg.online_probe and self.evaluates and bool((self.bundle.train.labels >= 0).any()):
             self.probe = OnlineProbe(model.feature_width, len(self.bundle.classes), self.runtime.device, world)
-            self.state.extra = lambda: {"online_probe": self.probe.state_dict()}
+            self.state.extra = lambda: {"data": self.data, "online_probe": self.probe.state_dict()}
         elif cfg.online_probe:
             say("note: no labeled training images, so no online probe (its CSV columns stay empty)")
 
@@ -134,9 +140,14 @@ class Pretraining:
         cfg, state, say = self.cfg, self.state, self.say
         if checkpoint is not None:
             path = resume_path(cfg) if cfg.resume == "auto" else cfg.resume
+            check_same_data(checkpoint, path, self.data, cfg.data_root)
             restore(state, checkpoint, path, f"{cfg.arch} SimCLR model")
             if self.probe is not None:
                 self.probe.restore(checkpoint.get("online_probe"), path)
+            if finished(state):  # nothing to train: the run's files stay as they are
+                say(f"{cfg.name} is finished ({state.start_epoch} of {cfg.epochs} epochs; pass a larger --epochs to "
+                    f"train on): {existing(state.paths[k] for k in ('model.pth', 'statistics.csv', 'config.json'))}")
+                return 0
         if self.world.is_main:
             self.write_config()
             if cfg.tensorboard:
@@ -154,7 +165,7 @@ class Pretraining:
             state.log.close()  # what was logged reaches the disk, also when the run stops or fails
         if code == 0:
             best = f"best kNN top-1 {state.best:.2f}%" if self.evaluates else "no evaluation (no labeled data)"
-            say(f"done: {best}; weights {state.paths['model.pth']}, statistics {state.paths['statistics.csv']}")
+            say(f"done: {best}; files {existing(state.paths[k] for k in ('model.pth', 'statistics.csv', 'last.pth'))}")
         return code
 
     def write_config(self) -> None:
@@ -164,7 +175,8 @@ class Pretraining:
                           "world_size": self.world.world_size, "num_classes": len(bundle.classes),
                           "classes": bundle.classes, "mean": list(bundle.mean), "std": list(bundle.std),
                           "train_images": len(bundle.train), "parameters": self.params,
-                          "macs_per_image": self.macs, **versions()}, state.paths["config.json"])
+                          "macs_per_image": self.macs, **versions(), "data_fingerprint": self.data["fingerprint"]},
+                         state.paths["config.json"])
 
     # ------------------------------------------------------------------------- one epoch
 
@@ -326,6 +338,42 @@ class OnlineProbe:
         except Exception as e:  # noqa: BLE001 - a malformed part of an untrusted file is the user's to fix
             raise UserError(f"--resume {path}: its online_probe entry does not fit this run ({first_line(e)[:120]}); "
                             f"the file is damaged") from None
+
+
+# ----------------------------------------------------------------------------- the data a run was trained on
+
+def data_identity(bundle: DataBundle) -> dict:
+    """What a resume compares: the classes, the training image count and a fingerprint of their content."""
+    return {"classes": list(bundle.classes), "train_images": len(bundle.train),
+            "fingerprint": content_fingerprint(bundle.train)}
+
+
+def check_same_data(checkpoint: dict, path: str, data: dict, data_root: str) -> None:
+    """Refuse to resume on other data than the checkpoint's (its "data" entry; an older checkpoint's
+    NAME_config.json beside it gives classes and count only); one line naming what differs."""
+    saved = checkpoint.get("data")
+    if not isinstance(saved, dict):
+        saved = {}
+        beside = path[:-len("_last.pth")] + "_config.json" if path.endswith("_last.pth") else None
+        if beside is not None and os.path.isfile(beside):
+            try:
+                with open(beside) as f:
+                    config = json.load(f)
+                saved = {k: config[k] for k in ("classes", "train_images") if k in config}
+            except (OSError, ValueError, TypeError, RecursionError):
+                saved = {}
+    differs = []
+    if "classes" in saved and saved["classes"] != data["classes"]:
+        shown = lambda c: ", ".join(map(str, c[:5])) + (", ..." if len(c) > 5 else "")  # noqa: E731
+        differs.append(f"classes {len(saved['classes'])} ({shown(saved['classes'])}) -> "
+                       f"{len(data['classes'])} ({shown(data['classes'])})")
+    if "train_images" in saved and saved["train_images"] != data["train_images"]:
+        differs.append(f"training images {saved['train_images']} -> {data['train_images']}")
+    if not differs and "fingerprint" in saved and saved["fingerprint"] != data["fingerprint"]:
+        differs.append("same classes and count, other images")
+    if differs:
+        raise UserError(f"--resume {path}: --data_root {data_root} is not the data this run was trained on "
+                        f"({'; '.join(differs)}); pass the run's data, or start a new run with another --name")
 
 
 # ----------------------------------------------------------------------------- build steps, in calling order

@@ -151,14 +151,14 @@ def test_tsne_map_of_a_balanced_sample_with_thumbnails(tiny_run):
     argv = ["--model_path", str(tiny_run / "tiny_model.pth"), "--n", "9", "--seed", "4", "--thumbnails",
             "--device", "cpu", "--threads", "1"]
     assert embed.main(argv) == 0
-    rows = read_csv(tiny_run / "tiny_embed_tsne.csv")  # the default names, beside the weights
+    rows = read_csv(tiny_run / "tiny_embed_tsne_n9_thumbnails.csv")  # the default names say --n and --thumbnails
     assert len(rows) == 9 and len({r["index"] for r in rows}) == 9
     assert sorted(sum(r["class"] == c for r in rows) for c in ("cat", "dog", "frog")) == [3, 3, 3]
     assert all(math.isfinite(float(r[k])) for r in rows for k in ("x", "y"))
-    assert png_size(tiny_run / "tiny_embed_tsne.png") == (1000, 800)
+    assert png_size(tiny_run / "tiny_embed_tsne_n9_thumbnails.png") == (1000, 800)
     first = [r["index"] for r in rows]
     assert embed.main([*argv[:5], "5", *argv[6:]]) == 0
-    assert [r["index"] for r in read_csv(tiny_run / "tiny_embed_tsne.csv")] != first  # another seed, other images
+    assert [r["index"] for r in read_csv(tiny_run / "tiny_embed_tsne_n9_thumbnails.csv")] != first  # another seed, other images
 
 
 def test_projector_files_for_tensorboard(tiny_run, tmp_path):
