@@ -44,16 +44,16 @@ def run(explicit: dict) -> int:
     if explicit.get("tensorboard"):
         require_tensorboard()
     cfg, job = plan(explicit, say)  # everything the user can get wrong is refused before any file is written
-    # one process per NAME_finetune_TAG and folder, from here to the end (released by the kernel on any exit)
+    runtime = make_runtime(cfg.device, cfg.precision, cfg.channels_last, threads=cfg.threads)
+    bundle = require_labeled(load_dataset(job.encoder.dataset, job.encoder.data_root, job.encoder.image_size,
+                                          cache_dir=job.encoder.cache_dir, log=say), job.encoder.data_root)
+    labels = choose_labels(bundle, cfg)
+    # one process per NAME_finetune_TAG and folder, from the first write to the end (released by the kernel on
+    # any exit); taken after the data, which writes nothing in the results folder, so a refusal leaves it as it was
     lock = RunLock(os.path.dirname(job.paths["config.json"]) or ".", job.prefix,
                    [os.path.basename(p) for p in job.paths.values()]).acquire()
     try:
-        runtime = make_runtime(cfg.device, cfg.precision, cfg.channels_last, threads=cfg.threads)
-        bundle = require_labeled(load_dataset(job.encoder.dataset, job.encoder.data_root, job.encoder.image_size,
-                                              cache_dir=job.encoder.cache_dir, log=say), job.encoder.data_root)
-        labels = choose_labels(bundle, cfg)
-        ft = FineTuning(cfg, job, bundle, labels, runtime, say)
-        return ft.train()
+        return FineTuning(cfg, job, bundle, labels, runtime, say).train()
     finally:
         lock.release()
 

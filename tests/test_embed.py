@@ -200,7 +200,7 @@ def test_bad_files_exit_2(tiny_run, tmp_path, capsys):
     garbage.write_bytes(b"not a checkpoint")
     config = str(tiny_run / "tiny_config.json")
     for argv, needle in ((["--model_path", str(tmp_path / "missing_model.pth"), "--config", config], "no such file"),
-                         (["--model_path", str(garbage), "--config", config], "not a PyTorch weights"),
+                         (["--model_path", str(garbage), "--config", config], "is damaged"),
                          ([], "--model_path is required")):
         assert embed.main([*argv, "--method", "pca", "--device", "cpu"]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()

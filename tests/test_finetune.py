@@ -125,7 +125,7 @@ def test_from_layer_head1_loads_the_heads_first_layer(trained, tiny_folder):
 def test_fine_tuning_moves_every_part_of_the_encoder(trained, tmp_path):
     assert finetune.main(quick(trained / "run_model.pth", tmp_path, "--from_layer", "head1")) == 0
     before = torch.load(trained / "run_model.pth", weights_only=True)
-    after = torch.load(tmp_path / "run_finetune_0.25_model.pth", weights_only=True)
+    after = torch.load(tmp_path / "run_finetune_0.25_head1_model.pth", weights_only=True)  # the TAG names the layer
     expected = ({k for k in before if k.startswith("f.")} | {"fc.weight", "fc.bias"} |
                 {"head." + k[2:] for k in before if k.startswith(("g.0.", "g.1."))})
     assert set(after) == expected
@@ -256,14 +256,15 @@ def test_resume_after_sigint_mid_epoch_equals_an_uninterrupted_run(trained, tmp_
         patch.setattr(finetuning, "apply_gradients", step_then_interrupt)
         assert finetune.main(quick(model, tmp_path / "r", *extra)) == 130
     assert count[0] == 4 and "--resume auto" in capsys.readouterr().err
-    ckpt = torch.load(tmp_path / "r" / "run_finetune_0.25_last.pth", weights_only=True)
+    ckpt = torch.load(tmp_path / "r" / "run_finetune_0.25_head1_last.pth", weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 1)
-    assert len(pd.read_csv(tmp_path / "r" / "run_finetune_0.25_statistics.csv")) == 1
+    assert len(pd.read_csv(tmp_path / "r" / "run_finetune_0.25_head1_statistics.csv")) == 1
     # a changed flag that alters the run is refused; the same command (or fewer flags) continues
     assert finetune.main(quick(model, tmp_path / "r", *extra, "--lr", "0.1", "--resume", "auto")) == 2
     assert "--lr 0.05 -> 0.1" in capsys.readouterr().err
-    assert finetune.main(quick(model, tmp_path / "r", "--resume", "auto")) == 0  # flags from the checkpoint
-    assert_same_run(tmp_path / "straight", tmp_path / "r")
+    # the layer names the files (TAG 0.25_head1); every other flag comes from the checkpoint
+    assert finetune.main(quick(model, tmp_path / "r", "--from_layer", "head1", "--resume", "auto")) == 0
+    assert_same_run(tmp_path / "straight", tmp_path / "r", prefix="run_finetune_0.25_head1")
 
 
 def test_sigterm_finishes_the_step_and_exits_143(trained, tmp_path, monkeypatch):
@@ -298,13 +299,13 @@ def test_the_head_depth_comes_from_the_config_and_from_layer_takes_each_hidden_l
     path = deep_run(trained, tmp_path / "deep")
     saved = torch.load(path, weights_only=True)
     assert finetune.main(quick(path, tmp_path / "out", "--from_layer", "head2", "--epochs", "1", "--lr", "1e-9")) == 0
-    tuned = torch.load(tmp_path / "out" / "deep_finetune_0.25_model.pth", weights_only=True)
+    tuned = torch.load(tmp_path / "out" / "deep_finetune_0.25_head2_model.pth", weights_only=True)
     # the classifier sits after both hidden layers (g.0-g.5) of the 3-layer head, loaded from the weights
     assert {k for k in tuned if k.startswith("head.")} == {k.replace("g.", "head.", 1) for k in saved
                                                             if k.startswith("g.") and int(k.split(".")[1]) < 6}
     assert tuned["fc.weight"].shape == (3, 32)
     assert torch.allclose(tuned["head.3.weight"], saved["g.3.weight"], atol=1e-6)  # lr 1e-9: barely moved
-    assert config_of(tmp_path / "out", "deep_finetune_0.25")["proj_layers"] == 3
+    assert config_of(tmp_path / "out", "deep_finetune_0.25_head2")["proj_layers"] == 3
     capsys.readouterr()
     # a 3-layer head has two hidden layers: head3 is refused with one line, before anything is written
     assert finetune.main(quick(path, tmp_path / "out3", "--from_layer", "head3")) == 2
