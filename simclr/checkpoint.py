@@ -48,8 +48,8 @@ def _load_error(path: str, e: Exception) -> UserError:
     detail = reasons[0] if reasons else type(e).__name__
     if isinstance(e, (pickle.UnpicklingError, IndexError, KeyError, ValueError, TypeError)) and code is None:
         # the unpickler's own words ("pop from empty list", "Unsupported operand 149") say nothing to a user
-        return UserError(f"{path} is damaged: its data is not the pickled tensors torch.save writes "
-                         f"(the reader stopped at: {detail[:80]}); save or copy it again")
+        return UserError(f"{path} is not a PyTorch weights file: it is damaged (its data is not the pickled tensors "
+                         f"torch.save writes; the reader stopped at: {detail[:80]}); save or copy it again")
     return UserError(f"{path} is not a PyTorch weights file that can be loaded safely ({detail[:160]})")
 
 

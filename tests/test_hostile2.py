@@ -330,16 +330,16 @@ def test_a_damaged_pickle_is_said_in_words(tmp_path):
 def test_embed_projector_on_a_full_disk_leaves_no_half_sprite(trained, tmp_path, monkeypatch, capsys):
     pytest.importorskip("tensorboard")
     import embed
-    from PIL import Image
-    real_save = Image.Image.save
+    from simclr import tblog
 
-    def half_then_full(self, fp, *a, **kw):
-        if str(fp).endswith("sprite.png"):
-            with open(fp, "wb") as f:
-                f.write(b"\x89PNG half")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(self, fp, *a, **kw)
-    monkeypatch.setattr(Image.Image, "save", half_then_full)
+    def half_then_full(self, features, metadata, header, images, tag):
+        # the disk fills while the projector files are written: half a sprite is on disk, then ENOSPC
+        folder = os.path.join(self.writer.log_dir, "00000", tag)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "sprite.png"), "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(tblog.TBLog, "embedding", half_then_full)
     logdir = tmp_path / "tb"
     code = embed.main(["--model_path", str(trained / "run_model.pth"), "--method", "pca", "--device", "cpu",
                        "--tensorboard", "--tensorboard_dir", str(logdir), "--out", str(tmp_path / "m.png")])

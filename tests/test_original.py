@@ -131,7 +131,8 @@ def test_every_script_reads_the_original_file(original, cifar_like, tmp_path, ca
                           "--label_fraction", "0.5", "--from_layer", "head1",
                           "--results_dir", str(tmp_path / "ft")]) == 0
     one_announcement(capsys)
-    tuned = torch.load(tmp_path / "ft" / f"{FEATURE_DIM}_0.5_200_512_500_finetune_0.5_model.pth", weights_only=True)
+    tuned = torch.load(tmp_path / "ft" / f"{FEATURE_DIM}_0.5_200_512_500_finetune_0.5_head1_model.pth",
+                       weights_only=True)
     assert "f.conv1.weight" in tuned and "f.0.weight" not in tuned  # written in our key names
 
 

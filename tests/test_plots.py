@@ -274,8 +274,8 @@ def test_neighbors_bad_input_exits_2_and_writes_nothing(tiny_run, tmp_path, caps
     cases = [
         (["--model_path", str(tmp_path / "missing_model.pth"), "--config", str(tiny_run / "tiny_config.json")],
          "no such file"),
-        (["--model_path", str(tmp_path / "missing_model.pth")], "no such file; pass --config"),
-        (["--model_path", str(garbage), "--config", str(tiny_run / "tiny_config.json")], "not a PyTorch weights"),
+        (["--model_path", str(tmp_path / "missing_model.pth")], "missing_model.pth: no such file"),
+        (["--model_path", str(garbage), "--config", str(tiny_run / "tiny_config.json")], "is damaged"),
         (["--model_path", str(other), "--config", str(tiny_run / "tiny_config.json")], "does not fit a resnet18"),
         (["--model_path", model, "--n", "1000"], "--n 1000"),
         (["--model_path", model, "--k", "0"], "must be positive"),
