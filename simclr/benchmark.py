@@ -291,21 +291,26 @@ def bn_stats_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch:
             sync(device)
         return run
 
-    runs = {"joint": timed_step(joint), "per_view": timed_step(per_view)}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(warmup + steps):
-        order = list(runs) if i % 2 == 0 else list(runs)[::-1]  # neither mode always runs right after the other
-        for name in order:
-            t0 = time.perf_counter()
-            runs[name](i)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+    times = interleaved_times({"joint": timed_step(joint), "per_view": timed_step(per_view)}, warmup, steps)
     joint_s, per_view_s = median(times["joint"]), median(times["per_view"])
     # on a shared machine the load drifts: the ratio of the two steps of one iteration cancels most of it
     paired = median([p / j for p, j in zip(times["per_view"], times["joint"])])
     return {"arch": arch, "batch_size": batch, "image_size": cfg.image_size, "precision": runtime.precision,
             "steps": steps, "joint_seconds_per_step": joint_s, "per_view_seconds_per_step": per_view_s,
             "ratio": per_view_s / joint_s, "paired_ratio": paired}
+
+
+def interleaved_times(runs: dict[str, Callable[[int], None]], warmup: int, steps: int) -> dict[str, list[float]]:
+    """Seconds of each timed step of every variant, the variants interleaved in alternating order (neither always
+    runs right after the other), the first `warmup` iterations untimed."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(warmup + steps):
+        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+            t0 = time.perf_counter()
+            runs[name](i)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def report_bn_stats(bn: dict) -> list[str]:
@@ -348,14 +353,7 @@ def probe_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: in
             sync(device)
         return run
 
-    runs = {"off": timed_step(plain, False), "on": timed_step(probed, True)}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(warmup + steps):
-        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
-            t0 = time.perf_counter()
-            runs[name](i)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+    times = interleaved_times({"off": timed_step(plain, False), "on": timed_step(probed, True)}, warmup, steps)
     off_s, on_s = median(times["off"]), median(times["on"])
     paired = median([a / b for a, b in zip(times["on"], times["off"])])
     return {"arch": arch, "batch_size": batch, "image_size": cfg.image_size, "precision": runtime.precision,
