@@ -24,7 +24,7 @@ from .engine import Runtime, count_macs, make_runtime, mix_seed, resolve_device,
 from .engine import train_step, versions
 from .files import RunLock, atomic_save_json, check_name_fits
 from .flags import TRAIN_FLAGS, TrainConfig, check_name, check_values, train_resume_values, train_values
-from .knn import knn_accuracy, sharded_features
+from .knn import knn_accuracy, percent, sharded_features
 from .loss import positive_ids
 from .loop import RESULT_FILES, EpochResult, RunState, existing, finished, log_row, open_tensorboard, restore
 from .loop import run_epochs
@@ -320,7 +320,8 @@ class OnlineProbe:
         logits = self.linear(features.float())                                      # (N, classes)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()             # (N, 5)
         hits = top == labels.cpu()[:, None]
-        return 100.0 * hits[:, 0].float().mean().item(), 100.0 * hits.any(dim=1).float().mean().item()
+        n = hits.shape[0]
+        return percent(int(hits[:, 0].sum()), n), percent(int(hits.any(dim=1).sum()), n)
 
     def state_dict(self) -> dict:
         return {"linear": {k: v.detach().cpu() for k, v in self.linear.state_dict().items()},
