@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import sys
 
-try:  # Ctrl-C in the first moments (these imports) is one line too, not a traceback
+from simclr.starting import starting
+
+with starting():  # Ctrl-C during these imports is one line too, not a traceback
     from simclr.cli import run_cli
     from simclr.flags import BENCH_FLAGS, build_parser as flags_parser
-except KeyboardInterrupt:
-    print("interrupted while starting; nothing was written", file=sys.stderr)
-    sys.exit(130)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,27 +14,19 @@ from __future__ import annotations
 
 import sys
 
-try:  # Ctrl-C in the first moments (these imports) is one line too, not a traceback
-    from simclr.cli import UserError, run_cli
-    from simclr.flags import EMBED_FLAGS, build_parser
-except KeyboardInterrupt:
-    print("interrupted while starting; nothing was written", file=sys.stderr)
-    sys.exit(130)
+from simclr.starting import starting
+
+with starting():  # Ctrl-C during these imports is one line too, not a traceback
+    from simclr.entry import run_on_model
+    from simclr.flags import EMBED_FLAGS
+
+DESCRIPTION = "Draw encoder features of the test images in two dimensions (t-SNE or PCA), coloured by class."
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
-    return run_cli(lambda: embed(argv), "try a smaller --eval_batch_size, or --device cpu")
-
-
-def embed(argv: list[str] | None) -> int:
-    """Parse, then draw the map (simclr.feature_map, which imports torch)."""
-    args = build_parser(EMBED_FLAGS, "Draw encoder features of the test images in two dimensions (t-SNE or PCA), "
-                        "coloured by class.").parse_args(argv)
-    if args.model_path is None:
-        raise UserError("--model_path is required: pass results/NAME_model.pth written by main.py")
-    from simclr.feature_map import run
-    return run(args)
+    """Command-line entry point; returns the exit code (the job: simclr/feature_map.py, which imports torch)."""
+    return run_on_model(argv, EMBED_FLAGS, DESCRIPTION, "feature_map",
+                        "try a smaller --eval_batch_size, or --device cpu")
 
 
 if __name__ == "__main__":

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import sys
 
-try:  # Ctrl-C in the first moments (these imports) is one line too, not a traceback
+from simclr.starting import starting
+
+with starting():  # Ctrl-C during these imports is one line too, not a traceback
     from simclr.cli import run_cli
     from simclr.flags import FINETUNE_FLAGS, build_parser
-except KeyboardInterrupt:
-    print("interrupted while starting; nothing was written", file=sys.stderr)
-    sys.exit(130)
 
 CSV_COLUMNS = "epoch, train_loss, train_acc@1, train_acc@5, test_acc@1, test_acc@5, lr, epoch_seconds"
 OOM_ADVICE = "use a smaller --batch_size or --eval_batch_size, or --precision bf16"

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import sys
 
-try:  # Ctrl-C in the first moments (these imports) is one line too, not a traceback
+from simclr.starting import starting
+
+with starting():  # Ctrl-C during these imports is one line too, not a traceback
     from simclr.cli import UserError, run_cli
     from simclr.flags import DEFAULT_LR, LINEAR_FLAGS, LinearConfig, build_parser as flags_parser, check_name
     from simclr.names import LINEAR_COLUMNS as CSV_COLUMNS  # noqa: F401 (NAME_linear_statistics.csv's columns)
-except KeyboardInterrupt:
-    print("interrupted while starting; nothing was written", file=sys.stderr)
-    sys.exit(130)
 
 
 def main(argv: list[str] | None = None) -> int:

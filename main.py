@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import sys
 
-try:  # Ctrl-C in the first moments (these imports) is one line too, not a traceback
+from simclr.starting import starting
+
+with starting():  # Ctrl-C during these imports is one line too, not a traceback
     from simclr.cli import run_cli
     from simclr.flags import TRAIN_FLAGS, build_parser
-except KeyboardInterrupt:
-    print("interrupted while starting; nothing was written", file=sys.stderr)
-    sys.exit(130)
 
 DESCRIPTION = "SimCLR on CIFAR-scale images with weighted kNN evaluation."
 OOM_ADVICE = ("try --grad_checkpoint, --precision bf16, a smaller --batch_size or --eval_batch_size, "

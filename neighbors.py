@@ -10,27 +10,19 @@ from __future__ import annotations
 
 import sys
 
-try:  # Ctrl-C in the first moments (these imports) is one line too, not a traceback
-    from simclr.cli import UserError, run_cli
-    from simclr.flags import NEIGHBORS_FLAGS, build_parser
-except KeyboardInterrupt:
-    print("interrupted while starting; nothing was written", file=sys.stderr)
-    sys.exit(130)
+from simclr.starting import starting
+
+with starting():  # Ctrl-C during these imports is one line too, not a traceback
+    from simclr.entry import run_on_model
+    from simclr.flags import NEIGHBORS_FLAGS
+
+DESCRIPTION = "Show test images and their nearest labeled training images by encoder feature."
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
-    return run_cli(lambda: draw(argv), "try a smaller --eval_batch_size, or --device cpu")
-
-
-def draw(argv: list[str] | None) -> int:
-    """Parse, then find the neighbours and write the picture (simclr.neighbor_grid, which imports torch)."""
-    args = build_parser(NEIGHBORS_FLAGS, "Show test images and their nearest labeled training images by encoder "
-                        "feature.").parse_args(argv)
-    if args.model_path is None:
-        raise UserError("--model_path is required: pass results/NAME_model.pth written by main.py")
-    from simclr.neighbor_grid import run
-    return run(args)
+    """Command-line entry point; returns the exit code (the job: simclr/neighbor_grid.py, which imports torch)."""
+    return run_on_model(argv, NEIGHBORS_FLAGS, DESCRIPTION, "neighbor_grid",
+                        "try a smaller --eval_batch_size, or --device cpu")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ import os
 import sys
 from typing import Sequence
 
-try:  # Ctrl-C in the first moments (these imports) is one line too, not a traceback
+from simclr.starting import starting
+
+with starting():  # Ctrl-C during these imports is one line too, not a traceback
     from simclr.cli import OneLineParser, UserError, first_line, run_cli
     from simclr.curves import epoch_axes, pyplot, save, series
     from simclr.names import run_name
-except KeyboardInterrupt:
-    print("interrupted while starting; nothing was written", file=sys.stderr)
-    sys.exit(130)
 
 REQUIRED = ("epoch", "train_loss", "test_acc@1", "test_acc@5")
 # kind -> (what it is, its loss axis, its accuracy axis)

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import sys
 
-from simclr.cli import run_cli
-from simclr.flags import SWEEP_FLAGS, build_parser
+from simclr.starting import starting
+
+with starting():  # Ctrl-C during these imports is one line too, not a traceback
+    from simclr.cli import run_cli
+    from simclr.flags import SWEEP_FLAGS, build_parser
 
 DESCRIPTION = "Run every combination of --grid values for every seed as a main.py run; tables with error bars."
 EPILOG = ("Flags after -- are main.py's, shared by every run. Files: OUT/runs.csv, summary.csv, comparison.csv, "

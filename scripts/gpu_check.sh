@@ -101,10 +101,10 @@ COMMON=(--dataset folder --data_root "$WORK/cifar" --arch resnet18 --device "$DE
 if [ $DRY = 1 ]; then
   RUN=("${COMMON[@]}" --image_size 16 --batch_size 16 --epochs 2 --knn_every 1 --k 10 --feature_dim 16
        --proj_hidden_dim 32 --workers 0)
-  BUDGET=120; LINEAR=(--epochs 2)
+  BUDGET=120; LINEAR=(--epochs 2); SHORT=(--epochs 1)  # the comparison and family runs: one epoch is enough
 else
   RUN=("${COMMON[@]}" --batch_size 512 --epochs 1000 --knn_every 10)
-  BUDGET=200; LINEAR=(--epochs 100)
+  BUDGET=200; LINEAR=(--epochs 100); SHORT=()
 fi
 # as many epochs as fit the budget: SIGINT then stops after the step, with the files whole (exit 130)
 timeout -s INT "$BUDGET" "$PY" main.py "${RUN[@]}" --name run >> "$LOG" 2>&1
@@ -117,7 +117,7 @@ print("joint" if TRAIN_DEFAULTS.get("bn_stats") == "per_view" else "per_view")
 EOF
 )
   step "the other BatchNorm mode ($OTHER), same minutes"
-  timeout -s INT "$BUDGET" "$PY" main.py "${RUN[@]}" --bn_stats "$OTHER" --name compare >> "$LOG" 2>&1
+  timeout -s INT "$BUDGET" "$PY" main.py "${RUN[@]}" "${SHORT[@]}" --bn_stats "$OTHER" --name compare >> "$LOG" 2>&1
   echo "(main.py exit $?)" >> "$LOG"
   cp "$WORK/results/compare_statistics.csv" "$OUT/" 2>/dev/null
 fi
@@ -126,7 +126,7 @@ if [ $DRY = 1 ]; then FAMILY_BUDGET=60; else FAMILY_BUDGET=45; fi
 for variant in "supcon:--loss supcon" "dclw:--loss dcl --dcl_sigma 0.5" "v2head:--proj_layers 3"; do
   name=${variant%%:*}; read -r -a flags <<< "${variant#*:}"
   step "family: $name (${flags[*]}), $FAMILY_BUDGET s"
-  timeout -s INT "$FAMILY_BUDGET" "$PY" main.py "${RUN[@]}" "${flags[@]}" --name "family_$name" >> "$LOG" 2>&1
+  timeout -s INT "$FAMILY_BUDGET" "$PY" main.py "${RUN[@]}" "${SHORT[@]}" "${flags[@]}" --name "family_$name" >> "$LOG" 2>&1
   echo "(main.py exit $?)" >> "$LOG"
 done
 for f in run_statistics.csv run_curves.png run_linear_statistics.csv; do

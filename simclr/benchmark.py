@@ -23,7 +23,8 @@ from .cli import UserError
 from .data import CHANNEL_STATS
 from .distributed import World
 from .encoders import ENCODERS
-from .engine import apply_gradients, bf16_peak_tflops, count_macs, make_runtime, mix_seed, train_step, usable_cores
+from .engine import (apply_gradients, bf16_peak_tflops, count_macs, cpu_has_native_bf16, make_runtime, mix_seed,
+                     train_step, usable_cores)
 from .files import atomic_write_text
 from .flags import TRAIN_DEFAULTS
 from .knn import forward_in_batches, knn_accuracy
@@ -206,23 +207,24 @@ class Variant:
     naive: bool = False
 
 
-def project_variants(device: torch.device) -> list[Variant]:
-    """The project's default step first, then (CPU only) the precision x memory-format alternatives."""
+def project_variants(device: torch.device, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[Variant]:
+    """The project's default step first, then (CPU only) the alternatives: `precisions` x memory formats."""
     default = Variant("project", make_runtime(device).precision, True)
     if device.type != "cpu":
         return [default]
     extra = [Variant(f"project {p} {'channels_last' if cl else 'contiguous'}", p, cl)
-             for p in ("fp32", "bf16") for cl in (True, False)
+             for p in precisions for cl in (True, False)
              if (p, cl) != (default.precision, default.channels_last)]
     return [default, *extra]
 
 
 def train_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: int, device: torch.device,
-                  warmup: int, steps: int, variants_on: bool = True) -> dict:
+                  warmup: int, steps: int, variants_on: bool = True,
+                  precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
     """Pairs per second of the naive step and the project's step(s), interleaved, each with its data work."""
     torch.manual_seed(0)
     base = default_model(arch)
-    variants = [Variant("naive", naive=True), *(project_variants(device) if variants_on
+    variants = [Variant("naive", naive=True), *(project_variants(device, precisions) if variants_on
                                                 else project_variants(device)[:1])]
     n_batches = max(1, images.shape[0] // batch)
     data = images.to(device)
@@ -313,14 +315,20 @@ def interleaved_times(runs: dict[str, Callable[[int], None]], warmup: int, steps
     return times
 
 
+def report_pair(title: str, record: dict, rows: tuple[tuple[str, str], ...], ratio_name: str) -> None:
+    """Print one interleaved A/B table: `rows` are (label, key) of the two s/step medians, then both ratios."""
+    table = [(label, record[key], "s/step") for label, key in rows]
+    table += [(f"step ratio {ratio_name}", record["ratio"], "x (of the medians)"),
+              (f"step ratio {ratio_name}, paired", record["paired_ratio"], "x (median of each iteration's ratio)")]
+    print_table(f"{title} ({record['arch']}, batch {record['batch_size']}, {record['image_size']}px, "
+                f"{record['precision']}, median of {record['steps']} steps)", table)
+
+
 def report_bn_stats(bn: dict) -> list[str]:
     """Print the per-view vs joint table; returns target lines."""
-    rows = [("step --bn_stats joint", bn["joint_seconds_per_step"], "s/step"),
-            ("step --bn_stats per_view", bn["per_view_seconds_per_step"], "s/step"),
-            ("step ratio per_view/joint", bn["ratio"], "x (of the medians)"),
-            ("step ratio per_view/joint, paired", bn["paired_ratio"], "x (median of each iteration's ratio)")]
-    print_table(f"BatchNorm statistics ({bn['arch']}, batch {bn['batch_size']}, {bn['image_size']}px, "
-                f"{bn['precision']}, median of {bn['steps']} steps)", rows)
+    report_pair("BatchNorm statistics", bn, (("step --bn_stats joint", "joint_seconds_per_step"),
+                                             ("step --bn_stats per_view", "per_view_seconds_per_step")),
+                "per_view/joint")
     return [f"per_view step <= {TARGET_PER_VIEW_OVERHEAD:g}x joint: {bn['ratio']:.3f}x, "
             f"{verdict(bn['ratio'] <= TARGET_PER_VIEW_OVERHEAD)}"]
 
@@ -363,12 +371,8 @@ def probe_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: in
 
 def report_probe(pr: dict) -> list[str]:
     """Print the probe's cost table; returns target lines."""
-    rows = [("step --no-online_probe", pr["off_seconds_per_step"], "s/step"),
-            ("step --online_probe", pr["on_seconds_per_step"], "s/step"),
-            ("step ratio probe on/off", pr["ratio"], "x (of the medians)"),
-            ("step ratio probe on/off, paired", pr["paired_ratio"], "x (median of each iteration's ratio)")]
-    print_table(f"online probe ({pr['arch']}, batch {pr['batch_size']}, {pr['image_size']}px, "
-                f"{pr['precision']}, median of {pr['steps']} steps)", rows)
+    report_pair("online probe", pr, (("step --no-online_probe", "off_seconds_per_step"),
+                                     ("step --online_probe", "on_seconds_per_step")), "probe on/off")
     return [f"online probe step <= {TARGET_PROBE_OVERHEAD:g}x the step: {pr['paired_ratio']:.3f}x (paired), "
             f"{verdict(pr['paired_ratio'] <= TARGET_PROBE_OVERHEAD)}"]
 
@@ -618,7 +622,13 @@ def measure(args) -> dict:
                                       device_tensor_views_per_s=device_augmentation(device, cfg, 1024, 3, 10))
     targets = report_augmentation(record["augmentation"])
 
-    record["train_step"] = train_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["steps"])
+    precisions = ("fp32", "bf16")
+    if args.quick and device.type == "cpu" and not cpu_has_native_bf16():
+        # emulated bf16 steps take 10-20x an fp32 one here: --quick leaves them to the full run
+        precisions = ("fp32",)
+        print("  (--quick: no bf16 step variants, this CPU has no native bf16; the full run times them)")
+    record["train_step"] = train_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["steps"],
+                                         precisions=precisions)
     targets += report_train(record["train_step"])
 
     record["bn_stats"] = bn_stats_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["bn_steps"])

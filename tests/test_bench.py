@@ -12,13 +12,15 @@ import torch
 
 import bench
 from simclr import benchmark
-from simclr.engine import bf16_peak_tflops, make_runtime
+from simclr.engine import bf16_peak_tflops, cpu_has_native_bf16, make_runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# the project's default step is `project`; the other precision x memory-format pairs are variants
+# the project's default step is `project`; the other precision x memory-format pairs are variants (--quick
+# leaves out bf16 on a CPU that only emulates it)
 DEFAULT = (make_runtime("cpu").precision, "channels_last")
-OTHERS = {f"project {p} {m}" for p in ("fp32", "bf16") for m in ("channels_last", "contiguous")} - {
+QUICK_PRECISIONS = ("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",)
+OTHERS = {f"project {p} {m}" for p in QUICK_PRECISIONS for m in ("channels_last", "contiguous")} - {
     f"project {DEFAULT[0]} {DEFAULT[1]}"}
 ROWS = ("aug tensor two_views, 1 thread(s)", "aug pil per image, 1 process(es)", "aug ratio tensor/pil, 1 thread(s)",
         "step naive", "step project ", *sorted(f"step {v}" for v in OTHERS), "step ratio project/naive",
@@ -140,3 +142,14 @@ def test_bf16_peak_table():
     assert bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert bf16_peak_tflops("Tesla T4") is None
+
+
+def test_cpu_step_variants_are_every_precision_and_memory_format_but_the_default():
+    import torch
+    from simclr.benchmark import project_variants
+    every = [v.name for v in project_variants(torch.device("cpu"))]
+    assert every[0] == "project" and len(every) == 4 and len(set(every)) == 4
+    assert set(every[1:]) == {f"project {p} {m}" for p in ("fp32", "bf16") for m in ("channels_last", "contiguous")} - {
+        f"project {DEFAULT[0]} {DEFAULT[1]}"}
+    fp32_only = [v.name for v in project_variants(torch.device("cpu"), ("fp32",))]
+    assert fp32_only[0] == "project" and all("bf16" not in name for name in fp32_only) and len(fp32_only) >= 2

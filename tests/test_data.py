@@ -390,14 +390,18 @@ def test_cifar10_archive_is_extracted_offline(tmp_path, monkeypatch):
     assert any('extracting cifar-10-python.tar.gz' in line for line in log)
 
 
-def test_cifar100_from_disk(tmp_path, monkeypatch):
+def _offline_folder(tmp_path, monkeypatch, name: str, seed: int, size: int, counts: tuple[int, ...]):
+    """tmp_path/NAME, with md5 checks and the network off; random uint8 images of (count, size, size, 3) each."""
     _skip_md5(monkeypatch)
     _no_network(monkeypatch)
-    rng = np.random.default_rng(1)
-    folder = tmp_path / 'cifar-100-python'
+    folder = tmp_path / name
     folder.mkdir()
-    train = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    test = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    return folder, [rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for n in counts]
+
+
+def test_cifar100_from_disk(tmp_path, monkeypatch):
+    folder, (train, test) = _offline_folder(tmp_path, monkeypatch, 'cifar-100-python', 1, 32, (6, 4))
     train_y, test_y = [99, 0, 5, 5, 42, 1], [3, 2, 1, 0]
     _pickle(folder / 'train', {'data': _cifar_rows(train), 'fine_labels': train_y, 'coarse_labels': [0] * 6})
     _pickle(folder / 'test', {'data': _cifar_rows(test), 'fine_labels': test_y, 'coarse_labels': [0] * 4})
@@ -416,14 +420,7 @@ def _stl_bytes(images: np.ndarray) -> bytes:
 
 
 def test_stl10_from_disk(tmp_path, monkeypatch):
-    _skip_md5(monkeypatch)
-    _no_network(monkeypatch)
-    rng = np.random.default_rng(2)
-    folder = tmp_path / 'stl10_binary'
-    folder.mkdir()
-    train = rng.integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
-    unlabeled = rng.integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
-    test = rng.integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    folder, (train, unlabeled, test) = _offline_folder(tmp_path, monkeypatch, 'stl10_binary', 2, 96, (4, 3, 2))
     train_y, test_y = [1, 10, 3, 3], [2, 7]  # STL-10 labels are 1..10 on disk
     (folder / 'train_X.bin').write_bytes(_stl_bytes(train))
     (folder / 'train_y.bin').write_bytes(bytes(train_y))
