@@ -11,6 +11,11 @@ import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: N workers share the cores; one thread each (and in the scripts they start) keeps them
+    # from waiting on each other's OpenMP barriers
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 CLASSES = ("cat", "dog", "frog")
 # a tiny CPU run on the tiny folder data set: 48 training images at batch 8 are 6 steps an epoch
 TINY_RUN = {"dataset": "folder", "image_size": 16, "arch": "resnet18", "batch_size": 8, "epochs": 1, "k": 5,

@@ -55,13 +55,21 @@ def test_every_flag_is_in_flags_md():
     assert not missing, f"flags missing from docs/flags.md: {missing}"
 
 
+TEST_COMMAND = "python -m pytest -q -n auto"
+
+
+def test_ci_runs_the_readmes_test_command():
+    ci = _read(os.path.join(ROOT, ".ci", "run"))
+    assert TEST_COMMAND in ci, f".ci/run does not run {TEST_COMMAND!r}, the README's test command"
+
+
 def test_readme_is_short_and_starts_with_the_three_commands():
     text = _read(README)
     assert len(text) <= README_LIMIT, f"README.md has {len(text)} characters, more than {README_LIMIT}"
     blocks = re.findall(r"```[^\n]*\n(.*?)```", text, re.S)
     assert blocks, "README.md has no code block"
     first = blocks[0]
-    for command in ("pip install -r requirements.txt", "python -m pytest -q",
+    for command in ("pip install -r requirements.txt", TEST_COMMAND,
                     "python main.py --batch_size 1024 --epochs 500"):
         assert command in first, f"the README's first code block lacks {command!r}"
 

@@ -1,0 +1,104 @@
+"""Where a loss puts the class structure: kNN accuracy and class-mate similarity in h and in z, per run.
+
+    python scripts/loss_geometry.py results/sweep_loss_cpu --data_root data/cifar-1500 [--k 200]
+
+For every run folder below the sweep folder, the last epoch's weights (NAME_last.pth) and, for
+reference, the same model at its initialisation (seed 0) are evaluated on the data set's test
+images without augmentation (eval mode): the weighted kNN top-1 against the labeled training
+images, once on the encoder features h (what main.py's kNN reads) and once on the projections z,
+and the class gap: the mean cosine similarity of two test images of one class minus that of two
+images of different classes. Prints one row per run, then the means per loss. A development
+tool for docs/experiments/losses.md; reads only, writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from simclr.augment import normalize  # noqa: E402
+from simclr.checkpoint import model_from_config, open_run  # noqa: E402
+from simclr.data import load_dataset  # noqa: E402
+from simclr.knn import knn_scores, topk_accuracy  # noqa: E402
+
+
+@torch.no_grad()
+def embed(model, images: torch.Tensor, mean, std, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, S, S, 3) -> L2-normalised h (N, d) and z (N, feature_dim), eval mode."""
+    model.eval()
+    hs, zs = [], []
+    for i in range(0, images.shape[0], batch):
+        h, z = model(normalize(images[i:i + batch], mean, std))
+        hs.append(F.normalize(h.float(), dim=1))
+        zs.append(F.normalize(z.float(), dim=1))
+    return torch.cat(hs), torch.cat(zs)
+
+
+def class_gap(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean cosine of same-class pairs (distinct images) minus mean cosine of different-class pairs."""
+    sims = features @ features.T
+    same = labels[:, None] == labels[None, :]
+    off_diagonal = ~torch.eye(len(labels), dtype=torch.bool)
+    return float(sims[same & off_diagonal].mean() - sims[~same].mean())
+
+
+def measure(model, bundle, k: int, knn_temperature: float) -> dict:
+    """kNN top-1 on h and z, class gap in h and z."""
+    bank_h, bank_z = embed(model, bundle.memory.images, bundle.mean, bundle.std)
+    test_h, test_z = embed(model, bundle.test.images, bundle.mean, bundle.std)
+    classes = len(bundle.classes)
+    row = {}
+    for name, bank, test in (("h", bank_h, test_h), ("z", bank_z, test_z)):
+        scores = knn_scores(test, bank, bundle.memory.labels, classes, k, knn_temperature)
+        row[f"knn_{name}"] = topk_accuracy(scores, bundle.test.labels, (1,))[0]
+        row[f"gap_{name}"] = class_gap(test, bundle.test.labels)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", help="a sweep.py output folder (one folder per run below it)")
+    parser.add_argument("--data_root", required=True, help="the folder data set the runs trained on")
+    parser.add_argument("--k", type=int, default=200)
+    parser.add_argument("--knn_temperature", type=float, default=0.1)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    runs = sorted(glob.glob(os.path.join(args.sweep, "*", "*_last.pth")))
+    if not runs:
+        print(f"error: no */NAME_last.pth below {args.sweep}", file=sys.stderr)
+        return 2
+    bundle = load_dataset("folder", args.data_root, log=lambda line: None)
+    rows = []
+    with open(runs[0].replace("_last.pth", "_config.json")) as f:
+        config = json.load(f)
+    torch.manual_seed(0)
+    rows.append({"run": "initialisation (seed 0)", "loss": "init",
+                 **measure(model_from_config(config, "the run config"), bundle, args.k, args.knn_temperature)})
+    for path in runs:
+        model, saved = open_run(path, config_path=path.replace("_last.pth", "_config.json"))
+        label = f"{saved.get('loss', 'ntxent')} t={saved['temperature']:g}"
+        rows.append({"run": os.path.basename(os.path.dirname(path)), "loss": label,
+                     **measure(model, bundle, args.k, args.knn_temperature)})
+    print(f"{'run':34s} {'kNN h':>7s} {'kNN z':>7s} {'gap h':>7s} {'gap z':>7s}")
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["loss"]].append(row)
+        print(f"{row['run']:34s} {row['knn_h']:7.1f} {row['knn_z']:7.1f} {row['gap_h']:7.4f} {row['gap_z']:7.4f}")
+    print("\nmeans per loss")
+    for loss, group in groups.items():
+        mean = {key: sum(r[key] for r in group) / len(group) for key in ("knn_h", "knn_z", "gap_h", "gap_z")}
+        print(f"{loss:34s} {mean['knn_h']:7.1f} {mean['knn_z']:7.1f} {mean['gap_h']:7.4f} {mean['gap_z']:7.4f}"
+              f"  (n={len(group)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
