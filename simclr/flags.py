@@ -593,7 +593,7 @@ EMBED_FLAGS: tuple[Flag, ...] = (
 BENCH_FLAGS: tuple[Flag, ...] = (
     Flag("device", None, "cpu or cuda; None means cuda if available, else cpu", str, ("cpu", "cuda"), "bench",
          optional=True),
-    Flag("quick", False, "tiny sizes (CPU run under a minute; figures not meaningful)", group="bench"),
+    Flag("quick", False, "tiny sizes (CPU run under a minute; figures not meaningful; no bf16 step variants on a CPU without native bf16)", group="bench"),
     Flag("threads", None, "torch threads / PIL processes on both sides; None means all cores (1 with --quick)",
          int, group="bench", ge=1, le=1024, optional=True),
     Flag("arch", None, "arch of the step comparison; None means resnet18 (and resnet50 for CUDA epochs)", str,
