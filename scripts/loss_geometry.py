@@ -27,19 +27,17 @@ import torch.nn.functional as F  # noqa: E402
 from simclr.augment import normalize  # noqa: E402
 from simclr.checkpoint import model_from_config, open_run  # noqa: E402
 from simclr.data import load_dataset  # noqa: E402
-from simclr.knn import knn_scores, topk_accuracy  # noqa: E402
+from simclr.engine import make_runtime  # noqa: E402
+from simclr.knn import forward_in_batches, knn_accuracy  # noqa: E402
 
 
-@torch.no_grad()
-def embed(model, images: torch.Tensor, mean, std, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, S, S, 3) -> L2-normalised h (N, d) and z (N, feature_dim), eval mode."""
+def embed(model, images: torch.Tensor, mean, std, runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, S, S, 3) -> L2-normalised h (N, d) and z (N, feature_dim), eval mode (knn.forward_in_batches)."""
     model.eval()
-    hs, zs = [], []
-    for i in range(0, images.shape[0], batch):
-        h, z = model(normalize(images[i:i + batch], mean, std))
-        hs.append(F.normalize(h.float(), dim=1))
-        zs.append(F.normalize(z.float(), dim=1))
-    return torch.cat(hs), torch.cat(zs)
+    both = forward_in_batches(lambda x: torch.cat(model(x), dim=1), images, lambda b: normalize(b, mean, std),
+                              runtime, batch_size=250)
+    h, z = both.split([model.feature_width, both.shape[1] - model.feature_width], dim=1)
+    return F.normalize(h, dim=1), F.normalize(z, dim=1)
 
 
 def class_gap(features: torch.Tensor, labels: torch.Tensor) -> float:
@@ -51,14 +49,14 @@ def class_gap(features: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def measure(model, bundle, k: int, knn_temperature: float) -> dict:
-    """kNN top-1 on h and z, class gap in h and z."""
-    bank_h, bank_z = embed(model, bundle.memory.images, bundle.mean, bundle.std)
-    test_h, test_z = embed(model, bundle.test.images, bundle.mean, bundle.std)
-    classes = len(bundle.classes)
+    """kNN top-1 on h and z, class gap in h and z (fp32 on the CPU)."""
+    runtime = make_runtime("cpu", "fp32", channels_last=False)
+    bank_h, bank_z = embed(model, bundle.memory.images, bundle.mean, bundle.std, runtime)
+    test_h, test_z = embed(model, bundle.test.images, bundle.mean, bundle.std, runtime)
     row = {}
     for name, bank, test in (("h", bank_h, test_h), ("z", bank_z, test_z)):
-        scores = knn_scores(test, bank, bundle.memory.labels, classes, k, knn_temperature)
-        row[f"knn_{name}"] = topk_accuracy(scores, bundle.test.labels, (1,))[0]
+        row[f"knn_{name}"] = knn_accuracy(test, bundle.test.labels, bank, bundle.memory.labels,
+                                          len(bundle.classes), k, knn_temperature)[0]
         row[f"gap_{name}"] = class_gap(test, bundle.test.labels)
     return row
 
@@ -70,7 +68,6 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--knn_temperature", type=float, default=0.1)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
     runs = sorted(glob.glob(os.path.join(args.sweep, "*", "*_last.pth")))
     if not runs:
         print(f"error: no */NAME_last.pth below {args.sweep}", file=sys.stderr)
