@@ -100,9 +100,43 @@ def _once_updating_bn(block):
     return run
 
 
+# ----------------------------------------------------------------------------- a tiny CNN for smoke tests
+
+def tiny_encoder(stem: str = "cifar"):
+    """Three 3x3 conv blocks (16, 32, 64 channels; BatchNorm, ReLU; the last two stride 2) and a global
+    average pool: about 23 k parameters, 64-d features. A run of it takes seconds on a CPU, which is what
+    a smoke test of a set-up (or this tool's own test suite) needs; it is not a model for results. The
+    imagenet stem makes the first block stride 2 as well."""
+    from torch import nn
+
+    def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU(inplace=True))
+
+    first = 2 if stem == "imagenet" else 1
+    return nn.Sequential(block(3, 16, first), block(16, 32, 2), block(32, 64, 2), nn.AdaptiveAvgPool2d(1)), 64
+
+
+def sequential_features(f, x, recompute: bool = False):
+    """Features of a Sequential of blocks ending in a pool: (N, 3, S, S) -> (N, width); recompute:
+    gradient checkpointing of each block (BatchNorm statistics updated once, as for the ResNets)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+    for block in f:
+        if recompute and any(p.requires_grad for p in block.parameters()):
+            fn = block if torch.compiler.is_compiling() else _once_updating_bn(block)
+            x = checkpoint(fn, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return torch.flatten(x, 1)
+
+
 for _name, _summary in (("resnet18", "ResNet-18, 512-d features"), ("resnet34", "ResNet-34, 512-d features"),
                         ("resnet50", "ResNet-50, 2048-d features")):
     ENCODERS[_name] = EncoderSpec(_name, _summary, lambda stem, arch=_name: resnet_encoder(arch, stem),
                                   resnet_features)
+
+ENCODERS["tiny"] = EncoderSpec("tiny", "Tiny CNN, 64-d features: 3 conv layers for smoke tests, not for results", tiny_encoder,
+                               sequential_features)
 
 ARCHS = tuple(ENCODERS)

@@ -13,7 +13,7 @@ from PIL import Image
 
 import embed
 import main
-from conftest import tiny_run_args
+from conftest import TINY_WIDTH, tiny_run_args
 from simclr import feature_map
 from simclr.checkpoint import open_run
 from simclr.data import load_dataset
@@ -172,7 +172,7 @@ def test_projector_files_for_tensorboard(tiny_run, tmp_path):
     (info,) = config.embeddings
     assert info.tensor_name.startswith("encoder_h")
     tensors = np.loadtxt(logdir / info.tensor_path, delimiter="\t")
-    assert tensors.shape == (6, 512) and np.isfinite(tensors).all()
+    assert tensors.shape == (6, TINY_WIDTH) and np.isfinite(tensors).all()
     metadata = (logdir / info.metadata_path).read_text().splitlines()
     assert metadata[0].split("\t") == ["class", "label", "test_index"] and len(metadata) == 7
     rows = read_csv(tmp_path / "m.csv")

@@ -18,8 +18,8 @@ from simclr.flags import FINETUNE_FLAGS, build_parser
 from simclr.augment import AugmentConfig, crop_flip, sample_crop_boxes
 from simclr.cli import DataError
 from simclr.data import balanced_label_indices, load_dataset
-from conftest import copy_run
-from simclr.model import SimCLR, resnet_features
+from conftest import TINY_ARCH, TINY_WIDTH, copy_run
+from simclr.model import SimCLR, encoder_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ["epoch", "train_loss", "train_acc@1", "train_acc@5", "test_acc@1", "test_acc@5", "lr", "epoch_seconds"]
@@ -96,7 +96,7 @@ def test_from_layer_encoder_puts_the_classifier_on_h(trained, tiny_folder):
     ft = build(trained, tiny_folder, "--from_layer", "encoder")
     saved = torch.load(trained / "run_model.pth", weights_only=True)
     state = ft.state.model.state_dict()
-    assert ft.state.model.fc.in_features == 512 and ft.state.model.fc.out_features == 3
+    assert ft.state.model.fc.in_features == TINY_WIDTH and ft.state.model.fc.out_features == 3
     assert not any(k.startswith("head.") for k in state)
     for key, value in state.items():
         if key.startswith("f."):
@@ -107,7 +107,7 @@ def test_from_layer_head1_loads_the_heads_first_layer(trained, tiny_folder):
     ft = build(trained, tiny_folder, "--from_layer", "head1")
     saved = torch.load(trained / "run_model.pth", weights_only=True)
     model = ft.state.model
-    assert model.fc.in_features == 32  # the head's hidden width (--proj_hidden_dim 32), not h's 512
+    assert model.fc.in_features == 32  # the head's hidden width (--proj_hidden_dim 32), not h's 64
     assert isinstance(model.head[0], torch.nn.Linear) and isinstance(model.head[1], torch.nn.BatchNorm1d)
     assert isinstance(model.head[2], torch.nn.ReLU) and len(model.head) == 3
     for name in ("0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var"):
@@ -115,10 +115,10 @@ def test_from_layer_head1_loads_the_heads_first_layer(trained, tiny_folder):
     assert not torch.equal(saved["g.1.running_mean"], torch.zeros(32))  # trained statistics: equality means something
     # the classifier's input is the head's hidden layer of the loaded SimCLR model
     x = torch.randn(5, 3, 16, 16)
-    reference = SimCLR("resnet18", 16, 32)
+    reference = SimCLR(TINY_ARCH, 16, 32)
     reference.load_state_dict(saved)
     model.eval(), reference.eval()
-    torch.testing.assert_close(model.head(resnet_features(model.f, x)), reference.g[:3](reference.encode(x)),
+    torch.testing.assert_close(model.head(encoder_spec(TINY_ARCH).features(model.f, x)), reference.g[:3](reference.encode(x)),
                                rtol=0, atol=0)
 
 
@@ -133,8 +133,8 @@ def test_fine_tuning_moves_every_part_of_the_encoder(trained, tmp_path):
     moved = [k for k in weights if not torch.equal(after[k], before[k])]
     assert moved == weights  # every conv and BatchNorm weight of the encoder trained (linear.py moves none)
     # BatchNorm ran in training mode: its running statistics moved too
-    assert not torch.equal(after["f.bn1.running_mean"], before["f.bn1.running_mean"])
-    assert int(after["f.bn1.num_batches_tracked"]) == int(before["f.bn1.num_batches_tracked"]) + 2 * 3
+    assert not torch.equal(after["f.0.1.running_mean"], before["f.0.1.running_mean"])
+    assert int(after["f.0.1.num_batches_tracked"]) == int(before["f.0.1.num_batches_tracked"]) + 2 * 3
 
 
 def test_crop_flip_equals_torchvision_resized_crop_and_flip():
@@ -173,10 +173,10 @@ def test_bad_label_counts_exit_2_with_one_line_and_write_nothing(trained, tmp_pa
 
 def test_missing_and_foreign_checkpoints_exit_2_and_write_nothing(trained, tmp_path, capsys):
     foreign = copy_run(trained, tmp_path / "ckpt", "big", SimCLR("resnet50", 16, 32).state_dict())
-    other_head = copy_run(trained, tmp_path / "ckpt", "head", SimCLR("resnet18", 16, 64).state_dict())
+    other_head = copy_run(trained, tmp_path / "ckpt", "head", SimCLR(TINY_ARCH, 16, 64).state_dict())
     cases = [(tmp_path / "ckpt" / "missing_model.pth", ["--config", str(trained / "run_config.json")],
               "no such file"),
-             (foreign, [], "does not fit a resnet18"),
+             (foreign, [], "does not fit a tiny"),
              (other_head, ["--from_layer", "head1"], "shape mismatches")]
     for path, extra, needle in cases:
         assert finetune.main(quick(path, tmp_path / "out", *extra)) == 2
@@ -219,7 +219,7 @@ def test_end_to_end_subprocess(trained, tmp_path):
     assert frame["lr"].iloc[-1] == pytest.approx(0.05 * 5 / 256 * 0.5 * (1 + math.cos(math.pi * 8 / 9)))
     assert f"{frame['test_acc@1'].iloc[-1]:.2f}%" in proc.stdout
     state = torch.load(out / "run_finetune_5perclass_model.pth", weights_only=True)
-    assert state["fc.weight"].shape == (3, 512)
+    assert state["fc.weight"].shape == (3, TINY_WIDTH)
     config = json.loads((out / "run_finetune_5perclass_config.json").read_text())
     assert config["labels_by_class"] == [5, 5, 5] and len(config["label_indices"]) == 15
     assert config["source"] == os.path.abspath(trained / "run_model.pth")
@@ -285,7 +285,7 @@ def test_sigterm_finishes_the_step_and_exits_143(trained, tmp_path, monkeypatch)
 
 def deep_run(trained, folder) -> str:
     """A run with SimCLRv2's 3-layer head (--proj_layers 3): its weights and a config that says so."""
-    model = SimCLR("resnet18", 16, 32, proj_layers=3)
+    model = SimCLR(TINY_ARCH, 16, 32, proj_layers=3)
     path = copy_run(trained, folder, "deep", model.state_dict())
     config_path = os.path.join(folder, "deep_config.json")
     with open(config_path) as f:

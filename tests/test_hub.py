@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from simclr.cli import UserError
-from simclr.model import SimCLR, resnet_features
+from conftest import TINY_ARCH
+from simclr.model import SimCLR, encoder_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINTS = ["resnet18", "resnet34", "resnet50"]
+ENTRY_POINTS = ["resnet18", "resnet34", "resnet50", "tiny"]
 SCRIPTS = ("main", "linear", "neighbors", "plot", "bench", "finetune", "embed")
 
 
@@ -37,11 +38,11 @@ def test_list_and_help_show_the_entry_points_only(monkeypatch):
     assert sorted(torch.hub.list("owner/simclr")) == ENTRY_POINTS
     for entry in ENTRY_POINTS:
         doc = torch.hub.help("owner/simclr", entry)
-        assert len(doc.strip().splitlines()) == 1 and entry[6:] in doc.replace("-", ""), doc
+        assert len(doc.strip().splitlines()) == 1 and (entry[6:] if entry.startswith("resnet") else "Tiny CNN") in doc.replace("-", ""), doc
 
 
 def test_load_gives_the_runs_model_bit_identical(trained):
-    model = hub_load("resnet18", weights=str(trained / "run_model.pth"))
+    model = hub_load(TINY_ARCH, weights=str(trained / "run_model.pth"))
     reference = by_hand(trained)
     assert isinstance(model, SimCLR) and not model.training
     assert model.g[0].out_features == 32 and model.g[3].out_features == 16  # head sizes from the config
@@ -54,11 +55,11 @@ def test_load_gives_the_runs_model_bit_identical(trained):
         (h, z), (h_ref, z_ref) = model(x), reference(x)
     assert torch.equal(h, h_ref) and torch.equal(z, z_ref)
 
-    encoder = hub_load("resnet18", weights=str(trained / "run_model.pth"), encoder_only=True)
+    encoder = hub_load(TINY_ARCH, weights=str(trained / "run_model.pth"), encoder_only=True)
     assert isinstance(encoder, torch.nn.Module) and not encoder.training
     assert set(encoder.state_dict()) == {k[2:] for k in theirs if k.startswith("f.")}
     with torch.no_grad():
-        assert torch.equal(resnet_features(encoder, x), h_ref)
+        assert torch.equal(encoder_spec(TINY_ARCH).features(encoder, x), h_ref)
 
 
 def test_without_weights_a_random_model_of_the_asked_sizes():
@@ -72,24 +73,24 @@ def test_without_weights_a_random_model_of_the_asked_sizes():
 
 def test_refusals(trained, tmp_path):
     weights = str(trained / "run_model.pth")
-    with pytest.raises(UserError, match="holds a resnet18.*not a resnet50"):
+    with pytest.raises(UserError, match="holds a tiny.*not a resnet50"):
         hub_load("resnet50", weights=weights)
     with pytest.raises(ValueError, match="feature_dim come from the run config"):
-        hub_load("resnet18", weights=weights, feature_dim=16)
+        hub_load(TINY_ARCH, weights=weights, feature_dim=16)
     lonely = tmp_path / "lonely_model.pth"
     shutil.copy(weights, lonely)
     with pytest.raises(UserError, match="no run config"):
-        hub_load("resnet18", weights=str(lonely))
+        hub_load(TINY_ARCH, weights=str(lonely))
     # a config whose head sizes disagree with the weights: strict loading names the mismatch
     shutil.copy(weights, tmp_path / "wrong_model.pth")
     config = json.loads((trained / "run_config.json").read_text())
     (tmp_path / "wrong_config.json").write_text(json.dumps({**config, "proj_hidden_dim": 64}))
     with pytest.raises(UserError, match="shape mismatches"):
-        hub_load("resnet18", weights=str(tmp_path / "wrong_model.pth"))
+        hub_load(TINY_ARCH, weights=str(tmp_path / "wrong_model.pth"))
     # an extra key in the config (another branch's, say) is ignored
     shutil.copy(weights, tmp_path / "extra_model.pth")
     (tmp_path / "extra_config.json").write_text(json.dumps({**config, "bn_stats": "per_view"}))
-    assert hub_load("resnet18", weights=str(tmp_path / "extra_model.pth")).g[0].out_features == 32
+    assert hub_load(TINY_ARCH, weights=str(tmp_path / "extra_model.pth")).g[0].out_features == 32
 
 
 def test_importing_hubconf_imports_no_script_and_does_nothing(tmp_path):
@@ -102,11 +103,11 @@ def test_importing_hubconf_imports_no_script_and_does_nothing(tmp_path):
 
 def test_the_head_depth_comes_from_the_run_config(trained, tmp_path):
     from conftest import copy_run
-    deep = SimCLR("resnet18", 16, 32, proj_layers=3)
+    deep = SimCLR(TINY_ARCH, 16, 32, proj_layers=3)
     path = copy_run(trained, tmp_path, "deep", deep.state_dict())
     config = json.loads((tmp_path / "deep_config.json").read_text())
     (tmp_path / "deep_config.json").write_text(json.dumps({**config, "proj_layers": 3}))
-    model = hub_load("resnet18", weights=path)
+    model = hub_load(TINY_ARCH, weights=path)
     assert [m.out_features for m in model.g if isinstance(m, torch.nn.Linear)] == [32, 32, 16]
     for key, value in deep.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key

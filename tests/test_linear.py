@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import linear
-from conftest import copy_run
+from conftest import TINY_WIDTH, copy_run
 from simclr import linear_eval
 from simclr.augment import pad_crop_flip
 from simclr.model import SimCLR
@@ -59,7 +59,7 @@ def test_encoder_params_and_batchnorm_buffers_are_bit_identical(trained, tmp_pat
     for key, value in after.items():
         assert torch.equal(value, saved[f"f.{key}"]), key
     # the run trained main.py's BatchNorm statistics: they are not the initial ones, so equality means something
-    assert not torch.equal(after["bn1.running_mean"], torch.zeros_like(after["bn1.running_mean"]))
+    assert not torch.equal(after["0.1.running_mean"], torch.zeros_like(after["0.1.running_mean"]))
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
 
 
@@ -68,12 +68,12 @@ def test_the_script_itself_refuses_a_moved_encoder(trained, tmp_path, monkeypatc
     train_on_features = linear_eval.train_on_features
 
     def buggy(*args, **kwargs):  # a bug that touches a BatchNorm buffer while the probe trains
-        captured[0].bn1.running_var.add_(1e-3)
+        captured[0][0][1].running_var.add_(1e-3)  # the first BatchNorm
         return train_on_features(*args, **kwargs)
     monkeypatch.setattr(linear_eval, "train_on_features", buggy)
     assert linear.main(quick(trained / "run_model.pth", "--results_dir", str(tmp_path))) == 1
     err = capsys.readouterr().err
-    assert "encoder changed" in err and "bn1.running_var" in err
+    assert "encoder changed" in err and "0.1.running_var" in err
     assert not (tmp_path / "run_linear_model.pth").exists()
 
 
@@ -141,7 +141,7 @@ class RunsCode:
 
 
 def bad_checkpoint(kind: str, trained, folder, marker) -> str:
-    """A checkpoint of the given kind in `folder`, with a valid resnet18 run config beside it."""
+    """A checkpoint of the given kind in `folder`, with the trained run's config beside it."""
     if kind == "missing":
         copy_run(trained, folder, "missing")
         os.remove(os.path.join(folder, "missing_model.pth"))
@@ -169,7 +169,7 @@ def bad_checkpoint(kind: str, trained, folder, marker) -> str:
 
 
 BAD = [("missing", "no such file"), ("truncated", "truncated"), ("random", "not a PyTorch weights file"),
-       ("resnet50", "does not fit a resnet18"), ("no_encoder", "no encoder keys"), ("code", "run code")]
+       ("resnet50", "does not fit a tiny"), ("no_encoder", "no encoder keys"), ("code", "run code")]
 
 
 @pytest.mark.parametrize("kind,needle", BAD)
@@ -237,7 +237,7 @@ def test_end_to_end_subprocess(trained, tmp_path):
     assert f"{frame['test_acc@1'].iloc[-1]:.2f}%" in proc.stdout
 
     state = torch.load(out / "run_linear_model.pth", weights_only=True)
-    assert set(state) == {"weight", "bias"} and state["weight"].shape == (3, 512)
+    assert set(state) == {"weight", "bias"} and state["weight"].shape == (3, TINY_WIDTH)
     assert (out / "run_linear_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "run_linear_config.json").read_text())["arch"] is None  # no override given
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]

@@ -85,7 +85,17 @@ def test_imagenet_stem_and_unknown_arch():
     assert model.f.conv1.stride == (2, 2) and isinstance(model.f.maxpool, torch.nn.MaxPool2d)
     with pytest.raises(ValueError, match="unknown arch"):
         SimCLR("resnet99")
-    assert set(ARCHS) == {"resnet18", "resnet34", "resnet50"}
+    assert set(ARCHS) == {"resnet18", "resnet34", "resnet50", "tiny"}
+
+
+def test_tiny_cnn_shapes_and_stems():
+    model = SimCLR("tiny", feature_dim=8, proj_hidden_dim=16)
+    h, z = model(torch.randn(3, 3, 16, 16))
+    assert h.shape == (3, model.feature_width) == (3, 64) and z.shape == (3, 8)
+    assert [m.stride for m in model.f.modules() if isinstance(m, torch.nn.Conv2d)] == [(1, 1), (2, 2), (2, 2)]
+    wide = SimCLR("tiny", stem="imagenet")
+    assert [m.stride for m in wide.f.modules() if isinstance(m, torch.nn.Conv2d)] == [(2, 2), (2, 2), (2, 2)]
+    assert sum(p.numel() for p in model.f.parameters()) < 30_000
 
 
 def test_every_parameter_gets_a_gradient():
@@ -96,10 +106,11 @@ def test_every_parameter_gets_a_gradient():
     assert missing == []
 
 
-def test_grad_checkpoint_gives_same_loss_and_gradients():
+@pytest.mark.parametrize("arch", ["resnet18", "tiny"])
+def test_grad_checkpoint_gives_same_loss_and_gradients(arch):
     torch.manual_seed(0)
-    plain = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32)
-    ckpt = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32, grad_checkpoint=True)
+    plain = SimCLR(arch, feature_dim=16, proj_hidden_dim=32)
+    ckpt = SimCLR(arch, feature_dim=16, proj_hidden_dim=32, grad_checkpoint=True)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(6, 3, 16, 16)
     losses = []

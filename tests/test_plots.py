@@ -276,7 +276,7 @@ def test_neighbors_bad_input_exits_2_and_writes_nothing(tiny_run, tmp_path, caps
          "no such file"),
         (["--model_path", str(tmp_path / "missing_model.pth")], "missing_model.pth: no such file"),
         (["--model_path", str(garbage), "--config", str(tiny_run / "tiny_config.json")], "is damaged"),
-        (["--model_path", str(other), "--config", str(tiny_run / "tiny_config.json")], "does not fit a resnet18"),
+        (["--model_path", str(other), "--config", str(tiny_run / "tiny_config.json")], "does not fit a tiny"),
         (["--model_path", model, "--n", "1000"], "--n 1000"),
         (["--model_path", model, "--k", "0"], "must be positive"),
         (["--model_path", model, "--data_root", str(tmp_path / "nowhere")], "does not exist"),

@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import linear
 import main
-from conftest import tiny_run_args
+from conftest import TINY_ARCH, tiny_run_args
 from simclr import loop, pretrain, tblog
 from simclr.cli import UserError
 
@@ -73,7 +73,7 @@ def test_main_logs_every_tag_at_its_step(straight):
     assert sum(losses[:STEPS]) / STEPS == pytest.approx(frame["train_loss"][0], rel=1e-5)
     assert all(v > 0 for v in values(events, "step/images_per_second"))
     assert "config/text_summary" in events.Tags()["tensors"]
-    assert b"resnet18" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0]
+    assert f"| arch | {TINY_ARCH} |".encode() in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0]
 
 
 def test_resume_after_a_kill_continues_the_log_without_duplicates(tiny_folder, tmp_path, straight, monkeypatch):
