@@ -81,7 +81,7 @@ EOF
 # ---------------------------------------------------------------- tests
 step "tests"
 if [ $DRY = 1 ]; then
-  run "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_device_mixing.py
+  run "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py  # skipped without CUDA: the step itself runs
 else
   run "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
   run "$PY" -m pytest -q -p no:cacheprovider -x tests --deselect tests/test_gpu_check.py
@@ -90,20 +90,20 @@ fi
 # ---------------------------------------------------------------- benchmark
 step "bench"
 if [ $DRY = 1 ]; then
-  run "$PY" bench.py --device cpu --quick --json "$OUT/bench.json"
+  run "$PY" bench.py --device cpu --quick --arch tiny --json "$OUT/bench.json"
 else
   run "$PY" bench.py --device cuda --json "$OUT/bench.json"
 fi
 
 # ---------------------------------------------------------------- the real run, then the linear probe
 step "real run"
-COMMON=(--dataset folder --data_root "$WORK/cifar" --arch resnet18 --device "$DEVICE" --results_dir "$WORK/results")
-if [ $DRY = 1 ]; then
-  RUN=("${COMMON[@]}" --image_size 16 --batch_size 16 --epochs 2 --knn_every 1 --k 10 --feature_dim 16
+COMMON=(--dataset folder --data_root "$WORK/cifar" --device "$DEVICE" --results_dir "$WORK/results")
+if [ $DRY = 1 ]; then  # the sequence, not the network: the encoder table's tiny CNN
+  RUN=("${COMMON[@]}" --arch tiny --image_size 16 --batch_size 16 --epochs 2 --knn_every 1 --k 10 --feature_dim 16
        --proj_hidden_dim 32 --workers 0)
   BUDGET=120; LINEAR=(--epochs 2); SHORT=(--epochs 1)  # the comparison and family runs: one epoch is enough
 else
-  RUN=("${COMMON[@]}" --batch_size 512 --epochs 1000 --knn_every 10)
+  RUN=("${COMMON[@]}" --arch resnet18 --batch_size 512 --epochs 1000 --knn_every 10)
   BUDGET=200; LINEAR=(--epochs 100); SHORT=()
 fi
 # as many epochs as fit the budget: SIGINT then stops after the step, with the files whole (exit 130)

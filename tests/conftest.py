@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny image-folder data set made by the tests (never a download), the flags of a
 tiny main.py run (written once, here), and a tiny trained run."""
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -16,6 +18,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # from waiting on each other's OpenMP barriers
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked long first (their order otherwise kept): under pytest -n N a long test that starts last
+    keeps one worker busy while the others have finished."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 CLASSES = ("cat", "dog", "frog")
 # a tiny CPU run on the tiny folder data set: 48 training images at batch 8 are 6 steps an epoch, with the
 # encoder table's tiny CNN (64-d features): the tests of what a run does around the network need no ResNet,
@@ -70,6 +81,23 @@ def write_folder(root, train_per_class=16, test_per_class=6, size=16, seed=0):
     return root
 
 
+def made_once(tmp_path_factory, name: str, make) -> "os.PathLike":
+    """A folder that `make(folder)` fills once per test run, also under pytest -n N: the workers share it (the
+    first one to get the lock makes it, the others wait and read it), so a costly set-up runs once in all."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # pytest-of-USER/pytest-N/
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(folder)  # what a failed attempt left
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """A 3-class folder data set: 48 train and 18 test 16x16 images."""
@@ -95,3 +123,5 @@ def copy_run(trained, folder, name: str, state: dict | None = None) -> str:
     else:
         torch.save(state, path)
     return path
+
+

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import TINY_ARCH, made_once
 from simclr.distributed import GlobalBatchNorm, World, convert_batchnorm, global_loss, shard
 from simclr.engine import train_step
 from simclr.model import SimCLR, nt_xent
@@ -53,42 +54,54 @@ def single_process_step(bn_stats: str = "joint"):
     return loss.item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, mode: str, bn_stats: str = "joint"):
+# what the two gloo ranks compute, all in one start of two processes: a DDP training step with either BatchNorm
+# mode, and the gathered loss's gradient for NT-Xent, positive ids (supcon) and DCLW
+MODES = ("step:joint", "step:per_view", "grad", "ids", "dcl")
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        views, model = views_and_model(bn_stats)
-        mine = local_share(views, rank, world)
-        if mode == "step":
-            model = convert_batchnorm(model, torch.device("cpu"))
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-            loss = train_step(ddp, opt, mine, 0.5, Runtime(torch.device("cpu")))
-            torch.save({"loss": loss.item(), "state": model.state_dict()}, os.path.join(out_dir, f"{rank}.pt"))
-        else:  # gradient of the gathered loss with respect to this rank's projections
-            z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5))
-            z_local = local_share(z, rank, world).clone().requires_grad_(True)
-            ids = LABEL_IDS if mode == "ids" else None
-            kind, sigma = ("dcl", 0.5) if mode == "dcl" else ("supcon" if ids is not None else "ntxent", None)
-            loss = global_loss(z_local, 0.5, kind, None if ids is None else local_share(ids, rank, world), sigma)
-            loss.backward()
-            torch.save({"loss": loss.item(), "grad": z_local.grad}, os.path.join(out_dir, f"{rank}.pt"))
+        torch.save({mode: _rank_result(rank, world, mode) for mode in MODES}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def run_two(tmp_path, mode, bn_stats="joint"):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), mode, bn_stats), nprocs=2, join=True)
-    return [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+def _rank_result(rank: int, world: int, mode: str) -> dict:
+    if mode.startswith("step:"):
+        views, model = views_and_model(mode[len("step:"):])
+        model = convert_batchnorm(model, torch.device("cpu"))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        loss = train_step(ddp, opt, local_share(views, rank, world), 0.5, Runtime(torch.device("cpu")))
+        return {"loss": loss.item(), "state": model.state_dict()}
+    # the gradient of the gathered loss with respect to this rank's projections
+    z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5))
+    z_local = local_share(z, rank, world).clone().requires_grad_(True)
+    ids = LABEL_IDS if mode == "ids" else None
+    kind, sigma = ("dcl", 0.5) if mode == "dcl" else ("supcon" if ids is not None else "ntxent", None)
+    loss = global_loss(z_local, 0.5, kind, None if ids is None else local_share(ids, rank, world), sigma)
+    loss.backward()
+    return {"loss": loss.item(), "grad": z_local.grad}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
+    """{mode: [rank 0's result, rank 1's result]} from one start of two gloo processes."""
+    out = made_once(tmp_path_factory, "gloo", lambda folder: mp.spawn(
+        _worker, args=(2, free_port(), str(folder)), nprocs=2, join=True))  # once, also under pytest -n N
+    saved = [torch.load(out / f"{r}.pt", weights_only=True) for r in range(2)]
+    return {mode: [saved[r][mode] for r in range(2)] for mode in MODES}
 
 
 @pytest.mark.parametrize("bn_stats", ["joint", "per_view"])
-def test_two_ranks_equal_one_process_step(tmp_path, bn_stats):
+def test_two_ranks_equal_one_process_step(two_ranks, bn_stats):
     # per_view: each rank holds [its view 1 rows; its view 2 rows], and each view's statistics are
     # those of that view over both ranks, as in one process with the whole batch (itself tested
     # against two stock forward passes in test_bn_stats.py)
     loss, state = single_process_step(bn_stats)
-    results = run_two(tmp_path, "step", bn_stats)
+    results = two_ranks[f"step:{bn_stats}"]
     # each rank's loss is the mean over its own anchors; their mean is the global loss
     assert sum(r["loss"] for r in results) / 2 == pytest.approx(loss, abs=1e-5)
     for r in results:
@@ -100,8 +113,8 @@ def test_two_ranks_equal_one_process_step(tmp_path, bn_stats):
                 assert torch.equal(r["state"][key], value), key
 
 
-def test_gather_carries_the_other_ranks_gradient(tmp_path):
-    results = run_two(tmp_path, "grad")
+def test_gather_carries_the_other_ranks_gradient(two_ranks):
+    results = two_ranks["grad"]
     z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
     nt_xent(z, 0.5).backward()
     for rank, r in enumerate(results):
@@ -112,8 +125,8 @@ def test_gather_carries_the_other_ranks_gradient(tmp_path):
         assert torch.allclose(r["grad"], expected, atol=1e-6)
 
 
-def test_gathered_positive_ids_give_the_single_process_loss_and_gradient(tmp_path):
-    results = run_two(tmp_path, "ids")
+def test_gathered_positive_ids_give_the_single_process_loss_and_gradient(two_ranks):
+    results = two_ranks["ids"]
     z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
     loss = nt_xent(z, 0.5, LABEL_IDS)
     loss.backward()
@@ -125,9 +138,9 @@ def test_gathered_positive_ids_give_the_single_process_loss_and_gradient(tmp_pat
         assert torch.allclose(r["grad"], 2 * local_share(z.grad, rank, 2), atol=1e-6)
 
 
-def test_gathered_decoupled_loss_gives_the_single_process_loss_and_gradient(tmp_path):
+def test_gathered_decoupled_loss_gives_the_single_process_loss_and_gradient(two_ranks):
     from simclr.loss import dcl
-    results = run_two(tmp_path, "dcl")
+    results = two_ranks["dcl"]
     z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
     loss = dcl(z, 0.5, 0.5)  # DCLW: its weights are a softmax over every pair of the global batch
     loss.backward()
@@ -136,9 +149,10 @@ def test_gathered_decoupled_loss_gives_the_single_process_loss_and_gradient(tmp_
         assert torch.allclose(r["grad"], 2 * local_share(z.grad, rank, 2), atol=1e-6)
 
 
+@pytest.mark.long
 def test_torchrun_two_processes_end_to_end(tiny_folder, tmp_path):
     results = tmp_path / "results"
-    args = ["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16", "--arch", "resnet18",
+    args = ["--dataset", "folder", "--data_root", str(tiny_folder), "--image_size", "16", "--arch", TINY_ARCH,
             "--batch_size", "8", "--epochs", "2", "--k", "5", "--feature_dim", "16", "--proj_hidden_dim", "32",
             "--device", "cpu", "--precision", "fp32", "--workers", "0", "--results_dir", str(results), "--name", "ddp"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -157,7 +171,7 @@ def test_torchrun_two_processes_end_to_end(tiny_folder, tmp_path):
     from simclr.data import load_dataset
     from simclr.knn import extract_features, knn_accuracy
     bundle = load_dataset("folder", str(tiny_folder), 16, log=lambda *a: None)
-    model = SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32)
+    model = SimCLR(TINY_ARCH, feature_dim=16, proj_hidden_dim=32)
     model.load_state_dict(torch.load(results / "ddp_model.pth", weights_only=True))
     model.eval()
     runtime, to_input = Runtime(torch.device("cpu")), lambda batch: normalize(batch, bundle.mean, bundle.std)

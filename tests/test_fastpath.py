@@ -25,9 +25,9 @@ def one_thread():
 
 
 def small_net(seed: int = 0) -> SimCLR:
-    """A resnet18 with a small head, seeded."""
+    """The encoder table's tiny CNN (BatchNorm after every conv) with a small head, seeded."""
     torch.manual_seed(seed)
-    return SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32)
+    return SimCLR("tiny", feature_dim=16, proj_hidden_dim=32)
 
 
 def test_naive_loss_equals_nt_xent():

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 from conftest import write_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHON": sys.executable}
 
 
+@pytest.mark.long
 def test_dry_run_writes_all_the_evidence(tmp_path):
     folder = write_folder(tmp_path / "images", train_per_class=16, test_per_class=6, size=16)
     archive = tmp_path / "cifar10-jpg.tar.gz"
@@ -40,7 +43,7 @@ def test_dry_run_writes_all_the_evidence(tmp_path):
     assert "(main.py exit 0)" in log and "== the other BatchNorm mode" in log  # both runs of main.py ended well
     for name in ("supcon", "dclw", "v2head"):  # each variant of the family trained and was evaluated
         assert summary[f"family_{name}"]["epochs"] >= 1 and summary[f"family_{name}"]["knn_top1"] > 33, summary
-    for command in ("-m pytest", "bench.py --device cpu --quick", "linear.py --model_path"):
+    for command in ("-m pytest", "bench.py --device cpu --quick --arch tiny", "linear.py --model_path"):
         assert exit_codes(log, f"{sys.executable} {command}") == [0], command
 
 

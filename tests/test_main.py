@@ -16,6 +16,7 @@ from simclr.knn import encoder_features, knn_accuracy
 from simclr.model import SimCLR
 
 
+@pytest.mark.long
 def test_end_to_end_subprocess(tiny_folder, tmp_path):
     results = tmp_path / "results"
     proc = run_main(tiny_run_args(tiny_folder, results, "e2e", epochs=2, arch="resnet18"))  # the real network

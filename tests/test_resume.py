@@ -159,6 +159,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(tiny_folder, tmp_path, monkey
     assert torch.load(tmp_path / "nan_last.pth", weights_only=True)["epoch"] == 1  # last good one kept
 
 
+@pytest.mark.long
 def test_sigint_subprocess_then_resume_auto_completes(tiny_folder, tmp_path):
     base = tiny_run_args(tiny_folder, tmp_path, "sig", epochs=40)
     proc = subprocess.Popen([sys.executable, "main.py", *base], cwd=ROOT, stdout=subprocess.PIPE,

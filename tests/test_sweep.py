@@ -81,6 +81,7 @@ def swept(tiny_folder, tmp_path_factory):
 NAMES = ["temperature=0.2_seed=0", "temperature=0.2_seed=1", "temperature=0.5_seed=0", "temperature=0.5_seed=1"]
 
 
+@pytest.mark.long
 def test_a_stopped_sweep_runs_again_without_repeating_finished_runs(swept):
     first, second, third = swept["launches"]
     assert swept["codes"] == (130, 0, 0)
@@ -98,6 +99,7 @@ def test_a_stopped_sweep_runs_again_without_repeating_finished_runs(swept):
 METRICS = ("test_acc@1", "test_acc@5", "probe_acc@1", "probe_acc@5")
 
 
+@pytest.mark.long
 def test_tables_recomputed_from_the_runs_csvs(swept):
     out = swept["out"]
     runs = read_csv(out / "runs.csv")
@@ -154,6 +156,7 @@ def test_tables_recomputed_from_the_runs_csvs(swept):
     assert "against the baseline temperature=0.5" in swept["printed"]
 
 
+@pytest.mark.long
 def test_a_failing_run_is_recorded_and_the_others_evaluated(tiny_folder, tmp_path):
     """k above the 8 images of the kNN bank: main.py exits 2 at start; the sweep records it and goes on."""
     out = tmp_path / "out"
