@@ -123,7 +123,7 @@ def sequential_features(f, x, recompute: bool = False):
     import torch
     from torch.utils.checkpoint import checkpoint
     for block in f:
-        if recompute and any(p.requires_grad for p in block.parameters()):
+        if recompute and next(block.parameters(), None) is not None:  # the conv blocks, not the pool
             fn = block if torch.compiler.is_compiling() else _once_updating_bn(block)
             x = checkpoint(fn, x, use_reentrant=False)
         else:
@@ -136,7 +136,7 @@ for _name, _summary in (("resnet18", "ResNet-18, 512-d features"), ("resnet34", 
     ENCODERS[_name] = EncoderSpec(_name, _summary, lambda stem, arch=_name: resnet_encoder(arch, stem),
                                   resnet_features)
 
-ENCODERS["tiny"] = EncoderSpec("tiny", "Tiny CNN, 64-d features: 3 conv layers for smoke tests, not for results", tiny_encoder,
-                               sequential_features)
+ENCODERS["tiny"] = EncoderSpec("tiny", "Tiny CNN, 64-d features: 3 conv layers for smoke tests, not for results",
+                               tiny_encoder, sequential_features)
 
 ARCHS = tuple(ENCODERS)

@@ -20,7 +20,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-
 def pytest_collection_modifyitems(items):
     """The tests marked long first (their order otherwise kept): under pytest -n N a long test that starts last
     keeps one worker busy while the others have finished."""
@@ -123,5 +122,3 @@ def copy_run(trained, folder, name: str, state: dict | None = None) -> str:
     else:
         torch.save(state, path)
     return path
-
-
