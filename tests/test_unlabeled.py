@@ -139,6 +139,16 @@ def test_unlabeled_only_trains_without_evaluation_and_keeps_the_last_weights(tmp
     assert linear.main([*weights, *scripts[0][1], "--data_root", str(tiny_folder)]) == 0
 
 
+def test_supcon_on_images_without_any_label_is_refused_before_training(tmp_path, capsys):
+    root = write_unlabeled(tmp_path / "data", count=16)
+    results = tmp_path / "results"
+    assert main.main(tiny_run_args(root, results, "u", loss="supcon")) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("using cached")]
+    assert len(err) == 1 and err[0].startswith("error:") and "--loss supcon needs labels" in err[0], err
+    assert not list(results.glob("u_*"))  # nothing trained, nothing written (ntxent trains on it: the test above)
+
+
+
 # ----------------------------------------------------------------------------- the online probe
 
 def probe_run(data, results, name, *extra, **overrides):
