@@ -753,6 +753,7 @@ def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str
     as3 = lambda v: (float(v[0]), float(v[1]), float(v[2]))  # noqa: E731
     if unlabeled_dir is not None and len(missing) == 2:
         train, _, mean, std = _folder_split(unlabeled_dir, size, cache_dir, log, unlabeled_dir)
+        train = _without_unlabeled_copies(train, log)
         none = ImageSet(torch.zeros((0, size, size, 3), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
         return DataBundle('folder', train, none, none, [], as3(mean), as3(std), size)
     if missing:
@@ -770,6 +771,46 @@ def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str
     test, _, _, _ = _folder_split(split_dirs['test'], size, cache_dir, log)
     memory = train
     if unlabeled_dir is not None:  # the labeled rows come first: the bank is a view of them, never a copy
+        train = _without_unlabeled_copies(train, log)
         n_labeled = int((train.labels >= 0).sum())
         memory = ImageSet(train.images[:n_labeled], train.labels[:n_labeled])
+    _note_test_copies(train, test, _shown(root), log)
     return DataBundle('folder', train, memory, test, classes, as3(mean), as3(std), size)
+
+
+def _pixel_digests(images: torch.Tensor) -> list[bytes]:
+    """One digest per image of uint8 images (N, S, S, 3): equal digests are equal pixels after decoding."""
+    rows = images.reshape(len(images), -1).numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+
+
+def _without_unlabeled_copies(train: ImageSet, log: Callable[[str], Any]) -> ImageSet:
+    """`train` without the unlabeled images (label -1, after the labeled rows) whose pixels are those of a
+    labeled image or of an earlier unlabeled one: each image is trained on once, labeled if it has a label."""
+    digests, labels = _pixel_digests(train.images), train.labels.tolist()
+    seen: dict[bytes, bool] = {}  # digest -> labeled
+    keep, of_labeled, of_unlabeled = [], 0, 0
+    for i, (digest, label) in enumerate(zip(digests, labels)):
+        if label < 0 and digest in seen:
+            of_labeled += seen[digest]
+            of_unlabeled += not seen[digest]
+            continue
+        seen.setdefault(digest, label >= 0)
+        keep.append(i)
+    if len(keep) == len(train):
+        return train
+    parts = [f"{of_labeled} are copies of train/ images" if of_labeled else "",
+             f"{of_unlabeled} repeat other unlabeled/ images" if of_unlabeled else ""]
+    log(f"note: of the unlabeled/ images, {' and '.join(p for p in parts if p)} (same pixels once decoded); "
+        f"each image is trained on once, so the training set has {len(keep)} images, not {len(train)}")
+    index = torch.tensor(keep, dtype=torch.int64)
+    return ImageSet(train.images[index], train.labels[index])
+
+
+def _note_test_copies(train: ImageSet, test: ImageSet, root: str, log: Callable[[str], Any]) -> None:
+    """Say how many test images are also training images (same pixels): the accuracies count them."""
+    known = set(_pixel_digests(train.images))
+    copies = sum(digest in known for digest in _pixel_digests(test.images))
+    if copies:
+        log(f"note: {copies} of the {len(test)} images of {root}test/ are also training images (same pixels once "
+            f"decoded); kNN and linear accuracies count them: remove them from one split for a clean test")
