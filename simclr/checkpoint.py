@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .cli import UserError, first_line
-from .files import atomic_save
+from .files import atomic_save, refuse_to_replace
 from .flags import TRAIN, TRAIN_DEFAULTS
 from .model import ARCHS, STEMS, SimCLR
 from .names import RUN_SUFFIXES, config_path_for, run_base, run_name  # noqa: F401 (re-exported)
@@ -387,20 +387,21 @@ def source_id(model_path: str | None, config: str | None, untrained: bool) -> st
     return f"untrained:{where}" if untrained else where
 
 
-def check_not_taken(paths: dict[str, str], source: str, what: str) -> None:
-    """Refuse to overwrite the files (paths["config"] says whose) that `what` wrote for another checkpoint."""
+def check_not_taken(paths: dict[str, str], source: str, what: str, overwrite: bool, continue_hint: str = "") -> None:
+    """Refuse to write over the files of an earlier `what` (paths["config"] says of which weights) unless
+    --overwrite: an evaluation's files are never replaced without being asked to (continue_hint: how to
+    continue it, where it can be)."""
+    if overwrite:
+        return
     try:
         with open(paths["config"]) as f:
             previous = json.load(f).get("source")
     except (OSError, ValueError, AttributeError, RecursionError):
         previous = None
-    if os.path.exists(paths["config"]):
-        taken = previous != source
-    else:  # files of unknown origin: keep them too
-        taken = any(os.path.exists(p) for p in paths.values())
-    if taken:
-        raise UserError(f"{paths['statistics']} already holds the {what} of "
-                        f"{previous or 'another run'}; pass another --name or --results_dir")
+    if previous == source:
+        refuse_to_replace(paths.values(), f"the {what} of these same weights", continue_hint)
+    else:  # another checkpoint's: nothing to continue
+        refuse_to_replace(paths.values(), f"the {what} of {previous if isinstance(previous, str) else 'other weights'}")
 
 
 # ----------------------------------------------------------------------------- writing

@@ -11,10 +11,12 @@ decides what the user reads and which code the shell sees. Importing it does not
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import shlex
 import signal
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 
 class UserError(Exception):
@@ -55,6 +57,7 @@ class StopRequest:
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict = {}
+        self.evaluating: str | None = None   # None while steps run; "stop" / "finish" during an evaluation
 
     def __enter__(self) -> "StopRequest":
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -73,12 +76,30 @@ class StopRequest:
     def exit_code(self) -> int:
         return 128 + (self.signum or signal.SIGINT)
 
+    @contextlib.contextmanager
+    def evaluation(self, interruptible: bool) -> Iterator[None]:
+        """The end-of-epoch evaluation: a signal then stops it at once (EvaluationStopped) when interruptible,
+        else it is finished first (under torchrun every rank must take part in it)."""
+        self.evaluating = "stop" if interruptible else "finish"
+        try:
+            if interruptible and self.requested:
+                raise EvaluationStopped(self.signum)
+            yield
+        finally:
+            self.evaluating = None
+
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             raise Interrupted(self.signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        name = signal.Signals(signum).name
+        if self.evaluating == "stop":
+            print(f"\n{name}: stopping this epoch's evaluation and saving a checkpoint (the evaluation runs "
+                  f"again on resume)", file=sys.stderr, flush=True)
+            raise EvaluationStopped(signum)
+        doing = "this epoch's evaluation" if self.evaluating == "finish" else "this step"
+        print(f"\n{name}: finishing {doing}, then saving a checkpoint (send it again to stop at once)",
+              file=sys.stderr, flush=True)
 
 
 def resume_command(script: str) -> str:
@@ -93,6 +114,15 @@ def resume_command(script: str) -> str:
 
 class Interrupted(KeyboardInterrupt):
     """A second signal during a StopRequest: leave now, with the code of the first one."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class EvaluationStopped(BaseException):
+    """A signal during an interruptible end-of-epoch evaluation: the epoch's steps are saved, its evaluation
+    is left for the resumed run. A BaseException, so no `except Exception` inside the evaluation takes it."""
 
     def __init__(self, signum: int = signal.SIGINT):
         super().__init__(signum)
@@ -139,7 +169,7 @@ def run_cli(job: Callable[[], int], oom_advice: str = DEFAULT_OOM_ADVICE,
         return 1
     except OSError as e:  # a full disk, a read-only or missing folder: the environment, not a bug
         where = f"{e.filename}: " if e.filename else ""
-        say(f"{where}{e.strerror or first_line(e)}; free space or choose another folder, then run again")
+        say(f"{where}{e.strerror or first_line(e)}; {os_error_advice(e)}")
         return 2
     except Exception as e:
         if is_write_failure(e):
@@ -158,6 +188,27 @@ def run_cli(job: Callable[[], int], oom_advice: str = DEFAULT_OOM_ADVICE,
             signal.signal(signal.SIGTERM, previous)
         if cleanup is not None:
             cleanup()
+
+
+# What to do about an OSError, by its errno; the advice names the real cause, never a full disk by default.
+_OS_ADVICE = {
+    errno.ENOSPC: "free space or choose another folder, then run again",
+    errno.EDQUOT: "free space (your disk quota is full) or choose another folder, then run again",
+    errno.EROFS: "the file system is read-only; choose another folder (--results_dir, --out)",
+    errno.EACCES: "you may not write or read there; fix its permissions or choose another folder",
+    errno.EPERM: "you may not write or read there; fix its permissions or choose another folder",
+    errno.EEXIST: "something of that name is already there; move it away or choose another name",
+    errno.EISDIR: "that is a folder, where a file was expected; choose a file path",
+    errno.ENOTDIR: "a part of that path is a file, where a folder was expected; choose another path",
+    errno.ENOENT: "it does not exist; check the path",
+    errno.ENAMETOOLONG: "the name is too long for the file system; choose a shorter name",
+    errno.EIO: "the disk reported an I/O error; check the disk, or choose another folder",
+}
+
+
+def os_error_advice(e: OSError) -> str:
+    """What a user can do about `e`: advice for its errno, else to check the path and run again."""
+    return _OS_ADVICE.get(e.errno, "check that path (it could not be read or written), then run again")
 
 
 def _raise_interrupted(signum, frame) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import run_base
-from .cli import UserError, first_line
+from .cli import UserError, first_line, os_error_advice
 from .engine import usable_cores
 from .files import atomic_write_bytes, atomic_write_csv
 from .flags import MIN_POINTS, THUMBNAILS
@@ -285,8 +285,9 @@ def write_projector(logdir: str, h: torch.Tensor, labels: torch.Tensor, picked: 
         move_into(tmp, logdir)
     except (OSError, RuntimeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-        raise UserError(f"cannot write the projector files in {logdir}: {reason}; free space or pass another "
-                        f"--tensorboard_dir (the previous projector files are kept)") from None
+        advice = os_error_advice(e) if isinstance(e, OSError) else "free space or choose another folder"
+        raise UserError(f"cannot write the projector files in {logdir}: {reason}; {advice} (--tensorboard_dir; "
+                        f"the previous projector files are kept)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"tensorboard: projector files in {logdir} (tensorboard --logdir {os.path.dirname(logdir) or '.'})")

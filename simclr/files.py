@@ -102,6 +102,27 @@ def check_name_fits(directory: str, names: Iterable[str], flag: str = "--name") 
                         f"of {directory} allows (with its temporary's 14 more); use a shorter {flag}")
 
 
+def refuse_to_replace(paths: Iterable[str], owner: str, continue_hint: str = "") -> None:
+    """Refuse a new run (or evaluation) whose files would replace those of an earlier one: one line naming the
+    files, how to continue the earlier run (continue_hint, when it can be), another --name, or --overwrite."""
+    found = [p for p in dict.fromkeys(paths) if os.path.lexists(p)]
+    if not found:
+        return
+    more = f" ({len(found) - 1} more of its files beside it)" if len(found) > 1 else ""
+    raise UserError(f"{found[0]} already holds {owner}{more}; {continue_hint}pass another --name to keep it, "
+                    f"or --overwrite to replace it")
+
+
+def remove_files(paths: Iterable[str]) -> list[str]:
+    """Delete those of `paths` that exist (what --overwrite replaces); returns the removed ones."""
+    removed = []
+    for path in paths:
+        if os.path.lexists(path) and not os.path.isdir(path):
+            os.unlink(path)
+            removed.append(path)
+    return removed
+
+
 class RunLock:
     """An exclusive lock on a run name in a results folder, held for the life of the run.
 

@@ -22,7 +22,7 @@ from .curves import plot_run_or_warn
 from .data import DataBundle, ImageSet, balanced_label_indices, load_dataset, require_labeled
 from .distributed import World
 from .engine import apply_gradients, make_runtime, mix_seed, seed_everything, versions
-from .files import RunLock, atomic_save_json, check_name_fits
+from .files import RunLock, atomic_save_json, check_name_fits, remove_files
 from .flags import (DEFAULT_FRACTION, FINETUNE_DEFAULTS, FINETUNE_FLAGS, FINETUNE_RUN_KEYS, FinetuneConfig,
                     check_name, resume_values)
 from .knn import extract_features, percent, topk_accuracy, topk_hits
@@ -95,8 +95,13 @@ def plan(explicit: dict, say) -> tuple[FinetuneConfig, Job]:
     if checkpoint is not None and checkpoint["config"].get("source") != job.source:
         raise UserError(f"--resume {resume_path} fine-tuned {checkpoint['config'].get('source')}, not {job.source}; "
                         f"give the same --model_path, or start a new run with another --name")
-    check_not_taken({"statistics": job.paths["statistics.csv"], "config": job.paths["config.json"], **job.paths},
-                    job.source, "fine-tuning")
+    if cfg.overwrite and explicit.get("resume") is not None:
+        raise UserError("--overwrite starts the run afresh and --resume continues it; pass one of them")
+    if checkpoint is None:  # a fresh start: never over an earlier run's files unless --overwrite
+        hint = ("continue it with --resume auto (a finished run trains on with a larger --epochs), "
+                if os.path.exists(job.paths["last.pth"]) else "")
+        check_not_taken({"statistics": job.paths["statistics.csv"], "config": job.paths["config.json"], **job.paths},
+                        job.source, "fine-tuning", cfg.overwrite, hint)
     trained = None
     if not cfg.untrained:  # the encoder must fit the weights, and the head too where the classifier uses it
         trained = open_run(cfg.model_path, cfg.config, job.encoder.arch, job.encoder.stem, job.saved,
@@ -235,6 +240,9 @@ class FineTuning:
                          f"{existing(job.paths[k] for k in ('statistics.csv', 'model.pth', 'config.json'))}")
                 return 0
         os.makedirs(os.path.dirname(job.paths["config.json"]) or ".", exist_ok=True)
+        if job.checkpoint is None and cfg.overwrite:
+            for path in remove_files(job.paths.values()):
+                self.say(f"--overwrite: removed {path} of the earlier run")
         atomic_save_json(state.config, job.paths["config.json"])
         if cfg.tensorboard:  # one point per epoch; a resumed run drops what was logged past its checkpoint
             results_dir = os.path.dirname(job.paths["config.json"]) or "."

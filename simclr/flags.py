@@ -236,6 +236,9 @@ def _shared() -> dict[str, Flag]:
              group="logging"),
         Flag("tensorboard_dir", None, "folder of the TensorBoard event files; None means RESULTS_DIR/NAME_tb",
              str, group="logging", optional=True),
+        # taken afresh at every start (role machine): replacing a run's files is a decision of this command only
+        Flag("overwrite", False, "replace the files of an earlier run of the same name (without it, a run whose "
+             "files exist is refused)", group="run", role="machine"),
     ]
     return by_name(flags)
 
@@ -340,6 +343,7 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     shared("tensorboard_dir"),
     Flag("resume", None, "continue from a NAME_last.pth checkpoint, or 'auto' for this run name's", str,
          group="run", optional=True),
+    shared("overwrite"),
 )
 TRAIN = by_name(TRAIN_FLAGS)
 TRAIN_DEFAULTS = {f.name: f.default for f in TRAIN_FLAGS}
@@ -436,6 +440,8 @@ def evaluation_files(suffix: str, tag: str, when: str = "") -> tuple[Flag, ...]:
         shared("name", help=f"file prefix before _{suffix}; None means NAME of NAME_model.pth (+ _untrained)"),
         shared("tensorboard", help=f"also write TensorBoard event files, tags {tag}/COLUMN of the CSV{when}"),
         shared("tensorboard_dir", help=f"folder of the TensorBoard event files; None means RESULTS/NAME_{suffix}_tb"),
+        shared("overwrite", help=f"replace the NAME_{suffix}_* files of an earlier evaluation (without it, "
+               f"existing ones are refused)"),
     )
 
 

@@ -23,7 +23,7 @@ from .cli import InvalidResult, UserError
 from .curves import plot_run_or_warn
 from .data import load_dataset, require_labeled, subset
 from .engine import Runtime, make_runtime, mix_seed, seed_everything, versions
-from .files import atomic_save, atomic_save_json, atomic_write_csv
+from .files import atomic_save, atomic_save_json, atomic_write_csv, remove_files
 from .flags import LinearConfig
 from .knn import forward_in_batches, percent, topk_accuracy, topk_hits
 from .model import SimCLR
@@ -170,6 +170,9 @@ def run(cfg: LinearConfig) -> int:
         f"{len(train)} train, {len(test)} test images, {num_classes} classes, {bundle.image_size}x{bundle.image_size}")
 
     os.makedirs(os.path.dirname(paths["config"]) or ".", exist_ok=True)
+    if cfg.overwrite:  # the earlier evaluation's files go now, so none of them is left beside this one's
+        for path in remove_files(paths[k] for k in ("statistics", "model", "config", "curves")):
+            say(f"--overwrite: removed {path} of the earlier evaluation")
     source_key = source_id(cfg.model_path, cfg.config, cfg.untrained)
     atomic_save_json({**dataclasses.asdict(cfg), "source": source_key, "name": name,
                       "results_dir": os.path.dirname(paths["config"]), "encoder": dataclasses.asdict(enc),
@@ -221,10 +224,12 @@ def plan(cfg: LinearConfig) -> tuple[Encoder, str, dict[str, str], SimCLR | None
     trained = None if cfg.untrained else open_run(cfg.model_path, cfg.config, enc.arch, enc.stem, saved, encoder_only=True)[0]
     name = evaluated_name(cfg.name, cfg.model_path, cfg.config, cfg.untrained, enc)
     results_dir = evaluation_dir(cfg.results_dir, cfg.model_path, cfg.config)
-    paths = {kind: os.path.join(results_dir, f"{name}_linear_{kind}.{ext}")
+    variant = "linear_augment" if cfg.augment else "linear"  # each probe its own files
+    paths = {kind: os.path.join(results_dir, f"{name}_{variant}_{kind}.{ext}")
              for kind, ext in (("statistics", "csv"), ("model", "pth"), ("config", "json"), ("curves", "png"))}
-    check_not_taken(paths, source_id(cfg.model_path, cfg.config, cfg.untrained), "linear evaluation")
-    paths["tensorboard"] = os.path.join(results_dir, f"{name}_linear_tb")  # a folder, not one of the files checked
+    what = "linear evaluation with --augment" if cfg.augment else "linear evaluation"
+    check_not_taken(paths, source_id(cfg.model_path, cfg.config, cfg.untrained), what, cfg.overwrite)
+    paths["tensorboard"] = os.path.join(results_dir, f"{name}_{variant}_tb")  # a folder, not one of the files checked
     return enc, name, paths, trained
 
 

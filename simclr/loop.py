@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 import torch
 
 from .checkpoint import load_strict, restore_rng, save_training_checkpoint
-from .cli import NonFiniteLoss, StopRequest, UserError, first_line, resume_command
+from .cli import EvaluationStopped, NonFiniteLoss, StopRequest, UserError, first_line, resume_command
 from .distributed import World, any_rank, mean_over_ranks
 from .engine import Runtime
 from .files import atomic_write_csv
@@ -105,31 +105,42 @@ def run_epochs(state: RunState, job: Job) -> int:
             with Monitor(state, epoch, stop) as monitor:
                 job.train_epoch(epoch, monitor)
             result = monitor.result()
-            if result.done < state.steps_per_epoch:  # stopped mid-epoch: save exactly where we are
-                if state.world.is_main:
-                    save_last(state, epoch, result)
-                    atomic_write_csv(state.paths["statistics.csv"], state.csv_columns, state.history)
-                return stopped(state, stop)
-            row = end_epoch(state, job, epoch, result)
+            # stopped mid-epoch, or after its last step and before (or during) its evaluation: save exactly
+            # where we are; a checkpoint after the last step resumes with the evaluation
+            if (result.done < state.steps_per_epoch
+                    or any_rank([stop.requested], state.world, state.runtime.device)[0]):
+                return save_and_stop(state, stop, epoch, result)
+            try:
+                with stop.evaluation(interruptible=not state.world.distributed):
+                    row = job.epoch_row(epoch, result)
+            except EvaluationStopped:
+                return save_and_stop(state, stop, epoch, result)
+            end_epoch(state, job, epoch, row)
             state.say(job.describe(row))
             if epoch + 1 < state.epochs and any_rank([stop.requested], state.world, state.runtime.device)[0]:
                 return stopped(state, stop)
     return 0
 
 
-def end_epoch(state: RunState, job: Job, epoch: int, result: EpochResult) -> dict:
-    """The job's row, TensorBoard, the checkpoint that says the epoch is done, then the CSV and curves.
+def save_and_stop(state: RunState, stop: StopRequest, epoch: int, result: EpochResult) -> int:
+    """After a stop request: NAME_last.pth at the position `result` reached and the CSV, then how to resume."""
+    if state.world.is_main:
+        save_last(state, epoch, result)
+        atomic_write_csv(state.paths["statistics.csv"], state.csv_columns, state.history)
+    return stopped(state, stop)
+
+
+def end_epoch(state: RunState, job: Job, epoch: int, row: dict) -> None:
+    """The job's row of the epoch: TensorBoard, the checkpoint that says the epoch is done, the CSV, the curves.
 
     The CSV follows the checkpoint (which holds the rows too): a save that fails (a full disk) leaves a
     CSV that never claims an epoch no checkpoint holds."""
-    row = job.epoch_row(epoch, result)
     state.history.append(row)
     if state.world.is_main:
         log_row(state, row)  # before the checkpoint: a resumed run purges what was logged past it
         save_last(state, epoch + 1, EpochResult(0, torch.zeros(state.n_sums), 0.0))
         atomic_write_csv(state.paths["statistics.csv"], state.csv_columns, state.history)
         job.plot(state.history)
-    return row
 
 
 class Monitor:
@@ -285,7 +296,7 @@ def restore(state: RunState, checkpoint: dict, path: str, what: str,
     sums of a checkpoint written before they were saved as `epoch_sums`."""
     if checkpoint["epoch"] > state.epochs:
         raise UserError(f"--resume {path}: it has done {checkpoint['epoch']} epochs, more than --epochs {state.epochs}")
-    if checkpoint["step_in_epoch"] >= state.steps_per_epoch:
+    if checkpoint["step_in_epoch"] > state.steps_per_epoch:  # == : every step done, the evaluation not yet
         raise UserError(f"--resume {path}: its step_in_epoch {checkpoint['step_in_epoch']} does not fit the "
                         f"{state.steps_per_epoch} steps per epoch of this data")
     load_strict(state.model, checkpoint["model"], path, what, prefix="")
@@ -308,8 +319,9 @@ def restore(state: RunState, checkpoint: dict, path: str, what: str,
     state.history = [row for row in checkpoint["history"] if row["epoch"] <= state.start_epoch]
     state.best = checkpoint["best_acc"]
     if not finished(state):
+        pending = " (its steps are done: its evaluation)" if state.start_step == state.steps_per_epoch else ""
         state.say(f"resuming {state.name} at epoch {state.start_epoch + 1}, step {state.start_step} "
-                  f"of {state.steps_per_epoch}")
+                  f"of {state.steps_per_epoch}{pending}")
 
 
 def finished(state: RunState) -> bool:

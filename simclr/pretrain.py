@@ -22,7 +22,7 @@ from .data import DataBundle, ImageSet, content_fingerprint, load_dataset, pil_v
 from .distributed import World, convert_batchnorm, in_turn
 from .engine import Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision, seed_everything
 from .engine import train_step, versions
-from .files import RunLock, atomic_save_json, check_name_fits
+from .files import RunLock, atomic_save_json, check_name_fits, refuse_to_replace, remove_files
 from .flags import TRAIN_FLAGS, TrainConfig, check_name, check_values, train_resume_values, train_values
 from .knn import knn_accuracy, percent, sharded_features
 from .loss import positive_ids
@@ -80,6 +80,13 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
     cfg = TrainConfig(**check_values(values, TRAIN_FLAGS))
     check_name(cfg.name)
     check_name_fits(cfg.results_dir, [f"{cfg.name}_{kind}" for kind in RESULT_FILES])
+    if cfg.overwrite and explicit.get("resume") is not None:
+        raise UserError("--overwrite starts the run afresh and --resume continues it; pass one of them")
+    if checkpoint is None and not cfg.overwrite:  # a new run never writes over an earlier one of its name
+        last = resume_path(cfg)
+        refuse_to_replace(run_paths(cfg).values(), f"an earlier run named {cfg.name}",
+                          "continue it with --resume auto (a finished run trains on with a larger --epochs), "
+                          if os.path.exists(last) else "")
     if cfg.warmup_epochs > cfg.epochs:
         raise UserError(f"--warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}")
     if cfg.tensorboard and world.is_main:
@@ -88,6 +95,11 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
         raise UserError(f"--batch_size {cfg.batch_size} (the global batch) must divide by the {world.world_size} "
                         f"processes; use a multiple of {world.world_size}")
     return cfg, checkpoint, notes
+
+
+def run_paths(cfg: TrainConfig) -> dict[str, str]:
+    """RESULT_FILES -> RESULTS/NAME_KIND: the files of the run `cfg` names."""
+    return {kind: os.path.join(cfg.results_dir, f"{cfg.name}_{kind}") for kind in RESULT_FILES}
 
 
 def resume_path(values) -> str:
@@ -118,7 +130,7 @@ class Pretraining:
         self.aug = AugmentConfig(image_size=self.bundle.image_size, mean=self.bundle.mean, std=self.bundle.std,
                                  min_crop_scale=cfg.min_crop_scale, jitter_strength=cfg.jitter_strength,
                                  blur=cfg.blur)
-        paths = {kind: os.path.join(cfg.results_dir, f"{cfg.name}_{kind}") for kind in RESULT_FILES}
+        paths = run_paths(cfg)
         self.state = RunState(cfg.name, "main.py", cfg.epochs, cfg.batch_size, world, self.runtime, model, optimizer,
                               self.runtime.grad_scaler(), schedule, paths, CSV_COLUMNS, dataclasses.asdict(cfg), say,
                               NAN_ADVICE)
@@ -149,6 +161,9 @@ class Pretraining:
                     f"train on): {existing(state.paths[k] for k in ('model.pth', 'statistics.csv', 'config.json'))}")
                 return 0
         if self.world.is_main:
+            if checkpoint is None and cfg.overwrite:
+                for path in remove_files(state.paths.values()):
+                    say(f"--overwrite: removed {path} of the earlier run")
             self.write_config()
             if cfg.tensorboard:
                 logdir = cfg.tensorboard_dir or os.path.join(cfg.results_dir, f"{cfg.name}_tb")

@@ -107,7 +107,7 @@ def test_resume_after_a_kill_continues_the_log_without_duplicates(tiny_folder, t
 
 def test_a_new_run_of_the_same_name_replaces_the_log(tiny_folder, tmp_path):
     assert main.main(args(tiny_folder, tmp_path, "again", epochs=2)) == 0
-    assert main.main(args(tiny_folder, tmp_path, "again", epochs=1)) == 0  # not --resume: afresh
+    assert main.main([*args(tiny_folder, tmp_path, "again", epochs=1), "--overwrite"]) == 0  # afresh
     events = read(tmp_path / "again_tb")
     assert steps(events, "step/loss") == list(range(STEPS))
     assert steps(events, "epoch/test_acc@1") == [STEPS - 1]
@@ -122,7 +122,7 @@ def test_linear_logs_its_csv_columns_per_epoch(straight, tmp_path):
     for column in linear.CSV_COLUMNS[1:]:
         assert steps(events, f"linear/{column}") == [1, 2, 3], column
         assert values(events, f"linear/{column}") == pytest.approx(frame[column].tolist(), rel=1e-6), column
-    assert linear.main([*argv[:3], "2", *argv[4:]]) == 0  # run again: the log starts afresh
+    assert linear.main([*argv[:3], "2", *argv[4:], "--overwrite"]) == 0  # run again: the log starts afresh
     assert steps(read(tmp_path / "run_linear_tb"), "linear/test_acc@1") == [1, 2]
 
 
@@ -158,8 +158,8 @@ def test_finetune_logs_each_epoch_and_a_resume_does_not_repeat_steps(trained, tm
               "--label_fraction", "0.25", "--results_dir", str(tmp_path), "--tensorboard", "--epochs", "2"]
     real_end = loop.end_epoch
 
-    def end_then_die(state, job, epoch, result):
-        real_end(state, job, epoch, result)
+    def end_then_die(state, job, epoch, row):
+        real_end(state, job, epoch, row)
         raise KeyboardInterrupt  # killed right after epoch 1 was written and logged
     with monkeypatch.context() as patch:
         patch.setattr(loop, "end_epoch", end_then_die)
