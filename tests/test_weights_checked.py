@@ -191,3 +191,21 @@ def test_the_original_tools_bad_file_is_refused_without_its_note(tmp_path, capsy
     with pytest.raises(UserError, match="f.0.weight has 0 NaN and 147 inf"):
         checkpoint.open_run(str(path))
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_one_pass_check_agrees_with_isfinite_and_a_negative_count(dtype):
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        tensor = torch.randn(37, 5, generator=generator).to(dtype).t()  # not contiguous
+        for _ in range(trial % 3):
+            i, j = torch.randint(0, 5, (1,), generator=generator), torch.randint(0, 37, (1,), generator=generator)
+            tensor[i, j] = (float("nan"), float("inf"), float("-inf"))[trial % 3]
+        fault = checkpoint.value_fault("bn.running_var", tensor)
+        if not bool(torch.isfinite(tensor).all()):
+            expected = f"has {int(tensor.isnan().sum())} NaN and {int(tensor.isinf().sum())} inf values"
+        else:
+            expected = f"has {int((tensor < 0).sum())} negative values (a variance cannot be negative)"
+        assert fault == expected, (trial, fault)
+        assert checkpoint.value_fault("bn.running_var", tensor.abs()) == (None if "negative" in expected else expected)
+    assert checkpoint.value_fault("x", torch.zeros(0, 3, dtype=dtype)) is None  # empty: nothing to read
