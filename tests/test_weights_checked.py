@@ -209,3 +209,15 @@ def test_the_one_pass_check_agrees_with_isfinite_and_a_negative_count(dtype):
         assert fault == expected, (trial, fault)
         assert checkpoint.value_fault("bn.running_var", tensor.abs()) == (None if "negative" in expected else expected)
     assert checkpoint.value_fault("x", torch.zeros(0, 3, dtype=dtype)) is None  # empty: nothing to read
+
+
+def test_a_nan_running_sum_in_a_last_pth_is_refused_on_resume(trained, tmp_path, capsys):
+    ckpt = torch.load(trained / "run_last.pth", weights_only=True)
+    ckpt["epoch_sums"] = [float("nan")] * len(ckpt["epoch_sums"])
+    ckpt["epoch"] = 0  # mid-run, so the sums would be carried into the epoch's train_loss
+    torch.save(ckpt, tmp_path / "x_last.pth")
+    code = main.main(["--resume", str(tmp_path / "x_last.pth"), "--epochs", "2", "--results_dir", str(tmp_path / "out"),
+                      "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "epoch_sums entry is not" in err[-1] and "finite" in err[-1], err
+    assert not [p for p in (tmp_path / "out").glob("*") if not p.name.startswith(".")]
