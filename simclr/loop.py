@@ -12,6 +12,7 @@ its curves and its line per epoch. `run_epochs` drives it:
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -312,8 +313,9 @@ def restore(state: RunState, checkpoint: dict, path: str, what: str,
     if sums is None:
         sums = legacy_sums(checkpoint) if legacy_sums is not None else [checkpoint["epoch_loss_sum"]]
     if (not isinstance(sums, list) or len(sums) != state.n_sums
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sums)):
-        raise UserError(f"--resume {path}: its epoch_sums entry is not {state.n_sums} numbers; the file is damaged")
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in sums)):
+        raise UserError(f"--resume {path}: its epoch_sums entry is not {state.n_sums} finite numbers; "
+                        f"the file is damaged")
     state.start_epoch, state.start_step = checkpoint["epoch"], checkpoint["step_in_epoch"]
     state.carried_sums, state.carried_seconds = [float(v) for v in sums], checkpoint["epoch_seconds"]
     state.history = [row for row in checkpoint["history"] if row["epoch"] <= state.start_epoch]

@@ -144,8 +144,9 @@ def bad_head(state: dict) -> dict:
 
 @pytest.mark.parametrize("change,needle", [
     (bad_head, "head that does not fit"),
-    (lambda s: {k.replace("f.", "encoder.", 1): v for k, v in s.items()}, "no run config"),
-    (lambda s: {"weight": torch.zeros(3)}, "no run config"),
+    # not a SimCLR state_dict at all: that is the fault, not the missing run config
+    (lambda s: {k.replace("f.", "encoder.", 1): v for k, v in s.items()}, "no encoder keys"),
+    (lambda s: {"weight": torch.zeros(3)}, "no encoder keys"),
 ])
 def test_foreign_files_exit_2_with_one_line_and_write_nothing(original, cifar_like, tmp_path, capsys, change,
                                                                needle):
