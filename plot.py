@@ -4,13 +4,21 @@
 
 The kind of each CSV is told by its columns (docs/files.md): main.py's statistics (kNN top-1),
 linear.py's (a test_loss column: probe top-1) or finetune.py's (train_acc@1 without test_loss).
-The first file's kind is drawn; files of another kind are skipped with a note, never drawn on
-axes that name something else.
+One kind is drawn: main.py's when it is among them (the glob above also matches
+NAME_linear_statistics.csv), else the first file's; the others are skipped with a note that says
+how to draw them, never drawn on axes that name something else.
 """
 from __future__ import annotations
 
+import csv
+import glob
+import math
 import os
+import re
+import shlex
+import stat
 import sys
+from dataclasses import dataclass
 from typing import Sequence
 
 from simclr.starting import starting
@@ -25,6 +33,20 @@ REQUIRED = ("epoch", "train_loss", "test_acc@1", "test_acc@5")
 KINDS = {"pretraining": ("main.py statistics", "train loss", "kNN top-1 (%)"),
          "linear": ("linear.py probe", "train loss (cross-entropy)", "linear probe top-1 (%)"),
          "finetune": ("finetune.py", "train loss (cross-entropy)", "fine-tuned top-1 (%)")}
+FORMATS = (".png", ".pdf", ".svg")
+# Every script computes in float32, so a larger finite number was not written by one; near the float64
+# limit matplotlib's axis arithmetic overflows (a warning, then a traceback).
+LIMIT = 3.4028234663852886e38
+PASS = "pass NAME_statistics.csv files of main.py, linear.py or finetune.py"
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """One CSV: its kind, the rows that can be drawn, and the file lines of those that cannot."""
+    path: str
+    kind: str
+    rows: list[dict]
+    dropped: list[int]
 
 
 def kind_of(columns) -> str:
@@ -36,57 +58,171 @@ def kind_of(columns) -> str:
     return "pretraining"
 
 
-def read_statistics(path: str) -> list[dict]:
-    """Rows of a NAME_statistics.csv; a clear UserError when it is not one."""
-    import pandas as pd
+def check_input(path: str) -> None:
+    """A regular file, refused before it is opened: a FIFO would block the read for ever."""
     try:
-        frame = pd.read_csv(path)
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except Exception as e:  # pandas raises many types for a file that is not a CSV; some have no message
-        raise UserError(f"{path} is not a readable CSV ({first_line(e)[:120]})") from None
-    missing = [c for c in REQUIRED if c not in frame.columns]
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path} is a directory: {PASS}, e.g. {os.path.join(path, '*_statistics.csv')}")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path} is not a regular file (a FIFO, socket or device): {PASS}")
+
+
+def check_out(out: str, inputs: Sequence[str]) -> None:
+    """--out names a figure file that is none of the inputs: a run's CSV, weights or config are never replaced."""
+    if os.path.isdir(out):
+        raise UserError(f"cannot write {out}: it is a directory; name a figure file in it, "
+                        f"e.g. --out {os.path.join(out, 'compare.png')}")
+    if os.path.exists(out) and not stat.S_ISREG(os.stat(out).st_mode):
+        raise UserError(f"cannot write {out}: it is not a regular file; name a new .png, .pdf or .svg file")
+    for path in inputs:  # the real path: a symlink, ./ or ../ spelling of an input is the input
+        if os.path.realpath(path) == os.path.realpath(out) or (os.path.exists(out) and os.path.samefile(path, out)):
+            raise UserError(f"--out {out} is the input {path}: name another .png, .pdf or .svg file")
+    if not out.lower().endswith(FORMATS):
+        raise UserError(f"--out {out}: a figure is written, so it must end in .png, .pdf or .svg "
+                        f"(never a run's .csv, .pth or .json)")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):  # missing folders are made when the figure is written
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"cannot write {out}: {parent} is a file, not a folder")
+
+
+def number(cell: str, path: str, column: str, line: int) -> float | None:
+    """A cell as a float, None when empty (an epoch without kNN); text is refused, never drawn as categories."""
+    cell = cell.strip()
+    if not cell:
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        raise UserError(f"{path}: column {column} has a non-numeric value {cell!r} (line {line}); {PASS}") from None
+
+
+def drawable(row: dict) -> bool:
+    """An epoch to place it at, and every value finite and inside float32's range (see LIMIT)."""
+    return row["epoch"] is not None and all(v is None or (math.isfinite(v) and abs(v) <= LIMIT) for v in row.values())
+
+
+def read_statistics(path: str) -> Statistics:
+    """The rows of a NAME_statistics.csv (of main.py, linear.py or finetune.py); a UserError when it is not one."""
+    check_input(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.reader(f)
+            header = [name.strip() for name in next(reader, [])]
+            lines = [(reader.line_num, cells) for cells in reader if cells]
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path} is not a readable CSV ({first_line(e)[:120]}); {PASS}") from None
+    if not header:
+        raise UserError(f"{path} is not a readable CSV: it is empty, not even a header; {PASS}")
+    missing = [c for c in REQUIRED if c not in header]
     if missing:
-        raise UserError(f"{path} lacks the columns {', '.join(missing)}: pass NAME_statistics.csv files of main.py")
-    for column in REQUIRED:  # a number or an empty cell; text would be drawn as categories, silently wrong
-        values = pd.to_numeric(frame[column], errors="coerce")
-        bad = frame[column].notna() & values.isna()
-        if bad.any():
-            row = int(bad.to_numpy().nonzero()[0][0])
-            raise UserError(f"{path}: column {column} has a non-numeric value {frame[column].iloc[row]!r} "
-                            f"(line {row + 2}); pass NAME_statistics.csv files of main.py")
-        frame[column] = values
-    kind = kind_of(frame.columns)
-    frame = frame.astype(object).where(frame.notna(), None)
-    return [{**row, "kind": kind} for row in frame.to_dict("records")] or [{"kind": kind}]
+        raise UserError(f"{path} lacks the columns {', '.join(missing)}: {PASS}")
+    where = {c: header.index(c) for c in REQUIRED}
+    rows, dropped = [], []
+    for line, cells in lines:
+        if len(cells) > len(header):
+            raise UserError(f"{path}: line {line} has {len(cells)} cells, the header {len(header)}; {PASS}")
+        row = {c: number(cells[i], path, c, line) if i < len(cells) else None for c, i in where.items()}
+        if drawable(row):
+            rows.append(row)
+        else:
+            dropped.append(line)
+    return Statistics(path=path, kind=kind_of(header), rows=rows, dropped=dropped)
 
 
-def plot_compare(paths: Sequence[str], out: str) -> None:
-    """Loss and kNN top-1 of several runs on one figure, a legend entry per run."""
-    names = [run_name(p, ("_statistics.csv",)) for p in paths]
-    # the same NAME from two results folders would give two identical legend entries
-    names = [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), name) if names.count(name) > 1
-             else name for p, name in zip(paths, names)]
-    runs = [(name, read_statistics(p)) for p, name in zip(paths, names)]
-    kind = runs[0][1][0]["kind"]
-    for (name, rows), path in zip(runs, paths):
-        if rows[0]["kind"] != kind:
-            print(f"skipped {path}: a {KINDS[rows[0]['kind']][0]} CSV, not {KINDS[kind][0]} like {paths[0]}; "
-                  f"plot each kind on its own", file=sys.stderr)
-    runs = [(name, [r for r in rows if "epoch" in r]) for name, rows in runs if rows[0]["kind"] == kind]
-    _, loss_label, acc_label = KINDS[kind]
+def legend_labels(paths: Sequence[str]) -> list[str]:
+    """Each run's NAME, after as many of its folders as tell it from every other run (the shortest such suffix)."""
+    parts = [os.path.abspath(p).split(os.sep)[:-1] + [run_name(p, ("_statistics.csv",))] for p in paths]
+    parts = [q[:-1] + [os.path.basename(p)] if parts.count(q) > 1 else q  # a.csv and a_statistics.csv: one NAME
+             for p, q in zip(paths, parts)]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = parts[:i] + parts[i + 1:]
+        depth = next((k for k in range(1, len(mine)) if all(q[-k:] != mine[-k:] for q in others)), len(mine))
+        labels.append("/".join(mine[-depth:]))
+    return labels
+
+
+def command_for(paths: Sequence[str], out: str, kind: str) -> str:
+    """The plot.py command that draws these CSVs: one glob when a shell-safe one matches exactly them."""
+    base, ext = os.path.splitext(out)
+    args = " ".join(shlex.quote(p) for p in paths)
+    folder = {os.path.dirname(p) for p in paths}
+    if len(paths) > 1 and len(folder) == 1:
+        names = [os.path.basename(p) for p in paths]
+        suffix = os.path.commonprefix([n[::-1] for n in names])[::-1]
+        suffix = suffix[suffix.find("_"):] if "_" in suffix else suffix
+        pattern = os.path.join(folder.pop(), "*" + suffix)
+        exact = {os.path.realpath(p) for p in glob.glob(pattern)} == {os.path.realpath(p) for p in paths}
+        if exact and re.fullmatch(r"[\w@%+=:,./-]*\*[\w@%+=:,./-]*", pattern):
+            args = pattern
+    return f"python plot.py {args} --out {shlex.quote(f'{base}_{kind}{ext}')}"
+
+
+def skipped_note(skipped: dict[str, list[str]], kind: str, out: str) -> str:
+    """One line: the CSVs of other kinds left out, and the commands that draw them."""
+    what = []
+    for other, paths in skipped.items():
+        desc = KINDS[other][0]
+        what.append(f"{paths[0]} (a {desc} CSV)" if len(paths) == 1 else f"{len(paths)} {desc} CSVs")
+    them = "it" if sum(map(len, skipped.values())) == 1 else "them"
+    commands = "; ".join(command_for(paths, out, other) for other, paths in skipped.items())
+    return f"skipped {' and '.join(what)}: this figure draws {KINDS[kind][0]} CSVs; to draw {them}: {commands}"
+
+
+def pick(tables: list[Statistics], out: str) -> list[Statistics]:
+    """The CSVs of the kind to draw (main.py's when present), each left-out file or row said on stderr."""
+    for table in tables:
+        if table.dropped:
+            lines = ", ".join(map(str, table.dropped[:5])) + (", ..." if len(table.dropped) > 5 else "")
+            rest = "the other rows are drawn" if table.rows else "nothing of it to draw"
+            s = "s" if len(table.dropped) != 1 else ""
+            print(f"note: {table.path}: {len(table.dropped)} row{s} left out (line{s} {lines}): no epoch, or a NaN, "
+                  f"infinite or huge (beyond 3.4e38) value; {rest}", file=sys.stderr)
+        elif not table.rows:
+            print(f"note: {table.path} has no rows yet (a run before its first epoch?): nothing of it to draw",
+                  file=sys.stderr)
+    with_rows = [t for t in tables if t.rows]
+    if not with_rows:
+        raise UserError(f"nothing to draw: no row of {', '.join(t.path for t in tables)} has an epoch and finite "
+                        f"values; {PASS} with at least one epoch")
+    kinds = [t.kind for t in with_rows]
+    kind = "pretraining" if "pretraining" in kinds else kinds[0]
+    skipped: dict[str, list[str]] = {}
+    for table in with_rows:
+        if table.kind != kind:
+            skipped.setdefault(table.kind, []).append(table.path)
+    if skipped:
+        print(skipped_note(skipped, kind, out), file=sys.stderr)
+    return [t for t in with_rows if t.kind == kind]
+
+
+def draw(tables: Sequence[Statistics], labels: Sequence[str]):
+    """Loss and top-1 of runs of one kind on one figure, a legend entry per run."""
+    _, loss_label, acc_label = KINDS[tables[0].kind]
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for name, rows in runs:
-        line, = left.plot(*series(rows, "train_loss"), marker=".", label=name)  # a 1-epoch run is a dot
-        right.plot(*series(rows, "test_acc@1"), marker=".", color=line.get_color(), label=name)
+    lines = []
+    for table in tables:
+        line, = left.plot(*series(table.rows, "train_loss"), marker=".")  # a 1-epoch run is a dot
+        right.plot(*series(table.rows, "test_acc@1"), marker=".", color=line.get_color())
+        lines.append(line)
     left.set(xlabel="epoch", ylabel=loss_label)
     right.set(xlabel="epoch", ylabel=acc_label)
     epoch_axes(left, right)
-    right.legend(fontsize="small")
-    fig.suptitle(f"{len(runs)} run{'s' if len(runs) != 1 else ''} ({KINDS[kind][0]})")
+    # given explicitly, a NAME that starts with "_" is shown (matplotlib hides such labels); "$" is not math
+    right.legend(lines, [label.replace("$", r"\$") for label in labels], fontsize="small")
+    fig.suptitle(f"{len(tables)} run{'s' if len(tables) != 1 else ''} ({KINDS[tables[0].kind][0]})")
     fig.tight_layout()
-    save(fig, out)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,15 +231,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare(argv: list[str] | None) -> int:
-    """Parse, read every CSV, write the figure."""
+    """Parse, check --out and every CSV, read them, write the figure."""
     parser = OneLineParser(description="Draw the curves of one or several runs on one figure.")
     parser.add_argument("csv", nargs="+", help="CSVs of one kind: NAME_statistics.csv of main.py, or of linear.py, "
-                        "or of finetune.py (others are skipped with a note)")
-    parser.add_argument("--out", default="compare.png", help="PNG to write (default: compare.png)")
+                        "or of finetune.py (main.py's are drawn when kinds are mixed, the others skipped with a note)")
+    parser.add_argument("--out", default="compare.png", help="figure to write, .png, .pdf or .svg; never one of "
+                        "the inputs (default: compare.png)")
     args = parser.parse_args(argv)
+    paths = []
+    for path in args.csv:
+        check_input(path)
+        again = [p for p in paths if os.path.samefile(p, path)]
+        if again:
+            print(f"note: {path} is {again[0]} again: drawn once", file=sys.stderr)
+        else:
+            paths.append(path)
+    check_out(args.out, paths)
+    tables = pick([read_statistics(p) for p in paths], args.out)
+    fig = draw(tables, legend_labels([t.path for t in tables]))
     try:
-        plot_compare(args.csv, args.out)
-    except OSError as e:  # --out in a folder that cannot be written, or a directory
+        save(fig, args.out, args.out.rsplit(".", 1)[1].lower())
+    except OSError as e:  # a folder that cannot be written
         raise UserError(f"cannot write {args.out}: {e.strerror or first_line(e)}") from None
     print(f"wrote {args.out}")
     return 0

@@ -15,12 +15,12 @@ def pyplot():
     return plt
 
 
-def save(fig, path: str) -> None:
-    """Render to PNG in memory, then replace `path` whole."""
+def save(fig, path: str, file_format: str = "png") -> None:
+    """Render (PNG, or another format matplotlib writes: pdf, svg) in memory, then replace `path` whole."""
     from .files import atomic_write_bytes  # here: files imports torch, and plot.py's --help does not wait for it
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=100)
+        fig.savefig(buf, format=file_format, dpi=100)
     finally:
         pyplot().close(fig)  # pyplot keeps every open figure alive: one leak per epoch otherwise
     atomic_write_bytes(path, buf.getvalue())

@@ -237,7 +237,7 @@ def test_plot_skips_csvs_of_another_kind_with_a_note(one_epoch, tmp_path, capsys
                       "1,2.0,30,80,2.1,31,81,0.1,1.0\n")
     assert plot.main([str(one_epoch / "o_statistics.csv"), str(linear), "--out", str(tmp_path / "c.png")]) == 0
     err = capsys.readouterr().err
-    assert f"skipped {linear}: a linear.py probe CSV" in err and (tmp_path / "c.png").is_file()
+    assert f"skipped {linear} (a linear.py probe CSV)" in err and (tmp_path / "c.png").is_file()
     assert plot.kind_of(["epoch", "train_loss", "train_acc@1", "test_acc@1"]) == "finetune"
 
 

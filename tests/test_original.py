@@ -174,7 +174,7 @@ def test_plot_draws_the_original_tools_csv_beside_ours(tmp_path, capsys):
     ours = tmp_path / "mine_statistics.csv"
     ours.write_text("epoch,train_loss,test_acc@1,test_acc@5,lr,epoch_seconds,train_images_per_second,knn_seconds,"
                     "probe_acc@1,probe_acc@5\n1,6.0,41.0,89.0,0.001,1.0,10.0,0.5,50.0,91.0\n")
-    rows = plot.read_statistics(str(theirs))
+    rows = plot.read_statistics(str(theirs)).rows
     assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["test_acc@1"] == 45.25
     out = tmp_path / "both.png"
     assert plot.main([str(theirs), str(ours), "--out", str(out)]) == 0

@@ -1,5 +1,9 @@
 """Result pictures: the per-run curves, the comparison of several runs, and the nearest-neighbour grid."""
+import glob
 import os
+import shlex
+import threading
+import warnings
 
 import pytest
 import torch
@@ -98,7 +102,7 @@ def test_compare_reads_main_py_statistics(tmp_path):
     from simclr.files import atomic_write_csv
     path = tmp_path / "r_statistics.csv"
     atomic_write_csv(str(path), pretrain.CSV_COLUMNS, ROWS)
-    rows = plot.read_statistics(str(path))
+    rows = plot.read_statistics(str(path)).rows
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[1]["test_acc@1"] is None
     assert plot.run_name(str(path)) == "r"
 
@@ -139,6 +143,234 @@ def test_compare_unwritable_out_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: cannot write"), err
     assert no_temp_files(tmp_path)
+
+
+# ----------------------------------------------------------------------------- plot.py: what it reads and writes
+
+LINEAR_HEADER = "epoch,train_loss,train_acc@1,train_acc@5,test_loss,test_acc@1,test_acc@5,lr,epoch_seconds\n"
+
+
+def one_error_line(capsys, code) -> str:
+    """The only stderr line of a refused command (exit 2), with no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), err
+    return err
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """What each plot.main call drew: its title, legend texts and the loss panel's points per line."""
+    figures = []
+    real_save = plot.save
+
+    def record(fig, path, *args):
+        left, right = fig.axes
+        figures.append({"title": fig.get_suptitle(),
+                        "labels": [t.get_text().replace("\\$", "$") for t in right.get_legend().get_texts()],
+                        "loss": [list(zip(line.get_xdata(), line.get_ydata())) for line in left.lines]})
+        real_save(fig, path, *args)
+    monkeypatch.setattr(plot, "save", record)
+    return figures
+
+
+def test_compare_refuses_an_out_that_is_an_input_or_not_a_figure(tmp_path, capsys):
+    run = tmp_path / "results"
+    run.mkdir()
+    a = write_csv(run / "a_statistics.csv", ROWS)
+    for name in ("a_model.pth", "a_last.pth", "a_config.json", "a_linear_statistics.csv"):
+        (run / name).write_bytes(b"keep me " + name.encode())
+    (run / "link.png").symlink_to("a_statistics.csv")
+    os.link(a, run / "hard.png")
+    (run / "figures.png").mkdir()
+    os.mkfifo(run / "pipe.png")
+    (run / "old.png").write_bytes(b"an old figure")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "pipe.png"}
+    cases = [(a, f"is the input {a}"),
+             (str(run / "a_model.pth"), "never a run's .csv, .pth or .json"),
+             (str(run / "a_last.pth"), ".png, .pdf or .svg"),
+             (str(run / "a_config.json"), ".png, .pdf or .svg"),
+             (str(run / "a_linear_statistics.csv"), ".png, .pdf or .svg"),
+             (str(run / "link.png"), f"is the input {a}"),  # a symlink to the input
+             (str(run / "hard.png"), f"is the input {a}"),  # a second name of the input
+             (str(run / "figures.png"), "it is a directory"),
+             (str(run / "pipe.png"), "not a regular file"),
+             (str(run / "a_model.pth" / "x.png"), "is a file, not a folder")]
+    for out, needle in cases:
+        assert needle in one_error_line(capsys, plot.main([a, "--out", out])), out
+    # a CSV named like a figure is refused as --out by its real path, however it is spelled
+    fig_named = run / "b.png"
+    fig_named.write_text((run / "a_statistics.csv").read_text())
+    for spelling in (str(fig_named), str(run / "." / "b.png"), str(run / ".." / "results" / "b.png")):
+        assert "is the input" in one_error_line(capsys, plot.main([str(fig_named), "--out", spelling])), spelling
+    assert fig_named.read_text() == (run / "a_statistics.csv").read_text()
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name in before} == before
+    assert (run / "link.png").is_symlink() and (run / "pipe.png").is_fifo() and no_temp_files(run)
+    assert plot.main([a, "--out", str(run / "old.png")]) == 0  # an existing figure is replaced, as asked
+    assert png_size(run / "old.png") == (1100, 450)
+
+
+@pytest.mark.parametrize("name,magic", [("c.png", b"\x89PNG"), ("c.PNG", b"\x89PNG"), ("c.pdf", b"%PDF"),
+                                        ("new/folder/c.svg", b"<?xml")])
+def test_compare_writes_the_format_its_out_names(tmp_path, name, magic):
+    a = write_csv(tmp_path / "a_statistics.csv", ROWS)
+    assert plot.main([a, "--out", str(tmp_path / name)]) == 0  # a folder that does not exist yet is made
+    assert (tmp_path / name).read_bytes().startswith(magic)
+
+
+def test_the_readme_glob_draws_main_py_runs_and_says_how_to_draw_the_probes(tmp_path, capsys, drawn, monkeypatch):
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("a", "b"):
+        write_csv(results / f"{name}_statistics.csv", ROWS)
+        (results / f"{name}_linear_statistics.csv").write_text(LINEAR_HEADER + "1,2.0,30,80,2.1,31,81,0.1,1.0\n")
+    monkeypatch.chdir(tmp_path)
+    paths = sorted(glob.glob("results/*_statistics.csv"))  # as the shell expands it: a probe's CSV comes first
+    assert paths[0] == "results/a_linear_statistics.csv"
+    assert plot.main([*paths, "--out", "compare.png"]) == 0
+    assert drawn[-1]["title"] == "2 runs (main.py statistics)" and drawn[-1]["labels"] == ["a", "b"]
+    err = capsys.readouterr().err.strip()
+    command = "python plot.py results/*_linear_statistics.csv --out compare_linear.png"
+    assert len(err.splitlines()) == 1 and err.startswith("skipped 2 linear.py probe CSVs") and err.endswith(command)
+    argv = [m for arg in shlex.split(command)[2:] for m in (sorted(glob.glob(arg)) if "*" in arg else [arg])]
+    assert plot.main(argv) == 0  # the command as the shell runs it
+    assert drawn[-1]["title"] == "2 runs (linear.py probe)" and drawn[-1]["labels"] == ["a_linear", "b_linear"]
+
+
+def test_compare_without_main_py_runs_draws_the_first_kind(tmp_path, capsys, drawn):
+    linear = tmp_path / "x_linear_statistics.csv"
+    linear.write_text(LINEAR_HEADER + "1,2.0,30,80,2.1,31,81,0.1,1.0\n")
+    tuned = tmp_path / "x_finetune_0.1_statistics.csv"
+    tuned.write_text("epoch,train_loss,train_acc@1,test_acc@1,test_acc@5\n1,2.0,30,31,81\n")
+    assert plot.main([str(linear), str(tuned), "--out", str(tmp_path / "c.png")]) == 0
+    assert drawn[-1]["title"] == "1 run (linear.py probe)"
+    err = capsys.readouterr().err.strip()
+    assert err == (f"skipped {tuned} (a finetune.py CSV): this figure draws linear.py probe CSVs; to draw it: "
+                   f"python plot.py {tuned} --out {tmp_path / 'c_finetune.png'}")
+
+
+def test_legend_entries_are_the_shortest_path_that_tells_runs_apart(tmp_path):
+    paths = [str(tmp_path / d / "results" / "x_statistics.csv") for d in ("exp1/a", "exp2/a", "exp1/b")]
+    paths.append(str(tmp_path / "exp1" / "a" / "results" / "y_statistics.csv"))
+    assert plot.legend_labels(paths) == ["exp1/a/results/x", "exp2/a/results/x", "b/results/x", "y"]
+    # one NAME from two files of one folder: the file names tell them apart
+    same = [str(tmp_path / "x_statistics.csv"), str(tmp_path / "x.csv")]
+    assert plot.legend_labels(same) == ["x_statistics.csv", "x.csv"]
+    assert plot.legend_labels(["/x_statistics.csv", "/r/x_statistics.csv"]) == ["/x", "r/x"]
+
+
+def test_compare_draws_a_distinct_legend_entry_per_run(tmp_path, capsys, drawn):
+    paths = []
+    for folder in ("one/a/results", "two/a/results"):  # the same two folders deep
+        (tmp_path / folder).mkdir(parents=True)
+        paths.append(write_csv(tmp_path / folder / "x_statistics.csv", ROWS))
+    paths.append(write_csv(tmp_path / "_hidden_statistics.csv", ROWS))  # matplotlib hides labels that start with _
+    paths.append(write_csv(tmp_path / "$x$_statistics.csv", ROWS))  # not mathtext
+    again = os.path.join(os.path.dirname(paths[0]), ".", "x_statistics.csv")
+    assert plot.main([*paths, again, "--out", str(tmp_path / "c.png")]) == 0
+    assert drawn[-1]["labels"] == ["one/a/results/x", "two/a/results/x", "_hidden", "$x$"]
+    assert capsys.readouterr().err.strip() == f"note: {again} is {paths[0]} again: drawn once"
+
+
+def test_compare_says_which_rows_it_leaves_out_and_draws_the_rest(tmp_path, capsys, drawn):
+    good = write_csv(tmp_path / "good_statistics.csv", ROWS)
+    bad = tmp_path / "bad_statistics.csv"
+    bad.write_text(CSV_HEADER[:38] + "\n1,5.0,30,70\nnan,4.9,31,71\n3,inf,32,72\n4,4.7,-inf,73\n5,4.6,34,NaN\n"
+                   "6,1e308,35,76\n,4.5,36,77\n8,4.4,37,78\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert plot.main([good, str(bad), "--out", str(tmp_path / "c.png")]) == 0
+    assert not caught, [str(w.message) for w in caught]
+    assert drawn[-1]["loss"][1] == [(1.0, 5.0), (8.0, 4.4)]
+    err = capsys.readouterr().err.strip()
+    assert err == (f"note: {bad}: 6 rows left out (lines 3, 4, 5, 6, 7, ...): no epoch, or a NaN, infinite or huge "
+                   f"(beyond 3.4e38) value; the other rows are drawn")
+    assert png_size(tmp_path / "c.png") == (1100, 450)
+
+
+@pytest.mark.parametrize("value", ["1e308", "-1e308", "3.5e38"])
+def test_huge_finite_values_draw_without_a_warning(tmp_path, capsys, value):
+    path = tmp_path / "r_statistics.csv"
+    path.write_text(CSV_HEADER[:38] + f"\n1,5.0,30,70\n2,{value},31,71\n{value},4.0,40,80\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert plot.main([str(path), "--out", str(tmp_path / "c.png")]) == 0
+    assert not caught, [str(w.message) for w in caught]
+    assert f"note: {path}: 2 rows left out (lines 3, 4)" in capsys.readouterr().err
+    # float32's largest values are still drawn, without a warning either
+    path.write_text(CSV_HEADER[:38] + "\n1,3.4e38,-3.4e38,70\n-3.4e38,4.0,3.4e38,80\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert plot.main([str(path), "--out", str(tmp_path / "c.png")]) == 0
+    assert not caught and capsys.readouterr().err == ""
+
+
+def test_compare_refuses_a_fifo_or_a_folder_before_opening_it(tmp_path, capsys):
+    fifo = tmp_path / "f_statistics.csv"
+    os.mkfifo(fifo)
+    # a writer that sends nothing stands by, so that a read that was let through ends instead of waiting for ever
+    writer = threading.Thread(target=lambda: open(fifo, "w").close(), daemon=True)
+    writer.start()
+    out = tmp_path / "c.png"
+    err = one_error_line(capsys, plot.main([str(fifo), "--out", str(out)]))
+    os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer go when nothing read
+    writer.join()
+    assert "is not a regular file (a FIFO" in err
+    err = one_error_line(capsys, plot.main([str(tmp_path), "--out", str(out)]))
+    assert f"{tmp_path} is a directory" in err and "*_statistics.csv" in err
+    assert not out.exists()
+
+
+def one_error_line_after_notes(capsys, code) -> str:
+    """The last stderr line of a refused command (exit 2): the only error, after notes, with no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and [line for line in err if line.startswith("error:")] == err[-1:], err
+    assert not [line for line in err[:-1] if not line.startswith("note:")], err
+    return err[-1]
+
+
+def test_compare_of_rows_yet_to_come(tmp_path, capsys, drawn):
+    header_only = tmp_path / "new_statistics.csv"
+    header_only.write_text(CSV_HEADER)
+    out = tmp_path / "c.png"
+    assert "nothing to draw" in one_error_line_after_notes(capsys, plot.main([str(header_only), "--out", str(out)]))
+    assert not out.exists()
+    good = write_csv(tmp_path / "good_statistics.csv", ROWS)
+    assert plot.main([str(header_only), good, "--out", str(out)]) == 0
+    assert drawn[-1]["labels"] == ["good"]
+    assert f"note: {header_only} has no rows yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "not a readable CSV: it is empty"),
+    (b"\x80\x02ctorch\xff\xfe", "not a readable CSV"),  # weights given as a CSV
+    (b"a,b,c\n1,2,3\n", "lacks the columns epoch, train_loss"),  # a CSV of another tool
+    (b"epoch,train_loss,test_acc@1,test_acc@5\n1,2,3,4,5\n", "line 2 has 5 cells, the header 4"),
+    (b"epoch,train_loss,test_acc@1,test_acc@5\n1,NA,3,4\n", "non-numeric value 'NA' (line 2)"),
+])
+def test_compare_refuses_what_is_not_a_statistics_csv(tmp_path, capsys, content, needle):
+    path = tmp_path / "x_statistics.csv"
+    path.write_bytes(content)
+    out = tmp_path / "c.png"
+    err = one_error_line(capsys, plot.main([str(path), "--out", str(out)]))
+    assert needle in err and str(path) in err, err
+    assert not out.exists()
+
+
+def test_compare_reads_a_byte_order_mark_and_short_rows(tmp_path, drawn):
+    path = tmp_path / "x_statistics.csv"
+    path.write_bytes("\ufeffepoch,train_loss,test_acc@1,test_acc@5\n1,2.0\n\n2,1.5,40,80\n".encode())
+    assert plot.main([str(path), "--out", str(tmp_path / "c.png")]) == 0
+    assert drawn[-1]["loss"] == [[(1.0, 2.0), (2.0, 1.5)]]
+
+
+def test_compare_unreadable_file_is_one_line(tmp_path, capsys, monkeypatch):
+    path = write_csv(tmp_path / "x_statistics.csv", ROWS)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(plot, "open", denied, raising=False)  # root reads any file: the error is made here
+    assert one_error_line(capsys, plot.main([path, "--out", str(tmp_path / "c.png")])) == \
+        f"error: cannot read {path}: Permission denied"
 
 
 # ----------------------------------------------------------------------------- neighbors: the search
