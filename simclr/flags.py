@@ -101,15 +101,24 @@ class Flag:
                       (self.lt, lambda v, b: v < b, "<"), (self.le, lambda v, b: v <= b, "<=")]
             for bound, ok, sign in bounds:
                 if bound is not None and not ok(value, bound):
-                    raise UserError(f"--{self.name}{where} must be {self.describe_bounds()}, got {value:g}")
+                    raise UserError(f"--{self.name}{where} must be {self.describe_bounds()}, got {exact(value)}")
         return value
 
     def describe_bounds(self) -> str:
         """'positive and <= 1024', for messages and --help."""
         low = ("positive" if self.gt == 0 or (self.type is int and self.ge == 1)
-               else f"> {self.gt:g}" if self.gt is not None else f">= {self.ge:g}" if self.ge is not None else None)
-        high = f"< {self.lt:g}" if self.lt is not None else f"<= {self.le:g}" if self.le is not None else None
+               else f"> {exact(self.gt)}" if self.gt is not None else f">= {exact(self.ge)}" if self.ge is not None
+               else None)
+        high = f"< {exact(self.lt)}" if self.lt is not None else f"<= {exact(self.le)}" if self.le is not None else None
         return " and ".join(part for part in (low, high) if part)
+
+
+def exact(number: float) -> str:
+    """A number for a message: an integer in full (2**63 - 1, not 9.22337e+18), a float short where that is exact."""
+    if isinstance(number, int):
+        return str(number)
+    short = f"{number:g}"
+    return short if float(short) == number else repr(number)
 
 
 _KINDS = {int: "a whole number", float: "a number"}

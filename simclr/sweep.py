@@ -4,7 +4,12 @@ Under OUT, each run has its folder OUT/NAME/ (NAME says its values: `temperature
 main.py's NAME_* files, the evaluation's when asked, the process's NAME_stdout.txt and
 NAME_stderr.txt, and NAME_sweep.json: the status the sweep writes (whole) after the process exits.
 A run is finished when that status says exit 0 for today's flags and its NAME_statistics.csv has
-every epoch; everything else is started again (`--resume auto` when a NAME_last.pth is there).
+every epoch; everything else is started again (`--resume auto` when a NAME_last.pth is there). Its
+evaluation is done when its record says exit 0 for today's flags and its own statistics CSV is there.
+A status the sweep did not write (a field missing or of another type, not JSON) stops the sweep in one
+line before anything runs. Every count (seeds, values, runs: MAX_RUNS) and every file name is checked
+while planning. Each run gets SIGTERM when the sweep's process ends in any way (Linux), so it saves its
+checkpoint and stops instead of training on unseen.
 The tables (runs.csv, summary.csv, comparison.csv, curves.png) are rebuilt from the runs' own CSVs
 at the end of every sweep, so a sweep stopped and run again ends with the same tables.
 
@@ -18,16 +23,18 @@ import itertools
 import json
 import math
 import os
+import re
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .cli import OneLineParser, UserError
-from .files import RunLock, atomic_save_json, atomic_write_csv
+from .cli import OneLineParser, UserError, first_line
+from .files import RunLock, RunNameInUse, atomic_save_json, atomic_write_csv, check_name_fits
 from .flags import (FINETUNE_FLAGS, LINEAR_FLAGS, SWEEP_OWNED, TRAIN, TRAIN_FLAGS, build_parser, check_name,
                     parse_text, train_values)
 
@@ -40,6 +47,17 @@ STOP_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
 # flags of the evaluation scripts that the sweep sets itself: where the weights and files are, the seed
 THEN_OWNED = ("model_path", "config", "results_dir", "name", "seed", "resume", "untrained")
 POLL_S = 0.2
+# the runs one sweep plans at most: far above any grid a researcher runs (and its tables stay readable), far
+# below what would make planning slow or its memory large
+MAX_RUNS = 10_000
+# what stands after NAME in the files of a run: main.py's (loop.RESULT_FILES and its TensorBoard folder), the
+# evaluation's (after its prefix) and the sweep's own
+RUN_FILES = ("statistics.csv", "model.pth", "last.pth", "config.json", "curves.png", "tb", "stdout.txt",
+             "stderr.txt", "sweep.json")
+# NAME_sweep.json is a few kB; a larger one was not written by the sweep
+MAX_STATUS_BYTES = 1 << 20
+PATH_MAX = 4096  # Linux's limit on a path's length (bytes, with its terminating NUL)
+STATES = ("finished", "stopped", "failed")
 
 
 # ----------------------------------------------------------------------------- the plan (validated before anything runs)
@@ -92,6 +110,8 @@ def plan(values: dict, main_args: list[str]) -> Plan:
     grid = parse_grid(values["grid"] or [])
     keys = tuple(grid)
     parser = build_parser(TRAIN_FLAGS, "main.py", explicit_only=True)
+    for arg in main_args:  # printed in the dry run's commands and kept in each run's status
+        require_text(arg, "a flag after --")
     shared = parse_main_args(parser, main_args, "after --")
     owned = [k for k in SWEEP_OWNED if k in shared]
     if owned:
@@ -102,7 +122,13 @@ def plan(values: dict, main_args: list[str]) -> Plan:
         raise UserError(f"--{both[0]} is both a --grid key and a flag after --; give it in one place")
     name = values["name"] or ("_".join(keys) if keys else "seeds")
     check_name(name)
+    for flag in ("name", "out", "then_args"):  # in the tables' text, the messages and the commands printed
+        if values[flag] is not None:
+            require_text(values[flag], f"--{flag}")
+    if values["out"] is None:
+        check_name_fits("results", [f"sweep_{name}"])
     out = values["out"] or os.path.join("results", f"sweep_{name}")
+    check_size(grid, seeds)
     configs = tuple(itertools.product(*[[text for text, _ in grid[k]] for k in keys]))
     runs, names = [], set()
     for config, seed in itertools.product(configs, seeds):
@@ -118,29 +144,67 @@ def plan(values: dict, main_args: list[str]) -> Plan:
         runs.append(Run(pairs, seed, run_name, folder, tuple(args), resolved["epochs"]))
     baseline = parse_baseline(values["baseline"], grid) if values["baseline"] is not None else None
     then = parse_then(values, shared)
+    check_files(out, runs, then)
     slots = device_slots(values["gpus"], values["gpus_per_run"])
     return Plan(name, out, keys, configs, tuple(seeds), tuple(runs), baseline, then, slots, values["gpus_per_run"])
 
 
+SEED_ITEM = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'0-4' -> [0, 1, 2, 3, 4]; '0,2,7' and '0-2,7' too; each seed checked as main.py's --seed."""
-    seeds: list[int] = []
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,2,7' and '0-2,7' too; each seed checked as main.py's --seed, at most
+    MAX_RUNS of them, counted before any list is made."""
+    shown = brief(text)
+    spans = []
     for item in text.split(","):
-        item = item.strip()
-        low, dash, high = item.partition("-")
-        try:
-            first, last = int(low), int(high if dash else low)
-        except ValueError:
-            raise UserError(f"--seeds {text!r}: {item!r} is not a seed or a range like 0-4") from None
+        match = SEED_ITEM.fullmatch(item)
+        if match is None:
+            if re.match(r"\s*-|.*-\s*-", item):
+                raise UserError(f"--seeds {shown}: {brief(item.strip())} has a negative seed; seeds are "
+                                f"{TRAIN['seed'].describe_bounds()}")
+            raise UserError(f"--seeds {shown}: {brief(item.strip())} is not a seed or a range like 0-4")
+        first, last = (seed_number(digits, shown) for digits in (match[1], match[2] or match[1]))
         if last < first:
-            raise UserError(f"--seeds {text!r}: the range {item} ends before it starts; write {last}-{first}")
-        for seed in (first, last):
-            TRAIN["seed"].check(seed, f"--seeds {text}")
-        seeds += range(first, last + 1)
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if repeated:
-        raise UserError(f"--seeds {text!r} names seed {repeated[0]} twice")
+            raise UserError(f"--seeds {shown}: the range {first}-{last} ends before it starts; write {last}-{first}")
+        spans.append((first, last))
+    count = sum(last - first + 1 for first, last in spans)
+    if count > MAX_RUNS:
+        raise UserError(f"--seeds {shown} names {count:,} seeds; a sweep runs at most {MAX_RUNS:,} runs in all: "
+                        f"give fewer seeds")
+    seeds, seen = [], set()
+    for first, last in spans:
+        for seed in range(first, last + 1):
+            if seed in seen:
+                raise UserError(f"--seeds {shown} names seed {seed} twice")
+            seen.add(seed)
+            seeds.append(seed)
     return seeds
+
+
+def seed_number(digits: str, shown: str) -> int:
+    """One seed written in digits, checked as main.py checks --seed (before int() meets thousands of digits)."""
+    flag = TRAIN["seed"]
+    if len(digits.lstrip("0")) > len(str(flag.le)):
+        raise UserError(f"--seed in --seeds {shown} must be {flag.describe_bounds()}, got a number of "
+                        f"{len(digits.lstrip('0')):,} digits")
+    return flag.check(int(digits), f"--seeds {shown}")
+
+
+def brief(text: str, limit: int = 60) -> str:
+    """A value the user gave, quoted for a message and cut short when long (a message stays one short line)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text):,} characters)"
+
+
+def check_size(grid: dict, seeds: list[int]) -> None:
+    """At most MAX_RUNS runs, counted before the combinations are made."""
+    configs = math.prod(len(values) for values in grid.values())
+    if configs * len(seeds) > MAX_RUNS:
+        sizes = " x ".join(f"{len(values):,}" for values in grid.values())
+        sizes = f"{sizes} = " if len(grid) > 1 else ""
+        raise UserError(f"the grid has {sizes}{configs:,} configurations x {len(seeds):,} seeds = "
+                        f"{configs * len(seeds):,} runs; a sweep runs at most {MAX_RUNS:,}: split it into "
+                        f"smaller sweeps (each its own --out)")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[tuple[str, object]]]:
@@ -151,27 +215,42 @@ def parse_grid(items: list[str]) -> dict[str, list[tuple[str, object]]]:
         key, equals, texts = item.partition("=")
         key = key.strip().removeprefix("--")
         if not equals or not key:
-            raise UserError(f"--grid {item!r}: write KEY=V1,V2 (a flag of main.py and its values)")
+            raise UserError(f"--grid {brief(item)}: write KEY=V1,V2 (a flag of main.py and its values)")
         if key not in TRAIN:
             close = difflib.get_close_matches(key, list(TRAIN), n=1)
             hint = f" (did you mean {close[0]}?)" if close else " (python main.py --help lists them)"
-            raise UserError(f"--grid {item!r}: {key} is not a flag of main.py{hint}")
+            raise UserError(f"--grid {brief(item)}: {key} is not a flag of main.py{hint}")
         if key in SWEEP_OWNED:
-            raise UserError(f"--grid {item!r}: --{key} is set by the sweep itself"
+            raise UserError(f"--grid {brief(item)}: --{key} is set by the sweep itself"
                             + (" (use --seeds)" if key == "seed" else ""))
         if key in grid:
             raise UserError(f"--grid {key} is given twice; put all its values in one --grid {key}=V1,V2")
-        values = []
-        for text in texts.split(","):
+        texts = texts.split(",")
+        if len(texts) > MAX_RUNS:
+            raise UserError(f"--grid {key} has {len(texts):,} values; a sweep runs at most {MAX_RUNS:,} runs in all")
+        values, seen = [], {}
+        for text in texts:
             if not text.strip():
-                raise UserError(f"--grid {item!r} has an empty value; write {key}=V1,V2 without empty entries")
+                raise UserError(f"--grid {brief(item)} has an empty value; write {key}=V1,V2 without empty entries")
             text = text.strip()
+            require_text(text, f"--grid {key}")
             value = parse_text(TRAIN[key], text, "--grid")
-            if any(value == v for _, v in values):
-                raise UserError(f"--grid {item!r} gives the value {text} twice")
+            if value in seen:  # 0.5 and .5 are one value: a set keeps the check linear in the values
+                raise UserError(f"--grid {key} gives the value {text} twice" +
+                                (f" (as {seen[value]} and {text})" if seen[value] != text else ""))
+            seen[value] = text
             values.append((text, value))
         grid[key] = values
     return grid
+
+
+def require_text(text: str, where: str) -> None:
+    """A value that becomes part of run names, logs and the tables' text must be valid UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: {ascii(text)} is not valid UTF-8 text; run names, logs and tables "
+                        f"hold it, so write it in UTF-8") from None
 
 
 def as_args(key: str, value) -> list[str]:
@@ -203,14 +282,16 @@ def parse_baseline(text: str, grid: dict) -> tuple[str, ...]:
         key, equals, value = item.partition("=")
         key = key.strip().removeprefix("--")
         if not equals or not value.strip():
-            raise UserError(f"--baseline {text!r}: write KEY=VALUE,KEY=VALUE with the grid's keys")
+            raise UserError(f"--baseline {brief(text)}: write KEY=VALUE,KEY=VALUE with the grid's keys")
         if key not in grid:
-            raise UserError(f"--baseline {text!r}: {key} is not a --grid key (the grid's keys: "
+            raise UserError(f"--baseline {brief(text)}: {key} is not a --grid key (the grid's keys: "
                             f"{', '.join(grid) or 'none'})")
+        if key in given:
+            raise UserError(f"--baseline {brief(text)} gives {key} twice; name one value of each --grid key")
         given[key] = value.strip()
     missing = [k for k in grid if k not in given]
     if missing:
-        raise UserError(f"--baseline {text!r} gives no value of {missing[0]}; name one configuration of the grid")
+        raise UserError(f"--baseline {brief(text)} gives no value of {missing[0]}; name one configuration of the grid")
     chosen = []
     for key, options in grid.items():
         value = parse_text(TRAIN[key], given[key], "--baseline")
@@ -253,6 +334,26 @@ def parse_then(values: dict, shared: dict) -> Then | None:
     return Then("finetune", tuple(extra), f"_finetune_{tag}", "finetune_acc@1")
 
 
+def check_files(out: str, runs: list[Run], then: Then | None) -> None:
+    """Every file every run will write fits the file system (NAME_MAX for its temporary, PATH_MAX for its
+    path), and no folder the sweep makes is taken by a file: refused now, before any run starts."""
+    if not runs:
+        return
+    longest = max(runs, key=lambda r: len(os.fsencode(r.name)))  # names differ only in the runs' values
+    prefixes = ["", *([then.prefix] if then is not None else [])]
+    names = [f"{longest.name}{prefix}_{kind}" for prefix in prefixes for kind in RUN_FILES]
+    check_name_fits(out, names, "--grid value")
+    # every run's folder is OUT/NAME: the longest name has the longest path, with its temporary's name
+    deepest = os.path.join(os.path.abspath(longest.folder), f".{max(names, key=len)}.00000000.tmp")
+    if len(os.fsencode(deepest)) >= PATH_MAX:
+        raise UserError(f"--out: the path {deepest[:40]}... of a run's file is longer than the {PATH_MAX} bytes "
+                        f"a path may have; use a shorter --out or shorter --grid values")
+    for folder in (out, *(r.folder for r in runs)):
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise UserError(f"{folder} is there but is not a folder; the sweep puts its runs there: move it away "
+                            f"or use another --out")
+
+
 def device_slots(gpus: str | None, per_run: int) -> tuple[dict, ...]:
     """The environments of the runs that may go at once: one, unchanged, without --gpus; else one per group
     of per_run GPUs, each process seeing only its own (CUDA_VISIBLE_DEVICES)."""
@@ -286,8 +387,11 @@ def device_slots(gpus: str | None, per_run: int) -> tuple[dict, ...]:
 # ----------------------------------------------------------------------------- the state of each run, from its files
 
 def read_rows(path: str) -> list[dict]:
-    """Rows of a statistics CSV as numbers (None for an empty cell); [] when it is missing or unreadable."""
+    """Rows of a statistics CSV as numbers (None for an empty cell); [] when it is missing, unreadable or not a
+    regular file (a FIFO would block the sweep)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return []
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except (OSError, csv.Error, UnicodeDecodeError):
@@ -296,12 +400,14 @@ def read_rows(path: str) -> list[dict]:
 
 
 def number(text):
+    """A cell as a finite number; None for an empty, non-numeric or non-finite one (an epoch 'inf' is no epoch)."""
     if text is None or text == "":
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         return None
+    return value if math.isfinite(value) else None
 
 
 def read_status(run: Run) -> dict | None:
@@ -310,12 +416,73 @@ def read_status(run: Run) -> dict | None:
 
 
 def read_status_file(path) -> dict | None:
+    """A NAME_sweep.json as the sweep wrote it, every field the sweep reads checked; None when there is none;
+    a UserError naming the file and what is wrong when it is damaged or not the sweep's."""
+    def damaged(what: str) -> UserError:
+        return UserError(f"{path}: {what}; it is not a status the sweep wrote: delete it and run the same command "
+                         f"again (that run is checked again from its own files: kept when finished, else continued)")
+
     try:
-        with open(path, encoding="utf-8") as f:
-            status = json.load(f)
-    except (OSError, ValueError):
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the sweep forever
+            raise damaged("not a regular file")
+        if info.st_size > MAX_STATUS_BYTES:
+            raise damaged(f"{info.st_size:,} bytes, more than the {MAX_STATUS_BYTES:,} of any status")
+        with open(path, "rb") as f:
+            data = f.read(MAX_STATUS_BYTES + 1)
+    except FileNotFoundError:
         return None
-    return status if isinstance(status, dict) else None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror}); make it readable or delete it") from None
+    try:
+        status = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
+        raise damaged(f"not JSON ({'nested too deep' if isinstance(e, RecursionError) else first_line(e)})") from None
+    problem = status_problem(status)
+    if problem:
+        raise damaged(problem)
+    return status
+
+
+def status_problem(status) -> str | None:
+    """What is wrong with a parsed NAME_sweep.json (None: nothing): the fields the sweep reads, their types."""
+    def bad(record, key: str, kind: type, what: str, where: str = "", optional: bool = False) -> str | None:
+        value = record.get(key)
+        if (isinstance(value, kind) and not isinstance(value, bool)) or (optional and key not in record):
+            return None  # JSON true is no exit code; a missing last_line is no message
+        return f"{where}{key!r} is {describe_json(value) if key in record else 'missing'}, not {what}"
+
+    def text_list(record, key: str, where: str = "") -> str | None:
+        args = record.get(key)
+        if not isinstance(args, list):
+            return f"{where}{key!r} is {describe_json(args) if key in record else 'missing'}, not a list of texts"
+        others = [a for a in args if not isinstance(a, str)]
+        return f"{where}{key!r} holds {describe_json(others[0])}, not only texts" if others else None
+
+    if not isinstance(status, dict):
+        return f"{describe_json(status)}, not an object"
+    problem = (text_list(status, "args") or bad(status, "exit_code", int, "an exit code")
+               or bad(status, "last_line", str, "a text", optional=True))
+    if problem is None and status.get("status") not in STATES:
+        state = describe_json(status["status"]) if "status" in status else "missing"
+        problem = f"'status' is {state}, not one of {', '.join(STATES)}"
+    then = status.get("then")
+    if problem is None and then is not None:
+        problem = bad(status, "then", dict, "an object") or (
+            bad(then, "script", str, "a text", "then's ") or text_list(then, "args", "then's ")
+            or bad(then, "exit_code", int, "an exit code", "then's ")
+            or bad(then, "last_line", str, "a text", "then's ", optional=True))
+    return problem
+
+
+def describe_json(value) -> str:
+    """A JSON value in a few words, for a message: a list, a text, the number 3, null."""
+    if value is None:
+        return "null"
+    if isinstance(value, (bool, int, float)):
+        return f"the value {json.dumps(value)}"
+    kinds = {str: "a text", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def epochs_done(rows: list[dict]) -> int:
@@ -328,10 +495,16 @@ def is_finished(run: Run, status: dict | None, rows: list[dict]) -> bool:
             and epochs_done(rows) >= run.epochs)
 
 
-def then_done(then: Then, status: dict | None) -> bool:
+def then_done(run: Run, then: Then, status: dict | None) -> bool:
+    """The evaluation exited 0 with today's flags, and its statistics CSV is still there with a test top-1."""
     record = (status or {}).get("then") or {}
-    return record.get("script") == then.script and record.get("args") == list(then.args) \
-        and record.get("exit_code") == 0
+    return (record.get("script") == then.script and record.get("args") == list(then.args)
+            and record.get("exit_code") == 0 and then_accuracy(run, then) is not None)
+
+
+def then_accuracy(run: Run, then: Then):
+    """The evaluation's final test top-1, from its own CSV (None when the file is missing or has none)."""
+    return final(read_rows(run.path(then.prefix + "_statistics.csv")), "test_acc@1")
 
 
 def final(rows: list[dict], key: str):
@@ -392,9 +565,31 @@ def command(plan: Plan, task: Task) -> list[str]:
 
 def launch(cmd: list[str], env: dict, stdout, stderr) -> subprocess.Popen:
     """Start a run in its own session: a Ctrl-C in the terminal reaches the sweep only, which passes it on
-    once (a second signal would make the run stop at once instead of saving its checkpoint)."""
+    once (a second signal would make the run stop at once instead of saving its checkpoint). On Linux the
+    run also gets a SIGTERM when the sweep dies in any way, kill -9 included: it saves and ends with it."""
     return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=stdout, stderr=stderr,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=ended_with(os.getpid()))
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def ended_with(parent: int):
+    """A preexec_fn that makes the child get SIGTERM when `parent` (the sweep) ends (Linux's PR_SET_PDEATHSIG,
+    through ctypes: no compiled code); None where there is no prctl."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: the child between fork and exec loads nothing
+    except (OSError, AttributeError):
+        return None
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the sweep died before the line above could arm it: end as it would have
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
 
 
 def last_line(path: str, offset: int) -> str:
@@ -426,7 +621,7 @@ class Sweep:
             status = read_status(run)
             if not is_finished(run, status, read_rows(run.path("_statistics.csv"))):
                 tasks.append(Task(run, "main", i))
-            elif self.plan.then is not None and not then_done(self.plan.then, status):
+            elif self.plan.then is not None and not then_done(run, self.plan.then, status):
                 tasks.append(Task(run, "then", i))
         return tasks
 
@@ -451,6 +646,24 @@ class Sweep:
         finally:
             for s, handler in handlers.items():
                 signal.signal(s, handler)
+            self._stop_running()
+
+    def _stop_running(self) -> None:
+        """Runs still going when the loop ends by an error of the sweep itself: each is asked to save and stop,
+        and waited for, so that none goes on training unseen."""
+        if not self.running:
+            return
+        count = len(self.running)
+        print(f"stopping the {count} running run{'s' * (count != 1)}; each saves a checkpoint", file=sys.stderr,
+              flush=True)
+        for active in self.running.values():
+            if not active.signalled:
+                self._forward(active, signal.SIGTERM)
+        for active in self.running.values():
+            active.proc.wait()
+            for f in active.files:
+                f.close()
+        self.running.clear()
 
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
@@ -514,7 +727,7 @@ class Sweep:
             state = "finished" if code == 0 else "stopped" if stopped else "failed"
             status["then"] = dict(script=self.plan.then.script, args=list(self.plan.then.args), exit_code=code,
                                   last_line=line, seconds=round(seconds, 1))
-            acc = final(read_rows(run.path(self.plan.then.prefix + "_statistics.csv")), "test_acc@1")
+            acc = then_accuracy(run, self.plan.then)
             detail = f"{seconds:.0f} s" + (f", test top-1 {acc:.2f}%" if acc is not None and code == 0 else "")
         atomic_save_json(status, run.path("_sweep.json"))
         step = f"{self.plan.then.script}.py " if task.step == "then" else ""
@@ -548,9 +761,8 @@ def collect(plan: Plan) -> tuple[list[dict], list[str]]:
             row[key], row[f"best_{key}"] = final(history, key), best(history, key)
         if plan.then is not None:
             record = (status or {}).get("then") or {}
-            good = done and then_done(plan.then, status)
-            row[plan.then.metric] = final(read_rows(run.path(plan.then.prefix + "_statistics.csv")),
-                                          "test_acc@1") if good else None
+            row[plan.then.metric] = then_accuracy(run, plan.then) if done and then_done(run, plan.then, status) \
+                else None
             row["then_exit_code"] = record.get("exit_code") if done and record.get("args") == list(plan.then.args) \
                 else None
             if done and record.get("exit_code") not in (0, None):
@@ -590,9 +802,12 @@ def describe(values: list[float]) -> dict:
 
 def summarize(plan: Plan, rows: list[dict], metrics: list[str]) -> list[dict]:
     """summary.csv: per configuration, the finished seeds' mean, sd and 95% interval of every metric."""
-    table = []
+    table, by_config = [], {}
+    for r in rows:  # grouped once: the tables stay linear in the runs
+        if r["status"] == "finished":
+            by_config.setdefault(tuple(r[k] for k in plan.keys), []).append(r)
     for config in plan.configs:
-        done = [r for r in rows if tuple(r[k] for k in plan.keys) == config and r["status"] == "finished"]
+        done = by_config.get(config, [])
         row = {**dict(zip(plan.keys, config)), "n": len(done), "missing": len(plan.seeds) - len(done)}
         for m in metrics:
             d = describe([r[m] for r in done if r[m] is not None])
@@ -651,11 +866,13 @@ def draw_curves(plan: Plan, path: str) -> None:
     from .curves import epoch_axes, pyplot, save
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = 0
+    drawn, done = 0, {}
+    for r in plan.runs:
+        history = read_rows(r.path("_statistics.csv"))
+        if is_finished(r, read_status(r), history):
+            done.setdefault(r.config, []).append(history)
     for config in plan.configs:
-        histories = [read_rows(r.path("_statistics.csv")) for r in plan.runs if r.config == config]
-        histories = [h for r, h in zip([r for r in plan.runs if r.config == config], histories)
-                     if is_finished(r, read_status(r), h)]
+        histories = done.get(config, [])
         per_epoch: dict[float, list[float]] = {}
         for history in histories:
             for row in history:
@@ -753,15 +970,31 @@ def dry_run(plan: Plan, tasks: list[Task]) -> int:
     return 0
 
 
+def lock_out(out: str) -> RunLock:
+    """The lock of OUT for this sweep: a second sweep into the same folder would fight this one."""
+    lock = RunLock(out, "sweep")
+    try:
+        return lock.acquire()
+    except RunNameInUse:
+        try:
+            with open(lock.path, encoding="utf-8", errors="replace") as f:
+                holder = f.read(64).strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise UserError(f"another sweep (process {holder}) is running into {out}; wait for it to end, or give "
+                        f"this one another --out") from None
+
+
 def run(values: dict, main_args: list[str]) -> int:
     """sweep.py's job: plan (every check first), run what is left, write and print the tables."""
     the_plan = plan(values, main_args)
     sweep = Sweep(the_plan)
-    tasks = sweep.tasks()
+    tasks = sweep.tasks()  # every run's status read and checked before the lock makes OUT
     if values["dry_run"]:
         return dry_run(the_plan, tasks)
-    lock = RunLock(the_plan.out, "sweep").acquire()  # a second sweep into the same folder would fight this one
+    lock = lock_out(the_plan.out)
     try:
+        tasks = sweep.tasks()  # again under the lock: a sweep that held it may have finished runs since
         skipped = len(the_plan.runs) - len({t.run.name for t in tasks if t.step == "main"})
         if skipped:
             print(f"{skipped} of {len(the_plan.runs)} runs finished before: kept")
