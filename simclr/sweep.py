@@ -45,7 +45,7 @@ CSV_METRICS = ("test_acc@1", "test_acc@5", "probe_acc@1", "probe_acc@5")
 ALWAYS_METRICS = ("test_acc@1", "test_acc@5")
 STOP_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
 # flags of the evaluation scripts that the sweep sets itself: where the weights and files are, the seed
-THEN_OWNED = ("model_path", "config", "results_dir", "name", "seed", "resume", "untrained")
+THEN_OWNED = ("model_path", "config", "results_dir", "name", "seed", "resume", "untrained", "overwrite")
 POLL_S = 0.2
 # the runs one sweep plans at most: far above any grid a researcher runs (and its tables stay readable), far
 # below what would make planning slow or its memory large
@@ -326,7 +326,8 @@ def parse_then(values: dict, shared: dict) -> Then | None:
     if "device" in shared and "device" not in given:  # the evaluation goes where its run went
         extra = ["--device", shared["device"], *extra]
     if script == "linear":
-        return Then("linear", tuple(extra), "_linear", "linear_acc@1")
+        prefix = "_linear_augment" if given.get("augment") else "_linear"  # linear.py's own file names
+        return Then("linear", tuple(extra), prefix, "linear_acc@1")
     if given.get("labels_per_class") is not None:
         tag = f"{given['labels_per_class']}perclass"
     else:
@@ -552,6 +553,8 @@ def command(plan: Plan, task: Task) -> list[str]:
         args = ["--model_path", run.path("_model.pth"), "--seed", str(run.seed), *then.args]
         if then.script == "finetune" and os.path.exists(run.path(then.prefix + "_last.pth")):
             args += ["--resume", "auto"]
+        else:  # an evaluation not done (or its CSV lost): the sweep's own files of it are redone whole
+            args += ["--overwrite"]
         return [sys.executable, os.path.join(ROOT, SCRIPTS[then.script]), *args]
     args = list(run.args)
     if os.path.exists(run.path("_last.pth")):

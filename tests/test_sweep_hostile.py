@@ -374,3 +374,14 @@ def test_an_error_of_the_sweep_stops_and_waits_for_the_runs_still_going(tmp_path
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_a_redone_evaluation_replaces_the_sweeps_own_files_and_augment_has_its_prefix(tmp_path):
+    """linear.py refuses to write over an earlier probe's files unless --overwrite: the sweep, which redoes only
+    what is not done, passes it; --then_args --augment reads linear.py's NAME_linear_augment_* files."""
+    out = tmp_path / "out"
+    the_plan = planned(out, "--seeds", "0", "--then", "linear")
+    task = sweep_lib.Task(the_plan.runs[0], "then", 1)
+    assert sweep_lib.command(the_plan, task)[-1] == "--overwrite"
+    augmented = planned(out, "--seeds", "0", "--then", "linear", "--then_args=--augment")
+    assert augmented.then.prefix == "_linear_augment"
