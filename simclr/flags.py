@@ -70,6 +70,7 @@ class Flag:
     optional: bool = False             # None is allowed (means: derived, see help)
     aliases: tuple[str, ...] = ()      # old names, accepted but not shown in --help
     repeat: bool = False               # may be given several times; the values are collected in a list
+    loss: str | None = None            # a setting of this --loss alone (simclr.loss builds it from the flag)
 
     def check(self, value: Any, source: str = "") -> Any:
         """The value if it fits this flag's type and bounds; else a UserError naming flag, value and bound."""
@@ -272,7 +273,7 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
          "model and loss", "run"),
     Flag("dcl_sigma", None, "dcl: weight each positive term as DCLW does, 2 - N softmax(sim / sigma) over the "
          "batch's pairs; None means plain DCL", float, group="model and loss", role="run", gt=0, le=100,
-         optional=True),
+         optional=True, loss="dcl"),
     Flag("temperature", 0.5, "temperature of the loss", float, group="model and loss", role="run", gt=0, le=100),
     Flag("bn_stats", "per_view", "BatchNorm statistics in training: per_view (each view its own, as the original tool's two "
          "forward passes) or joint (both views together); the convolutions run once over both views either way",

@@ -12,15 +12,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import TINY_ARCH, made_once
-from simclr.distributed import GlobalBatchNorm, World, convert_batchnorm, global_loss, shard
-from simclr.engine import train_step
-from simclr.model import SimCLR, nt_xent
+from simclr.distributed import GlobalBatchNorm, World, convert_batchnorm, gather_views, shard
 from simclr.engine import Runtime
+from simclr.loss import DCL, NTXent, SupCon
+from simclr.model import SimCLR, nt_xent
+from simclr.step import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, SIZE = 8, 16
-# positive ids of [view 1 (B); view 2 (B)] from repeated labels: ranks 0 and 1 share classes 0 and 1
-LABEL_IDS = torch.tensor([0, 1, 2, 0, 1, 3, 3, 0] * 2)
+# labels of the B images, repeated: ranks 0 and 1 share classes 0 and 1; their positive ids of [view 1 (B); view 2 (B)]
+LABELS = torch.tensor([0, 1, 2, 0, 1, 3, 3, 0])
+LABEL_IDS = torch.cat([LABELS, LABELS])
 
 
 def free_port() -> int:
@@ -50,7 +52,7 @@ def local_share(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 def single_process_step(bn_stats: str = "joint"):
     views, model = views_and_model(bn_stats)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loss = train_step(model, opt, views, 0.5, Runtime(torch.device("cpu")))
+    loss = train_step(model, opt, views, loss=NTXent(0.5), runtime=Runtime(torch.device("cpu")))
     return loss.item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -74,14 +76,15 @@ def _rank_result(rank: int, world: int, mode: str) -> dict:
         model = convert_batchnorm(model, torch.device("cpu"))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        loss = train_step(ddp, opt, local_share(views, rank, world), 0.5, Runtime(torch.device("cpu")))
+        loss = train_step(ddp, opt, local_share(views, rank, world), loss=NTXent(0.5), runtime=Runtime(torch.device("cpu")))
         return {"loss": loss.item(), "state": model.state_dict()}
     # the gradient of the gathered loss with respect to this rank's projections
     z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5))
     z_local = local_share(z, rank, world).clone().requires_grad_(True)
-    ids = LABEL_IDS if mode == "ids" else None
-    kind, sigma = ("dcl", 0.5) if mode == "dcl" else ("supcon" if ids is not None else "ntxent", None)
-    loss = global_loss(z_local, 0.5, kind, None if ids is None else local_share(ids, rank, world), sigma)
+    b = B // world
+    labels = LABELS[rank * b:(rank + 1) * b]  # this rank's images
+    loss_fn = {"grad": NTXent(0.5), "ids": SupCon(0.5), "dcl": DCL(0.5, dcl_sigma=0.5)}[mode]
+    loss = loss_fn(*gather_views(z_local, labels))
     loss.backward()
     return {"loss": loss.item(), "grad": z_local.grad}
 

@@ -268,9 +268,9 @@ def test_a_tampered_run_config_is_refused_by_linear_and_neighbors(finished, tmp_
 
 
 def test_nan_in_the_first_epoch_says_no_checkpoint_exists(tiny_folder, tmp_path, monkeypatch, capsys):
-    from simclr import engine
-    real = engine.global_loss
-    monkeypatch.setattr(engine, "global_loss", lambda *a, **kw: real(*a, **kw) * float("nan"))
+    from simclr.loss import NTXent
+    real = NTXent.__call__
+    monkeypatch.setattr(NTXent, "__call__", lambda *a, **kw: real(*a, **kw) * float("nan"))
     code = main.main(tiny_run_args(tiny_folder, tmp_path / "r", "n"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("error: the loss became NaN/inf at epoch 1, step 1")

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from simclr import engine, loop, pretrain
+from simclr import loop, pretrain
 from simclr import flags
 import main
 from conftest import ROOT, run_main, tiny_run_args
 from simclr.cli import UserError
+from simclr.loss import NTXent
 
 DETERMINISTIC = ["epoch", "train_loss", "test_acc@1", "test_acc@5", "lr"]  # timings differ run to run
 
@@ -145,14 +146,14 @@ def test_resume_of_a_bad_file_is_a_clear_error(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tiny_folder, tmp_path, monkeypatch, capsys):
-    real = engine.global_loss
+    real = NTXent.__call__
     count = [0]
 
     def poisoned(*a, **kw):
         count[0] += 1
         loss = real(*a, **kw)
         return loss * float("nan") if count[0] == 8 else loss  # epoch 2, step 2
-    monkeypatch.setattr(engine, "global_loss", poisoned)
+    monkeypatch.setattr(NTXent, "__call__", poisoned)
     code = main.main(tiny_run_args(tiny_folder, tmp_path, "nan", epochs=3))
     err = capsys.readouterr().err
     assert code == 1 and "epoch 2, step 2 of 6" in err
