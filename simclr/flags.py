@@ -376,9 +376,25 @@ def default_name(values: dict) -> str:
 
 
 def train_values(explicit: dict) -> dict:
-    """The defaults, then the recipe's values, then the explicit flags; name and derived values filled in."""
+    """The defaults, then the recipe's values, then the explicit flags; name and derived values filled in.
+
+    A setting of another loss than the run's is refused when given (a resumed run's loss is the
+    checkpoint's: train_resume_values checks it) and dropped when a recipe gave it."""
     recipe = explicit.get("recipe", TRAIN_DEFAULTS["recipe"])
-    return derive({**TRAIN_DEFAULTS, **RECIPES[recipe], **explicit})
+    values = {**TRAIN_DEFAULTS, **RECIPES[recipe], **explicit}
+    if explicit.get("resume") is None:
+        check_loss_flags(explicit, values["loss"])
+    values.update({f.name: f.default for f in TRAIN_FLAGS
+                   if f.loss not in (None, values["loss"]) and f.name not in explicit})
+    return derive(values)
+
+
+def check_loss_flags(explicit: dict, loss: str) -> None:
+    """Refuse an explicit flag that is a setting of another loss than `loss`: it would be stored and never used."""
+    for flag in TRAIN_FLAGS:
+        if flag.loss not in (None, loss) and flag.name in explicit:
+            raise UserError(f"--{flag.name} is a setting of --loss {flag.loss}, and this run's loss is {loss}; "
+                            f"drop it, or pass --loss {flag.loss}")
 
 
 def derive(values: dict) -> dict:
@@ -422,7 +438,10 @@ def resume_values(flags: Iterable[Flag], explicit: dict, saved: dict, source: st
 
 
 def train_resume_values(explicit: dict, saved: dict, source: str) -> tuple[dict, list[str]]:
-    """resume_values of main.py: its flags, derived values filled in, older checkpoints' LEGACY_VALUES."""
+    """resume_values of main.py: its flags, derived values filled in, older checkpoints' LEGACY_VALUES; a setting
+    of another loss than the run's is refused when given (one the checkpoint holds beside another loss, as
+    older versions stored it, is kept and never used)."""
+    check_loss_flags(explicit, explicit.get("loss", {**LEGACY_VALUES, **saved}.get("loss")))
     return resume_values(TRAIN_FLAGS, explicit, saved, source, derive, LEGACY_VALUES)
 
 

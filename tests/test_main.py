@@ -133,3 +133,15 @@ def test_recipes_set_flags_and_explicit_flags_win():
     overridden = flags.train_values({"recipe": "paper", "lr": 0.3, "blur": True})
     assert overridden["lr"] == 0.3 and overridden["blur"] is True and overridden["optimizer"] == "lars"
     assert flags.train_values({"recipe": "seed"}) == flags.train_values({})
+
+
+@pytest.mark.parametrize("loss", ["ntxent", "supcon", None])
+def test_a_setting_of_another_loss_is_refused_in_one_line(tiny_folder, tmp_path, capsys, loss):
+    extra = ["--dcl_sigma", "0.5", *(["--loss", loss] if loss else [])]
+    code = main.main(tiny_run_args(tiny_folder, tmp_path / "r", None, *extra))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--dcl_sigma" in err and "--loss dcl" in err and f"loss is {loss or 'ntxent'}" in err, err
+    assert not (tmp_path / "r").exists()
+    # with its own loss the flag is the loss's setting
+    assert flags.train_values({"loss": "dcl", "dcl_sigma": 0.5})["dcl_sigma"] == 0.5

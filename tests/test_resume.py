@@ -221,3 +221,20 @@ def test_resume_refuses_a_checkpoint_config_that_makes_no_sense():
     for key, value in (("batch_size", "eight"), ("feature_dim", -5), ("image_size", 1e30), ("arch", "resnet99")):
         with pytest.raises(UserError, match=key):
             flags.train_resume_values({"resume": "x"}, {**saved, key: value}, "x_last.pth")
+
+
+def test_a_checkpoint_holding_a_setting_of_another_loss_still_resumes(tiny_folder, tmp_path, capsys):
+    # older versions accepted --dcl_sigma beside --loss ntxent, stored it in the config and never used it
+    assert main.main(tiny_run_args(tiny_folder, tmp_path, "old")) == 0
+    path = tmp_path / "old_last.pth"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["config"]["dcl_sigma"] = 0.5
+    torch.save(checkpoint, path)
+    assert main.main(tiny_run_args(tiny_folder, tmp_path, "old", "--resume", "auto", epochs=2)) == 0
+    assert torch.load(path, weights_only=True)["config"]["dcl_sigma"] == 0.5  # kept as it was
+    capsys.readouterr()
+    # given again on the command line, it is refused, whichever value
+    code = main.main(tiny_run_args(tiny_folder, tmp_path, "old", "--resume", "auto", "--dcl_sigma", "0.5", epochs=3))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--dcl_sigma" in err and "--loss dcl" in err, err
+    assert torch.load(path, weights_only=True)["epoch"] == 2
