@@ -65,8 +65,9 @@ def dcl(z: torch.Tensor, temperature: float, sigma: float | None = None,
     For each anchor: -w * sim(anchor, partner) / temperature + log sum over the other 2N - 2 views
     (neither itself nor its partner) of exp(sim / temperature); the positive is not in the
     denominator. w = 1 (DCL), or with sigma the DCLW weight 2 - N * softmax over the batch's N
-    pairs of sim(pair) / sigma (pairs that are already alike weigh less). fp32, averaged over the
-    anchor rows (every row by default).
+    pairs of sim(pair) / sigma (pairs that are already alike weigh less). The weight is a
+    coefficient of each positive term, as the paper defines it: no gradient flows through it.
+    fp32, averaged over the anchor rows (every row by default).
     """
     n2 = z.shape[0]
     if n2 % 2:
@@ -84,7 +85,9 @@ def dcl(z: torch.Tensor, temperature: float, sigma: float | None = None,
         if sigma is None:
             weight = torch.ones_like(positive)
         else:
-            pair_sim = (z[:n] * z[n:]).sum(dim=1)                                    # (N,) every pair's similarity
+            # detached: through the weight the gradient would push the best-aligned pairs apart, the
+            # opposite of a weight that eases off on them (docs/experiments/losses.md: DCLW's weight)
+            pair_sim = (z[:n] * z[n:]).sum(dim=1).detach()                           # (N,) every pair's similarity
             weight = (2 - n * torch.softmax(pair_sim / sigma, dim=0))[rows % n]      # (A,)
         return (-weight * positive / temperature + negatives).mean()
 

@@ -107,12 +107,31 @@ def test_dcl_against_the_loop_reference(temperature, sigma):
         assert not torch.isclose(got, nt_xent(z, temperature))
 
 
-def test_dcl_gradients_match_the_reference():
-    z = embeddings(n=6, seed=3).double().requires_grad_(True)
-    dcl(z, 0.2, 0.5).backward()
+def reference_gradient(z: torch.Tensor, sigma: float | None, weight_gradient: bool = False) -> torch.Tensor:
     ref = z.detach().clone().requires_grad_(True)
-    naive_dcl(ref[:6], ref[6:], 0.2, 0.5).backward()
-    assert torch.allclose(z.grad, ref.grad, atol=1e-10)
+    naive_dcl(ref[:6], ref[6:], 0.2, sigma, weight_gradient).backward()
+    return ref.grad
+
+
+@pytest.mark.parametrize("sigma", [None, 0.5, 0.05])
+def test_dcl_gradients_match_the_reference(sigma):
+    z = embeddings(n=6, seed=3).double().requires_grad_(True)
+    dcl(z, 0.2, sigma).backward()
+    assert torch.allclose(z.grad, reference_gradient(z, sigma), atol=1e-10)
+
+
+def test_dclw_weight_is_a_coefficient_of_the_gradient():
+    # DCLW's weight multiplies each positive term, the paper's w: no gradient through it (lightly's DCLWLoss).
+    # Through it (raminnakhli's code) the same value has another gradient, which this test tells apart
+    z = embeddings(n=6, seed=3).double().requires_grad_(True)
+    value = dcl(z, 0.2, 0.5)
+    value.backward()
+    ref = z.detach().clone().requires_grad_(True)
+    through = naive_dcl(ref[:6], ref[6:], 0.2, 0.5, weight_gradient=True)
+    through.backward()
+    assert value.item() == pytest.approx(through.item(), rel=1e-12)
+    assert not torch.allclose(z.grad, ref.grad, atol=1e-3)
+    assert torch.allclose(z.grad, reference_gradient(z, 0.5), atol=1e-10)
 
 
 @pytest.mark.parametrize("loss", ["ntxent", "supcon", "dcl"])
