@@ -51,6 +51,11 @@ BIG = 2 ** 31 - 1
 MAX_IMAGE_SIZE = 1024   # a 1024x1024 image is 3 MiB as uint8; a data set of them would not fit a cache
 MAX_LR = 1e4            # float32 holds up to 3.4e38, but no optimizer here converges with lr above 1e4
 MAX_THREADS = 1024
+# --dcl_sigma: DCLW's weight is a softmax of cos / sigma in float32, with |cos| <= 1 (a rounding more for
+# L2-normalised rows). cos / sigma overflows below sigma = 1 / 3.4e38 = 2^-128, and a sigma below 2^-126,
+# the smallest normal float32, is subnormal: a device that flushes subnormals to zero divides by 0 (NaN).
+# From 2^-126 on, |cos| / sigma <= (1 + 2^-23) 2^126 stays 4x below float32's largest value on any device.
+MIN_DCL_SIGMA = 2.0 ** -126
 
 
 @dataclass(frozen=True)
@@ -272,8 +277,9 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
          "contrastive, Yeh et al. 2022: the positive is left out of the denominator)", str, LOSSES,
          "model and loss", "run"),
     Flag("dcl_sigma", None, "dcl: weight each positive term as DCLW does, 2 - N softmax(sim / sigma) over the "
-         "batch's pairs; None means plain DCL", float, group="model and loss", role="run", gt=0, le=100,
-         optional=True, loss="dcl"),
+         "batch's pairs (a coefficient: no gradient through it); None means plain DCL; from 2^-126 on, the "
+         "smallest normal float32, the weight is finite", float, group="model and loss", role="run",
+         ge=MIN_DCL_SIGMA, le=100, optional=True, loss="dcl"),
     Flag("temperature", 0.5, "temperature of the loss", float, group="model and loss", role="run", gt=0, le=100),
     Flag("bn_stats", "per_view", "BatchNorm statistics in training: per_view (each view its own, as the original tool's two "
          "forward passes) or joint (both views together); the convolutions run once over both views either way",

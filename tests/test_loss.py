@@ -172,3 +172,26 @@ def test_build_loss_takes_each_setting_from_the_config_and_nothing_else():
     assert build_loss(config) == DCL(0.2, dcl_sigma=0.7)
     # a setting of another loss in the config (an older checkpoint's dcl_sigma beside ntxent) is not read
     assert build_loss(SimpleNamespace(loss="ntxent", temperature=0.2, dcl_sigma=0.7)) == NTXent(0.2)
+
+
+def test_dcl_sigma_is_bounded_where_the_weight_stays_finite():
+    from simclr.cli import UserError
+    from simclr.flags import TRAIN
+    flag = TRAIN["dcl_sigma"]
+    assert flag.ge == 2.0 ** -126 == torch.finfo(torch.float32).tiny  # the smallest normal float32
+    # pairs at both ends of [-1, 1] (identical and opposite views), one at 1 up to float32 rounding, random ones
+    e = torch.eye(4)
+    z1 = torch.cat([e[:2], e[2:3], torch.randn(5, 4, generator=torch.Generator().manual_seed(0))])
+    z2 = torch.cat([e[:2], -e[2:3], z1[3:4] * 3, torch.randn(4, 4, generator=torch.Generator().manual_seed(1))])
+    z = torch.cat([z1, z2]).requires_grad_(True)
+    for sigma in (flag.ge, 2 * flag.ge, 1e-30, 0.5, 100.0):
+        value = dcl(z, 0.5, sigma)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(z.grad).all(), sigma
+        z.grad = None
+    # beyond the bound the weight is not finite (1 / sigma overflows float32), and the flag refuses it
+    for sigma in (flag.ge / 4, 1e-45, 1e-300):
+        assert not torch.isfinite(dcl(z.detach(), 0.5, sigma)), sigma
+        with pytest.raises(UserError, match=r">= 1\.17549e-38"):
+            flag.check(sigma)
+    assert flag.check(flag.ge) == flag.ge
