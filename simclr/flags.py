@@ -280,6 +280,9 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
          "batch's pairs (a coefficient: no gradient through it); None means plain DCL; from 2^-126 on, the "
          "smallest normal float32, the weight is finite", float, group="model and loss", role="run",
          ge=MIN_DCL_SIGMA, le=100, optional=True, loss="dcl"),
+    Flag("supcon_base_temperature", None, "supcon: scale the loss by --temperature / this, as SupContrast does "
+         "(its base_temperature, 0.07: x1.43 at temperature 0.1); None means no scale", float,
+         group="model and loss", role="run", gt=0, le=100, optional=True, loss="supcon"),
     Flag("temperature", 0.5, "temperature of the loss", float, group="model and loss", role="run", gt=0, le=100),
     Flag("bn_stats", "per_view", "BatchNorm statistics in training: per_view (each view its own, as the original tool's two "
          "forward passes) or joint (both views together); the convolutions run once over both views either way",
@@ -364,10 +367,11 @@ RECIPES = {
                   schedule="cosine", temperature=0.5, jitter_strength=0.5, blur=False, proj_hidden_dim=2048),
     # SupContrast's CIFAR command (HobbitLong/SupContrast README: --batch_size 1024 --learning_rate 0.5
     # --temp 0.1 --cosine --warm) with main_supcon.py's defaults (SGD, momentum 0.9, weight decay 1e-4,
-    # 1000 epochs, 10 warm-up epochs) and its head width (2048 = ResNet-50's h)
+    # 1000 epochs, 10 warm-up epochs), its head width (2048 = ResNet-50's h) and its loss's scale
+    # temperature / base_temperature (SupConLoss's base_temperature 0.07)
     "supcon": dict(loss="supcon", batch_size=1024, optimizer="sgd", lr=0.5, lr_scaling="none", momentum=0.9,
                    weight_decay=1e-4, warmup_epochs=10, schedule="cosine", epochs=1000, temperature=0.1,
-                   proj_hidden_dim=2048),
+                   supcon_base_temperature=0.07, proj_hidden_dim=2048),
     # SimCLRv2 (Chen et al. 2020b) at CIFAR scale: its 3-layer projection head (fine-tune from its first
     # layer: finetune.py --from_layer head1) over the paper recipe's CIFAR settings
     "simclrv2": dict(optimizer="lars", lr=1.0, lr_scaling="linear", weight_decay=1e-6, warmup_epochs=10,

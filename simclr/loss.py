@@ -125,12 +125,17 @@ class NTXent:
 @dataclass(frozen=True)
 class SupCon:
     """Supervised contrastive loss (Khosla et al. 2020, the L_out form): the views of one label are each
-    other's positives; an unlabeled image's only positive is its other view (no labels: NT-Xent)."""
+    other's positives; an unlabeled image's only positive is its other view (no labels: NT-Xent). With
+    supcon_base_temperature, scaled by temperature / supcon_base_temperature as SupContrast's code is."""
     temperature: float
+    supcon_base_temperature: float | None = None
 
     def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None,
                  anchors: torch.Tensor | None = None) -> torch.Tensor:
-        return nt_xent(z, self.temperature, None if labels is None else label_ids(labels), anchors)
+        loss = nt_xent(z, self.temperature, None if labels is None else label_ids(labels), anchors)
+        if self.supcon_base_temperature is None:
+            return loss
+        return loss * (self.temperature / self.supcon_base_temperature)
 
 
 @dataclass(frozen=True)

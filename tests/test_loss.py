@@ -79,6 +79,16 @@ def test_supcon_against_the_loop_reference_with_repeated_labels(temperature):
     assert torch.isfinite(got)
 
 
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_supcon_base_temperature_scales_as_supcontrast(temperature):
+    # SupContrast's SupConLoss: -(temperature / base_temperature) x the mean log-probability of the positives
+    z = embeddings(seed=6)
+    got = SupCon(temperature, supcon_base_temperature=0.07)(z, LABELS)
+    expected = temperature / 0.07 * naive_nt_xent_ids(z, label_ids(LABELS), temperature)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert SupCon(temperature)(z, LABELS).item() == pytest.approx(expected.item() * 0.07 / temperature, rel=1e-5)
+
+
 def test_supcon_with_distinct_labels_or_none_is_ntxent():
     z = embeddings(seed=1)
     plain = NTXent(0.5)(z)
