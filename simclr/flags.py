@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .cli import OneLineParser, UserError
-from .encoders import ARCHS, STEMS
+from .encoders import ARCHS, ENCODERS, STEMS
 
 # The choices of the flags, here so that parsing (and --help) never waits for torch to import; the
 # modules that act on them (data, engine, model, optim) import them from here.
@@ -31,6 +31,7 @@ SCHEDULES = ("constant", "cosine")
 LR_SCALINGS = ("none", "linear", "sqrt")
 BN_STATS = ("per_view", "joint")
 LOSSES = ("ntxent", "supcon", "dcl")
+HEADS = ("original", "v2")   # the projection head's last layer (simclr.model.projection_head)
 MAX_PROJ_LAYERS = 8
 RECIPE_NAMES = ("seed", "paper", "supcon", "simclrv2")   # the presets of main.py (RECIPES)
 # where finetune.py's classifier sits: on h, or after the K-th hidden layer of the projection head
@@ -267,11 +268,15 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     shared("arch"),
     shared("stem"),
     Flag("feature_dim", 128, "projection output size", int, group="model and loss", role="run", ge=1, le=65536),
-    Flag("proj_hidden_dim", 512, "projection head hidden width", int, group="model and loss", role="run",
-         ge=1, le=65536),
+    Flag("proj_hidden_dim", 512, "projection head hidden width; None means the encoder's width (SimCLRv2's, "
+         "--recipe simclrv2: 512 for ResNet-18, 2048 for ResNet-50)", int, group="model and loss", role="run",
+         ge=1, le=65536, optional=True),
     Flag("proj_layers", 2, "Linear layers of the projection head, with BatchNorm and ReLU between them "
-         "(2: the original tool's head; 3: SimCLRv2's)", int, group="model and loss", role="run", ge=1,
+         "(2: the original tool's head; 3: SimCLRv2's depth)", int, group="model and loss", role="run", ge=1,
          le=MAX_PROJ_LAYERS),
+    Flag("head", "original", "the projection head's last layer: original (Linear with a bias, the original "
+         "tool's) or v2 (SimCLRv2's: Linear without a bias, then BatchNorm1d with a scale and no shift); the "
+         "hidden layers are the same", str, HEADS, "model and loss", "run"),
     Flag("loss", "ntxent", "ntxent (SimCLR); supcon (supervised contrastive, Khosla et al. 2020: views of the same "
          "label are positives, an unlabeled image's only positive is its other view); dcl (decoupled "
          "contrastive, Yeh et al. 2022: the positive is left out of the denominator)", str, LOSSES,
@@ -372,11 +377,12 @@ RECIPES = {
     "supcon": dict(loss="supcon", batch_size=1024, optimizer="sgd", lr=0.5, lr_scaling="none", momentum=0.9,
                    weight_decay=1e-4, warmup_epochs=10, schedule="cosine", epochs=1000, temperature=0.1,
                    supcon_base_temperature=0.07, proj_hidden_dim=2048),
-    # SimCLRv2 (Chen et al. 2020b) at CIFAR scale: its 3-layer projection head (fine-tune from its first
-    # layer: finetune.py --from_layer head1) over the paper recipe's CIFAR settings
+    # SimCLRv2 (Chen et al. 2020b) at CIFAR scale: its projection head (google-research/simclr tf2: 3 layers,
+    # hidden ones as wide as h, the last Linear without bias + BatchNorm without shift; fine-tune from its
+    # first layer: finetune.py --from_layer head1) over the paper recipe's CIFAR settings
     "simclrv2": dict(optimizer="lars", lr=1.0, lr_scaling="linear", weight_decay=1e-6, warmup_epochs=10,
-                     schedule="cosine", temperature=0.5, jitter_strength=0.5, blur=False, proj_hidden_dim=2048,
-                     proj_layers=3),
+                     schedule="cosine", temperature=0.5, jitter_strength=0.5, blur=False, proj_hidden_dim=None,
+                     proj_layers=3, head="v2"),
 }
 
 
@@ -408,8 +414,10 @@ def check_loss_flags(explicit: dict, loss: str) -> None:
 
 
 def derive(values: dict) -> dict:
-    """Fill the values that stand for 'derived from the others' (name, image size, kNN temperature)."""
+    """Fill the values that stand for 'derived from the others' (name, image size, kNN temperature, head width)."""
     values = dict(values)
+    if values.get("proj_hidden_dim") is None and values.get("arch") in ENCODERS:
+        values["proj_hidden_dim"] = ENCODERS[values["arch"]].width
     if values.get("name") is None:
         values["name"] = default_name(values)
     if values.get("image_size") is None and values.get("dataset") in DEFAULT_IMAGE_SIZE:

@@ -415,11 +415,12 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
 def build_model(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> tuple[SimCLR, int, int]:
     """The SimCLR model on the run's device, with its size printed; returns (model, parameters, MACs)."""
     model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint, cfg.bn_stats,
-                   cfg.proj_layers)
+                   cfg.proj_layers, cfg.head)
     params, macs, counted = count_macs(model, bundle.image_size)
     widths = [model.feature_width] + [cfg.proj_hidden_dim] * (cfg.proj_layers - 1) + [cfg.feature_dim]
-    say(f"model: {cfg.arch} ({cfg.stem} stem) + head {'-'.join(map(str, widths))}: {params / 1e6:.2f} M parameters, {macs / 1e9:.3f} G MACs per "
-        f"{bundle.image_size}x{bundle.image_size} image ({counted})")
+    last = " (SimCLRv2's last layer)" if cfg.head == "v2" else ""
+    say(f"model: {cfg.arch} ({cfg.stem} stem) + head {'-'.join(map(str, widths))}{last}: {params / 1e6:.2f} M parameters, "
+        f"{macs / 1e9:.3f} G MACs per {bundle.image_size}x{bundle.image_size} image ({counted})")
     return runtime.place(model), params, macs
 
 

@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def views_and_model(bn_stats: str = "joint"):
+def views_and_model(bn_stats: str = "joint", head: str = "original"):
     """The same global batch of views [view 1 (B); view 2 (B)] and initial model in every process.
 
     float64: at random init the first layers' gradients cancel so much that fp32 rounding alone
@@ -40,7 +40,7 @@ def views_and_model(bn_stats: str = "joint"):
     g = torch.Generator().manual_seed(0)
     views = torch.randn(2 * B, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
     torch.manual_seed(1)
-    return views, SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32, bn_stats=bn_stats).double()
+    return views, SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32, bn_stats=bn_stats, head=head).double()
 
 
 def local_share(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -49,16 +49,17 @@ def local_share(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return torch.cat([views[rank * b:(rank + 1) * b], views[B + rank * b:B + (rank + 1) * b]])
 
 
-def single_process_step(bn_stats: str = "joint"):
-    views, model = views_and_model(bn_stats)
+def single_process_step(bn_stats: str = "joint", head: str = "original"):
+    views, model = views_and_model(bn_stats, head)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss = train_step(model, opt, views, loss=NTXent(0.5), runtime=Runtime(torch.device("cpu")))
     return loss.item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # what the two gloo ranks compute, all in one start of two processes: a DDP training step with either BatchNorm
-# mode, and the gathered loss's gradient for NT-Xent, positive ids (supcon) and DCLW
-MODES = ("step:joint", "step:per_view", "grad", "ids", "dcl")
+# mode (and SimCLRv2's head, whose last BatchNorm has no shift), and the gathered loss's gradient for NT-Xent,
+# positive ids (supcon) and DCLW
+MODES = ("step:joint", "step:per_view", "step:per_view:v2", "grad", "ids", "dcl")
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str):
@@ -72,7 +73,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
 
 def _rank_result(rank: int, world: int, mode: str) -> dict:
     if mode.startswith("step:"):
-        views, model = views_and_model(mode[len("step:"):])
+        views, model = views_and_model(*mode.split(":")[1:])
         model = convert_batchnorm(model, torch.device("cpu"))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -98,13 +99,13 @@ def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
     return {mode: [saved[r][mode] for r in range(2)] for mode in MODES}
 
 
-@pytest.mark.parametrize("bn_stats", ["joint", "per_view"])
-def test_two_ranks_equal_one_process_step(two_ranks, bn_stats):
+@pytest.mark.parametrize("bn_stats,head", [("joint", "original"), ("per_view", "original"), ("per_view", "v2")])
+def test_two_ranks_equal_one_process_step(two_ranks, bn_stats, head):
     # per_view: each rank holds [its view 1 rows; its view 2 rows], and each view's statistics are
     # those of that view over both ranks, as in one process with the whole batch (itself tested
     # against two stock forward passes in test_bn_stats.py)
-    loss, state = single_process_step(bn_stats)
-    results = two_ranks[f"step:{bn_stats}"]
+    loss, state = single_process_step(bn_stats, head)
+    results = two_ranks[f"step:{bn_stats}" + (":v2" if head == "v2" else "")]
     # each rank's loss is the mean over its own anchors; their mean is the global loss
     assert sum(r["loss"] for r in results) / 2 == pytest.approx(loss, abs=1e-5)
     for r in results:

@@ -238,3 +238,30 @@ def test_a_checkpoint_holding_a_setting_of_another_loss_still_resumes(tiny_folde
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--dcl_sigma" in err and "--loss dcl" in err, err
     assert torch.load(path, weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("head", [None, "v2"])  # None: a 3-layer run from before --head (no head in its files)
+def test_a_three_layer_head_of_either_kind_resumes_and_loads_as_its_config_says(tiny_folder, tmp_path, head):
+    import json
+
+    from simclr.checkpoint import open_run
+    extra = ["--proj_layers", "3", *(["--head", head] if head else [])]
+    assert main.main(tiny_run_args(tiny_folder, tmp_path, "h", *extra)) == 0
+    if head is None:  # as older versions wrote them: the original tool's last layer, no head key
+        last = torch.load(tmp_path / "h_last.pth", weights_only=True)
+        del last["config"]["head"]
+        torch.save(last, tmp_path / "h_last.pth")
+        config = json.loads((tmp_path / "h_config.json").read_text())
+        del config["head"]
+        (tmp_path / "h_config.json").write_text(json.dumps(config))
+    assert main.main(tiny_run_args(tiny_folder, tmp_path, "h", "--resume", "auto", epochs=2)) == 0
+    last = torch.load(tmp_path / "h_last.pth", weights_only=True)
+    assert last["epoch"] == 2 and last["config"]["head"] == (head or "original")  # the older run: the original
+    # SimCLRv2's last layer: Linear without bias (g.6) + BatchNorm without shift (g.7); the original's: Linear g.6
+    keys = set(last["model"])
+    assert ({"g.7.weight", "g.7.running_var"} <= keys and not {"g.6.bias", "g.7.bias"} & keys) if head == "v2" \
+        else ("g.6.bias" in keys and not any(k.startswith("g.7.") for k in keys))
+    model, _ = open_run(str(tmp_path / "h_model.pth"))  # what every script and hubconf load through
+    saved = torch.load(tmp_path / "h_model.pth", weights_only=True)
+    assert model.state_dict().keys() == saved.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
