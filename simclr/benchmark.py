@@ -23,18 +23,20 @@ from .cli import UserError
 from .data import CHANNEL_STATS
 from .distributed import World
 from .encoders import ENCODERS
-from .engine import (apply_gradients, bf16_peak_tflops, count_macs, cpu_has_native_bf16, make_runtime, mix_seed,
-                     train_step, usable_cores)
+from .engine import bf16_peak_tflops, count_macs, cpu_has_native_bf16, make_runtime, mix_seed, usable_cores
 from .files import atomic_write_text
 from .flags import TRAIN_DEFAULTS
 from .knn import forward_in_batches, knn_accuracy
+from .loss import NTXent
 from .model import SimCLR, per_view_batchnorm
 from .optim import build_optimizer, set_lr
 from .pretrain import OnlineProbe
+from .step import apply_gradients, train_step
 
 # CIFAR-10 channel statistics: the exact values only matter for realism, not speed.
 CIFAR_MEAN, CIFAR_STD = CHANNEL_STATS["cifar10"]
 TEMPERATURE = 0.5
+LOSS = NTXent(TEMPERATURE)  # main.py's default loss
 LR, WEIGHT_DECAY = 1e-3, 1e-6  # the original tool's Adam settings, used by both steps
 
 # The issue's targets.
@@ -265,7 +267,7 @@ def make_step(v: Variant, net: torch.nn.Module, optimizer: torch.optim.Optimizer
     def step(i: int) -> None:
         generator.manual_seed(mix_seed(0, i))
         views = two_views(data[(i % n_batches) * batch:((i % n_batches) + 1) * batch], cfg, generator)
-        train_step(net, optimizer, views, TEMPERATURE, runtime)
+        train_step(net, optimizer, views, loss=LOSS, runtime=runtime)
         sync(device)
     return step
 
@@ -274,7 +276,7 @@ def make_step(v: Variant, net: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 def bn_stats_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: int, device: torch.device,
                      warmup: int, steps: int, precision: str = "auto") -> dict:
-    """Seconds per engine.train_step with --bn_stats joint vs per_view: same weights, views and runtime
+    """Seconds per simclr.step.train_step with --bn_stats joint vs per_view: same weights, views and runtime
     (channels-last; precision auto: the device's default), interleaved in alternating order."""
     torch.manual_seed(0)
     joint = default_model(arch).to(device).to(memory_format=torch.channels_last)
@@ -289,7 +291,7 @@ def bn_stats_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch:
         optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
 
         def run(i: int) -> None:
-            train_step(net, optimizer, views[i % len(views)], TEMPERATURE, runtime)
+            train_step(net, optimizer, views[i % len(views)], loss=LOSS, runtime=runtime)
             sync(device)
         return run
 
@@ -337,8 +339,8 @@ def report_bn_stats(bn: dict) -> list[str]:
 
 def probe_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: int, device: torch.device,
                   warmup: int, steps: int, num_classes: int = 10) -> dict:
-    """Seconds per main.py step without and with --online_probe (train_step, then the probe's step on the
-    detached h): same weights and views, interleaved in alternating order, as in the BatchNorm section."""
+    """Seconds per main.py step without and with --online_probe (train_step with and without the probe's step on
+    the detached h): same weights and views, interleaved in alternating order, as in the BatchNorm section."""
     torch.manual_seed(0)
     plain = default_model(arch).to(device).to(memory_format=torch.channels_last)
     probed = copy.deepcopy(plain)
@@ -353,11 +355,8 @@ def probe_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: in
         optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
 
         def run(i: int) -> None:
-            if with_probe:
-                _, h = train_step(net, optimizer, views[i % len(views)], TEMPERATURE, runtime, features=True)
-                probe.step(h, labels)
-            else:
-                train_step(net, optimizer, views[i % len(views)], TEMPERATURE, runtime)
+            train_step(net, optimizer, views[i % len(views)], labels, loss=LOSS, runtime=runtime,
+                       probe=probe if with_probe else None)
             sync(device)
         return run
 
@@ -429,7 +428,7 @@ def epoch_row(arch: str, batch: int, data: torch.Tensor, cfg: AugmentConfig, dev
 
     def full_step(i: int) -> None:
         set_lr(optimizer, LR)
-        train_step(net, optimizer, batch_views(i), TEMPERATURE, runtime, scaler)
+        train_step(net, optimizer, batch_views(i), loss=LOSS, runtime=runtime, scaler=scaler)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

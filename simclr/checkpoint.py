@@ -322,7 +322,8 @@ def read_run_config(path: str, flag: str = "--config") -> dict:
 
 
 # Keys of NAME_config.json that rebuild a model and find its data, checked like the command line checks them.
-CONFIG_FLAGS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "proj_layers", "dataset", "data_root", "image_size",
+CONFIG_FLAGS = ("arch", "stem", "feature_dim", "proj_hidden_dim", "proj_layers", "head", "dataset", "data_root",
+                "image_size",
                 "cache_dir", "train_subset", "seed")
 
 
@@ -373,7 +374,10 @@ HEAD_KEYS = ("feature_dim", "proj_hidden_dim", "proj_layers")
 def head_sizes(saved: dict, source: str) -> tuple[int, int, int]:
     """(feature_dim, proj_hidden_dim, proj_layers) of a run config, checked as main.py checks them; main.py's
     defaults where it names none (a config written before --proj_layers means the 2-layer head)."""
-    return tuple(TRAIN[key].check(saved.get(key, TRAIN_DEFAULTS[key]), source) for key in HEAD_KEYS)
+    sizes = tuple(TRAIN[key].check(saved.get(key, TRAIN_DEFAULTS[key]), source) for key in HEAD_KEYS)
+    if sizes[1] is None:  # main.py writes the width it built, never the 'encoder's width' it was asked for
+        raise UserError(f"proj_hidden_dim in {source} is null, not the width of a head; the file is damaged")
+    return sizes
 
 
 def model_from_config(saved: dict, source: str, arch: str | None = None, stem: str | None = None) -> SimCLR:
@@ -384,13 +388,16 @@ def model_from_config(saved: dict, source: str, arch: str | None = None, stem: s
     if arch not in ARCHS or stem not in STEMS:
         raise UserError(f"{source} has arch {arch!r} and stem {stem!r}, not a model of this project")
     feature_dim, hidden, layers = head_sizes(saved, source)
-    return SimCLR(arch, feature_dim, hidden, stem, proj_layers=layers)
+    # the config says which last layer the head has: a config without `head` (older runs) means the original's
+    head = TRAIN["head"].check(saved.get("head", TRAIN_DEFAULTS["head"]), source)
+    return SimCLR(arch, feature_dim, hidden, stem, proj_layers=layers, head=head)
 
 
 def describe_model(model: SimCLR, stem: str) -> str:
-    """'resnet18 (cifar stem) SimCLR model with head 512-128-64', for messages."""
+    """'resnet18 (cifar stem) SimCLR model with head 512-128-64', for messages (SimCLRv2's last layer: '(v2)')."""
     widths = [model.feature_width] + [m.out_features for m in model.g if isinstance(m, nn.Linear)]
-    return f"{model.arch} ({stem} stem) SimCLR model with head {'-'.join(map(str, widths))}"
+    v2 = " (v2)" if isinstance(model.g[-1], nn.BatchNorm1d) else ""
+    return f"{model.arch} ({stem} stem) SimCLR model with head {'-'.join(map(str, widths))}{v2}"
 
 
 def open_run(weights: str, config_path: str | None = None, arch: str | None = None, stem: str | None = None,

@@ -1,4 +1,4 @@
-"""Several processes (torchrun): process group set-up, global BatchNorm, gathered loss and features.
+"""Several processes (torchrun): process group set-up, global BatchNorm, the gathered batch and features.
 
 Everything here is a no-op in a single process, so the training code has one path.
 """
@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from .loss import at_least_fp32, contrastive_loss
+from .loss import at_least_fp32
 from .model import PerViewStatistics, swap_batchnorm
 
 
@@ -85,8 +85,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.weight is not None:
+            y = y * self.weight.view(shape)
+        if self.bias is not None:  # none: a BatchNorm without a shift (SimCLRv2's last head layer)
+            y = y + self.bias.view(shape)
         return y.to(x.dtype)
 
 
@@ -114,31 +116,30 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     return swap_batchnorm(module, make)
 
 
-def global_loss(z: torch.Tensor, temperature: float, loss: str = "ntxent", ids: torch.Tensor | None = None,
-                dcl_sigma: float | None = None) -> torch.Tensor:
-    """The contrastive loss (simclr.loss.contrastive_loss) of this process's z: (2b, d) = [view 1; view 2]
-    against the whole global batch.
+def gather_views(z: torch.Tensor, labels: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """This process's projections z (2b, d) = [view 1; view 2] of b images with labels (b,) -> the whole
+    batch a loss takes: (z (2bW, d), labels (bW,), anchors (2b,)).
 
-    The projections of every process (and their positive ids, when given: (2b,) laid out like z)
-    are gathered with a gradient-carrying all-gather, laid out as [view 1 of all; view 2 of all]
-    (the single-process layout), and the loss is averaged over this process's own 2b anchors.
-    DDP's gradient averaging over processes then gives exactly the gradient of the
-    single-process loss over the global batch.
+    The projections of every process are gathered with a gradient-carrying all-gather and laid out as
+    [view 1 of all; view 2 of all] (the single-process layout), the labels (no gradient) in the same
+    order; anchors are the rows of this process's own views, over which its loss averages. DDP's
+    gradient averaging over processes then gives exactly the gradient of the single-process loss over
+    the global batch. In a single process: (z, labels, None).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return contrastive_loss(z, temperature, loss, ids, dcl_sigma=dcl_sigma)
+        return z, labels, None
     world, rank = dist.get_world_size(), dist.get_rank()
     b = z.shape[0] // 2
     parts = dist_nn.all_gather(z.contiguous())                                 # world x (2b, d)
     z_all = torch.cat([p[:b] for p in parts] + [p[b:] for p in parts])        # (2bW, d)
-    ids_all = None
-    if ids is not None:
-        id_parts = [torch.empty_like(ids) for _ in range(world)]
-        dist.all_gather(id_parts, ids.contiguous())                           # ids carry no gradient
-        ids_all = torch.cat([p[:b] for p in id_parts] + [p[b:] for p in id_parts])
+    labels_all = None
+    if labels is not None:
+        label_parts = [torch.empty_like(labels) for _ in range(world)]
+        dist.all_gather(label_parts, labels.contiguous())                     # labels carry no gradient
+        labels_all = torch.cat(label_parts)                                   # (bW,)
     mine = torch.arange(rank * b, (rank + 1) * b, device=z.device)
-    anchors = torch.cat([mine, mine + b * world])
-    return contrastive_loss(z_all, temperature, loss, ids_all, anchors, dcl_sigma)
+    return z_all, labels_all, torch.cat([mine, mine + b * world])
 
 
 def _share(n: int, world_size: int, rank: int) -> tuple[int, int]:

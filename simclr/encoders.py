@@ -19,6 +19,7 @@ class EncoderSpec:
     summary: str
     build: Callable[[str], tuple[Any, int]]
     features: Callable[..., Any]     # (encoder, x (N, 3, S, S), recompute: bool) -> h (N, width)
+    width: int                       # the width build returns, known without torch (a head as wide as h)
 
 
 ENCODERS: dict[str, EncoderSpec] = {}
@@ -131,12 +132,11 @@ def sequential_features(f, x, recompute: bool = False):
     return torch.flatten(x, 1)
 
 
-for _name, _summary in (("resnet18", "ResNet-18, 512-d features"), ("resnet34", "ResNet-34, 512-d features"),
-                        ("resnet50", "ResNet-50, 2048-d features")):
-    ENCODERS[_name] = EncoderSpec(_name, _summary, lambda stem, arch=_name: resnet_encoder(arch, stem),
-                                  resnet_features)
+for _name, _width in (("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)):
+    ENCODERS[_name] = EncoderSpec(_name, f"ResNet-{_name[6:]}, {_width}-d features",
+                                  lambda stem, arch=_name: resnet_encoder(arch, stem), resnet_features, _width)
 
 ENCODERS["tiny"] = EncoderSpec("tiny", "Tiny CNN, 64-d features: 3 conv layers for smoke tests, not for results",
-                               tiny_encoder, sequential_features)
+                               tiny_encoder, sequential_features, 64)
 
 ARCHS = tuple(ENCODERS)

@@ -1,4 +1,4 @@
-"""How a run computes: the device and speed settings (decided once, here), seeding, and the training step.
+"""How a run computes: the device and speed settings (decided once, here) and seeding.
 
 Every script and the benchmark build one `Runtime` with `make_runtime` and hand it down; the
 model, loss and augmentation code take device and dtype from their inputs and never decide.
@@ -14,9 +14,7 @@ import numpy as np
 import torch
 
 from .cli import UserError
-from .distributed import global_loss
 from .flags import PRECISIONS, usable_cores  # noqa: F401 (re-exported)
-
 
 
 @dataclass(frozen=True)
@@ -143,36 +141,7 @@ def mix_seed(*parts: int) -> int:
     return h >> 1
 
 
-# ----------------------------------------------------------------------------- the step
-
-def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, views: torch.Tensor, temperature: float,
-               runtime: Runtime, scaler: torch.amp.GradScaler | None = None, loss: str = "ntxent",
-               ids: torch.Tensor | None = None, dcl_sigma: float | None = None,
-               features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """One SimCLR step on views (2b, 3, S, S) = [view 1; view 2]: forward, loss, backward, optimizer step.
-
-    loss: ntxent | supcon | dcl; ids: (2b,) positive id of each view (None: the two views of an
-    image). Returns the detached loss, left on the device (no sync); with features, (loss, h) where h
-    (2b, width) are the step's encoder features, detached (what an online probe trains on)."""
-    with runtime.autocast():
-        h, z = net(runtime.prepare(views))                                  # h: (2b, width), z: (2b, feature_dim)
-    value = global_loss(z, temperature, loss, ids, dcl_sigma)               # fp32, over the global batch
-    apply_gradients(value, optimizer, scaler)
-    return (value.detach(), h.detach()) if features else value.detach()
-
-
-def apply_gradients(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None = None) -> None:
-    """Backward and one optimizer step; fp16 goes through the loss scaler (bf16 and fp32 need none)."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-
+# ----------------------------------------------------------------------------- model size
 
 def count_macs(model: torch.nn.Module, image_size: int) -> tuple[int, int, str]:
     """(parameters, multiply-accumulates per image, how they were counted): thop when installed, else the

@@ -21,7 +21,7 @@ from .cli import UserError
 from .curves import plot_run_or_warn
 from .data import DataBundle, ImageSet, balanced_label_indices, load_dataset, require_labeled
 from .distributed import World
-from .engine import apply_gradients, make_runtime, mix_seed, seed_everything, versions
+from .engine import make_runtime, mix_seed, seed_everything, versions
 from .files import RunLock, atomic_save_json, check_name_fits, remove_files
 from .flags import (DEFAULT_FRACTION, FINETUNE_DEFAULTS, FINETUNE_FLAGS, FINETUNE_RUN_KEYS, FinetuneConfig,
                     check_name, resume_values)
@@ -29,6 +29,7 @@ from .knn import extract_features, percent, topk_accuracy, topk_hits
 from .loop import RESULT_FILES, EpochResult, RunState, existing, finished, open_tensorboard, restore, run_epochs
 from .model import Classifier, SimCLR, head_depth
 from .optim import Schedule, build_optimizer, set_lr
+from .step import apply_gradients
 from .tblog import require_tensorboard
 
 CSV_COLUMNS = ("epoch", "train_loss", "train_acc@1", "train_acc@5", "test_acc@1", "test_acc@5", "lr",

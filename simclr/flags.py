@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .cli import OneLineParser, UserError
-from .encoders import ARCHS, STEMS
+from .encoders import ARCHS, ENCODERS, STEMS
 
 # The choices of the flags, here so that parsing (and --help) never waits for torch to import; the
 # modules that act on them (data, engine, model, optim) import them from here.
@@ -31,6 +31,7 @@ SCHEDULES = ("constant", "cosine")
 LR_SCALINGS = ("none", "linear", "sqrt")
 BN_STATS = ("per_view", "joint")
 LOSSES = ("ntxent", "supcon", "dcl")
+HEADS = ("original", "v2")   # the projection head's last layer (simclr.model.projection_head)
 MAX_PROJ_LAYERS = 8
 RECIPE_NAMES = ("seed", "paper", "supcon", "simclrv2")   # the presets of main.py (RECIPES)
 # where finetune.py's classifier sits: on h, or after the K-th hidden layer of the projection head
@@ -51,6 +52,11 @@ BIG = 2 ** 31 - 1
 MAX_IMAGE_SIZE = 1024   # a 1024x1024 image is 3 MiB as uint8; a data set of them would not fit a cache
 MAX_LR = 1e4            # float32 holds up to 3.4e38, but no optimizer here converges with lr above 1e4
 MAX_THREADS = 1024
+# --dcl_sigma: DCLW's weight is a softmax of cos / sigma in float32, with |cos| <= 1 (a rounding more for
+# L2-normalised rows). cos / sigma overflows below sigma = 1 / 3.4e38 = 2^-128, and a sigma below 2^-126,
+# the smallest normal float32, is subnormal: a device that flushes subnormals to zero divides by 0 (NaN).
+# From 2^-126 on, |cos| / sigma <= (1 + 2^-23) 2^126 stays 4x below float32's largest value on any device.
+MIN_DCL_SIGMA = 2.0 ** -126
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class Flag:
     optional: bool = False             # None is allowed (means: derived, see help)
     aliases: tuple[str, ...] = ()      # old names, accepted but not shown in --help
     repeat: bool = False               # may be given several times; the values are collected in a list
+    loss: str | None = None            # a setting of this --loss alone (simclr.loss builds it from the flag)
 
     def check(self, value: Any, source: str = "") -> Any:
         """The value if it fits this flag's type and bounds; else a UserError naming flag, value and bound."""
@@ -273,18 +280,26 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     shared("arch"),
     shared("stem"),
     Flag("feature_dim", 128, "projection output size", int, group="model and loss", role="run", ge=1, le=65536),
-    Flag("proj_hidden_dim", 512, "projection head hidden width", int, group="model and loss", role="run",
-         ge=1, le=65536),
+    Flag("proj_hidden_dim", 512, "projection head hidden width; None means the encoder's width (SimCLRv2's, "
+         "--recipe simclrv2: 512 for ResNet-18, 2048 for ResNet-50)", int, group="model and loss", role="run",
+         ge=1, le=65536, optional=True),
     Flag("proj_layers", 2, "Linear layers of the projection head, with BatchNorm and ReLU between them "
-         "(2: the original tool's head; 3: SimCLRv2's)", int, group="model and loss", role="run", ge=1,
+         "(2: the original tool's head; 3: SimCLRv2's depth)", int, group="model and loss", role="run", ge=1,
          le=MAX_PROJ_LAYERS),
+    Flag("head", "original", "the projection head's last layer: original (Linear with a bias, the original "
+         "tool's) or v2 (SimCLRv2's: Linear without a bias, then BatchNorm1d with a scale and no shift); the "
+         "hidden layers are the same", str, HEADS, "model and loss", "run"),
     Flag("loss", "ntxent", "ntxent (SimCLR); supcon (supervised contrastive, Khosla et al. 2020: views of the same "
          "label are positives, an unlabeled image's only positive is its other view); dcl (decoupled "
          "contrastive, Yeh et al. 2022: the positive is left out of the denominator)", str, LOSSES,
          "model and loss", "run"),
     Flag("dcl_sigma", None, "dcl: weight each positive term as DCLW does, 2 - N softmax(sim / sigma) over the "
-         "batch's pairs; None means plain DCL", float, group="model and loss", role="run", gt=0, le=100,
-         optional=True),
+         "batch's pairs (a coefficient: no gradient through it); None means plain DCL; from 2^-126 on, the "
+         "smallest normal float32, the weight is finite", float, group="model and loss", role="run",
+         ge=MIN_DCL_SIGMA, le=100, optional=True, loss="dcl"),
+    Flag("supcon_base_temperature", None, "supcon: scale the loss by --temperature / this, as SupContrast does "
+         "(its base_temperature, 0.07: x1.43 at temperature 0.1); None means no scale", float,
+         group="model and loss", role="run", gt=0, le=100, optional=True, loss="supcon"),
     Flag("temperature", 0.5, "temperature of the loss", float, group="model and loss", role="run", gt=0, le=100),
     Flag("bn_stats", "per_view", "BatchNorm statistics in training: per_view (each view its own, as the original tool's two "
          "forward passes) or joint (both views together); the convolutions run once over both views either way",
@@ -370,15 +385,17 @@ RECIPES = {
                   schedule="cosine", temperature=0.5, jitter_strength=0.5, blur=False, proj_hidden_dim=2048),
     # SupContrast's CIFAR command (HobbitLong/SupContrast README: --batch_size 1024 --learning_rate 0.5
     # --temp 0.1 --cosine --warm) with main_supcon.py's defaults (SGD, momentum 0.9, weight decay 1e-4,
-    # 1000 epochs, 10 warm-up epochs) and its head width (2048 = ResNet-50's h)
+    # 1000 epochs, 10 warm-up epochs), its head width (2048 = ResNet-50's h) and its loss's scale
+    # temperature / base_temperature (SupConLoss's base_temperature 0.07)
     "supcon": dict(loss="supcon", batch_size=1024, optimizer="sgd", lr=0.5, lr_scaling="none", momentum=0.9,
                    weight_decay=1e-4, warmup_epochs=10, schedule="cosine", epochs=1000, temperature=0.1,
-                   proj_hidden_dim=2048),
-    # SimCLRv2 (Chen et al. 2020b) at CIFAR scale: its 3-layer projection head (fine-tune from its first
-    # layer: finetune.py --from_layer head1) over the paper recipe's CIFAR settings
+                   supcon_base_temperature=0.07, proj_hidden_dim=2048),
+    # SimCLRv2 (Chen et al. 2020b) at CIFAR scale: its projection head (google-research/simclr tf2: 3 layers,
+    # hidden ones as wide as h, the last Linear without bias + BatchNorm without shift; fine-tune from its
+    # first layer: finetune.py --from_layer head1) over the paper recipe's CIFAR settings
     "simclrv2": dict(optimizer="lars", lr=1.0, lr_scaling="linear", weight_decay=1e-6, warmup_epochs=10,
-                     schedule="cosine", temperature=0.5, jitter_strength=0.5, blur=False, proj_hidden_dim=2048,
-                     proj_layers=3),
+                     schedule="cosine", temperature=0.5, jitter_strength=0.5, blur=False, proj_hidden_dim=None,
+                     proj_layers=3, head="v2"),
 }
 
 
@@ -388,14 +405,32 @@ def default_name(values: dict) -> str:
 
 
 def train_values(explicit: dict) -> dict:
-    """The defaults, then the recipe's values, then the explicit flags; name and derived values filled in."""
+    """The defaults, then the recipe's values, then the explicit flags; name and derived values filled in.
+
+    A setting of another loss than the run's is refused when given (a resumed run's loss is the
+    checkpoint's: train_resume_values checks it) and dropped when a recipe gave it."""
     recipe = explicit.get("recipe", TRAIN_DEFAULTS["recipe"])
-    return derive({**TRAIN_DEFAULTS, **RECIPES[recipe], **explicit})
+    values = {**TRAIN_DEFAULTS, **RECIPES[recipe], **explicit}
+    if explicit.get("resume") is None:
+        check_loss_flags(explicit, values["loss"])
+    values.update({f.name: f.default for f in TRAIN_FLAGS
+                   if f.loss not in (None, values["loss"]) and f.name not in explicit})
+    return derive(values)
+
+
+def check_loss_flags(explicit: dict, loss: str) -> None:
+    """Refuse an explicit flag that is a setting of another loss than `loss`: it would be stored and never used."""
+    for flag in TRAIN_FLAGS:
+        if flag.loss not in (None, loss) and flag.name in explicit:
+            raise UserError(f"--{flag.name} is a setting of --loss {flag.loss}, and this run's loss is {loss}; "
+                            f"drop it, or pass --loss {flag.loss}")
 
 
 def derive(values: dict) -> dict:
-    """Fill the values that stand for 'derived from the others' (name, image size, kNN temperature)."""
+    """Fill the values that stand for 'derived from the others' (name, image size, kNN temperature, head width)."""
     values = dict(values)
+    if values.get("proj_hidden_dim") is None and values.get("arch") in ENCODERS:
+        values["proj_hidden_dim"] = ENCODERS[values["arch"]].width
     if values.get("name") is None:
         values["name"] = default_name(values)
     if values.get("image_size") is None and values.get("dataset") in DEFAULT_IMAGE_SIZE:
@@ -434,7 +469,10 @@ def resume_values(flags: Iterable[Flag], explicit: dict, saved: dict, source: st
 
 
 def train_resume_values(explicit: dict, saved: dict, source: str) -> tuple[dict, list[str]]:
-    """resume_values of main.py: its flags, derived values filled in, older checkpoints' LEGACY_VALUES."""
+    """resume_values of main.py: its flags, derived values filled in, older checkpoints' LEGACY_VALUES; a setting
+    of another loss than the run's is refused when given (one the checkpoint holds beside another loss, as
+    older versions stored it, is kept and never used)."""
+    check_loss_flags(explicit, explicit.get("loss", {**LEGACY_VALUES, **saved}.get("loss")))
     return resume_values(TRAIN_FLAGS, explicit, saved, source, derive, LEGACY_VALUES)
 
 

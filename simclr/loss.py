@@ -1,9 +1,17 @@
-"""The contrastive loss: NT-Xent (SimCLR Eq. 1), where views that share an id are positives.
+"""The losses of the SimCLR family, each an object built once from the run's config with its own settings.
 
-By default the positives are the two views of an image (rows i and i + N of z); an id per view
-(an image index, or a label) generalises that, so a loss that uses labels is one argument away.
+`REGISTRY` maps a `--loss` name to its class, a frozen dataclass whose fields are named as the flags
+that set them (simclr.flags declares each once); `build_loss(config)` builds the run's loss from
+those flags. A loss is called as `loss(z, labels, anchors)` on the projections of the whole batch:
+z (2N, d) = [view 1; view 2], labels (N,) of the images (-1: unlabeled; None: no labels), anchors
+the rows whose mean it returns (None: every row; under torchrun, this process's own). The step
+never sees a loss's settings, and a loss never sees how the batch was gathered.
 """
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +65,9 @@ def dcl(z: torch.Tensor, temperature: float, sigma: float | None = None,
     For each anchor: -w * sim(anchor, partner) / temperature + log sum over the other 2N - 2 views
     (neither itself nor its partner) of exp(sim / temperature); the positive is not in the
     denominator. w = 1 (DCL), or with sigma the DCLW weight 2 - N * softmax over the batch's N
-    pairs of sim(pair) / sigma (pairs that are already alike weigh less). fp32, averaged over the
-    anchor rows (every row by default).
+    pairs of sim(pair) / sigma (pairs that are already alike weigh less). The weight is a
+    coefficient of each positive term, as the paper defines it: no gradient flows through it.
+    fp32, averaged over the anchor rows (every row by default).
     """
     n2 = z.shape[0]
     if n2 % 2:
@@ -76,30 +85,76 @@ def dcl(z: torch.Tensor, temperature: float, sigma: float | None = None,
         if sigma is None:
             weight = torch.ones_like(positive)
         else:
-            pair_sim = (z[:n] * z[n:]).sum(dim=1)                                    # (N,) every pair's similarity
+            # detached: through the weight the gradient would push the best-aligned pairs apart, the
+            # opposite of a weight that eases off on them (docs/experiments/losses.md: DCLW's weight)
+            pair_sim = (z[:n] * z[n:]).sum(dim=1).detach()                           # (N,) every pair's similarity
             weight = (2 - n * torch.softmax(pair_sim / sigma, dim=0))[rows % n]      # (A,)
         return (-weight * positive / temperature + negatives).mean()
 
 
-def positive_ids(loss: str, labels: torch.Tensor, offset: int = 0) -> torch.Tensor | None:
-    """The positive id of each view of a batch [view 1; view 2] of images with these labels (b,), -1 unlabeled.
+def label_ids(labels: torch.Tensor) -> torch.Tensor:
+    """The positive id of each view of [view 1; view 2] of images with these labels (N,), -1 unlabeled -> (2N,).
 
-    ntxent and dcl: None (the two views of an image). supcon: the label; an unlabeled image gets an id
-    of its own, -1 - its position in the global batch (offset: this process's first position), so
-    its only positive is its other view, and a batch without labels is NT-Xent exactly.
+    The label; an unlabeled image gets an id of its own, -1 - its position in the batch, so its only
+    positive is its other view (a batch without labels is NT-Xent exactly).
     """
-    if loss != "supcon":
-        return None
-    position = torch.arange(labels.shape[0], device=labels.device) + offset
-    ids = torch.where(labels >= 0, labels, -1 - position)                           # (b,)
-    return torch.cat([ids, ids])                                                     # (2b,)
+    position = torch.arange(labels.shape[0], device=labels.device)
+    ids = torch.where(labels >= 0, labels, -1 - position)                           # (N,)
+    return torch.cat([ids, ids])                                                     # (2N,)
 
 
-def contrastive_loss(z: torch.Tensor, temperature: float, loss: str = "ntxent", ids: torch.Tensor | None = None,
-                     anchors: torch.Tensor | None = None, dcl_sigma: float | None = None) -> torch.Tensor:
-    """The loss named by --loss on z (V, d): ntxent and supcon (NT-Xent over the positives of `ids`), or dcl."""
-    if loss == "dcl":
-        return dcl(z, temperature, dcl_sigma, anchors)
-    if loss not in ("ntxent", "supcon"):
-        raise ValueError(f"unknown loss {loss!r}; choose ntxent, supcon or dcl")
-    return nt_xent(z, temperature, ids, anchors)
+# ----------------------------------------------------------------------------- the losses of --loss
+
+class Loss(Protocol):
+    """What the step calls: z (2N, d) = [view 1; view 2], labels (N,) or None, anchors (A,) or None -> scalar."""
+
+    def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                 anchors: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class NTXent:
+    """NT-Xent (SimCLR): each view's one positive is the other view of its image."""
+    temperature: float
+
+    def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                 anchors: torch.Tensor | None = None) -> torch.Tensor:
+        return nt_xent(z, self.temperature, anchors=anchors)
+
+
+@dataclass(frozen=True)
+class SupCon:
+    """Supervised contrastive loss (Khosla et al. 2020, the L_out form): the views of one label are each
+    other's positives; an unlabeled image's only positive is its other view (no labels: NT-Xent). With
+    supcon_base_temperature, scaled by temperature / supcon_base_temperature as SupContrast's code is."""
+    temperature: float
+    supcon_base_temperature: float | None = None
+
+    def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                 anchors: torch.Tensor | None = None) -> torch.Tensor:
+        loss = nt_xent(z, self.temperature, None if labels is None else label_ids(labels), anchors)
+        if self.supcon_base_temperature is None:
+            return loss
+        return loss * (self.temperature / self.supcon_base_temperature)
+
+
+@dataclass(frozen=True)
+class DCL:
+    """Decoupled contrastive loss (Yeh et al. 2022): the positive left out of the denominator; with
+    dcl_sigma, DCLW's weight on each positive term."""
+    temperature: float
+    dcl_sigma: float | None = None
+
+    def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                 anchors: torch.Tensor | None = None) -> torch.Tensor:
+        return dcl(z, self.temperature, self.dcl_sigma, anchors)
+
+
+# --loss NAME -> its class; the names are simclr.flags.LOSSES (a test holds the two equal)
+REGISTRY: dict[str, type] = {"ntxent": NTXent, "supcon": SupCon, "dcl": DCL}
+
+
+def build_loss(config) -> Loss:
+    """The loss that config.loss names, built with its settings: config's value of the flag of each of its fields."""
+    kind = REGISTRY[config.loss]
+    return kind(**{field.name: getattr(config, field.name) for field in dataclasses.fields(kind)})

@@ -10,25 +10,38 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .encoders import ARCHS, STEMS, build_encoder, encoder_spec, resnet_features  # noqa: F401 (re-exported)
-from .flags import BN_STATS, FROM_LAYERS
+from .flags import BN_STATS, FROM_LAYERS, HEADS
 from .loss import at_least_fp32, nt_xent  # noqa: F401 (re-exported)
 
 
-def projection_head(width: int, hidden: int, feature_dim: int, layers: int = 2) -> nn.Sequential:
+def projection_head(width: int, hidden: int, feature_dim: int, layers: int = 2, head: str = "original") -> nn.Sequential:
     """The head g: `layers` Linear layers, each hidden one followed by BatchNorm1d and ReLU.
 
-    layers=2 is Linear(width, hidden, no bias) - BatchNorm1d - ReLU - Linear(hidden, feature_dim),
-    keys g.0, g.1, g.3; each further layer adds Linear - BatchNorm1d - ReLU before the last Linear
-    (SimCLRv2's deeper head). Hidden layer K is g[:3K], where finetune.py's `--from_layer headK` sits.
+    head original, layers=2 is the original tool's Linear(width, hidden, no bias) - BatchNorm1d - ReLU -
+    Linear(hidden, feature_dim), keys g.0, g.1, g.3; each further layer adds Linear - BatchNorm1d - ReLU
+    before the last Linear. head v2 ends as SimCLRv2's: Linear(hidden, feature_dim, no bias) - BatchNorm1d
+    with a scale and no shift, no ReLU. Hidden layer K is g[:3K], where finetune.py's `--from_layer headK` sits.
     """
     if layers < 1:
         raise ValueError(f"the projection head needs at least one layer, got {layers}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     blocks, inputs = [], width
     for _ in range(layers - 1):
         # bias is redundant before BatchNorm
         blocks += [nn.Linear(inputs, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
         inputs = hidden
+    if head == "v2":
+        return nn.Sequential(*blocks, nn.Linear(inputs, feature_dim, bias=False), unshifted_batchnorm(feature_dim))
     return nn.Sequential(*blocks, nn.Linear(inputs, feature_dim, bias=True))
+
+
+def unshifted_batchnorm(features: int) -> nn.BatchNorm1d:
+    """BatchNorm1d with a learned scale and no shift (TensorFlow's center=False): keys weight and the running
+    statistics, no bias. SimCLRv2's last head layer (a shift there only moves every z the same way)."""
+    bn = nn.BatchNorm1d(features)
+    bn.register_parameter("bias", None)
+    return bn
 
 
 class SimCLR(nn.Module):
@@ -40,13 +53,14 @@ class SimCLR(nn.Module):
     """
 
     def __init__(self, arch: str = "resnet50", feature_dim: int = 128, proj_hidden_dim: int = 512,
-                 stem: str = "cifar", grad_checkpoint: bool = False, bn_stats: str = "joint", proj_layers: int = 2):
+                 stem: str = "cifar", grad_checkpoint: bool = False, bn_stats: str = "joint", proj_layers: int = 2,
+                 head: str = "original"):
         super().__init__()
         if bn_stats not in BN_STATS:
             raise ValueError(f"unknown bn_stats {bn_stats!r}; choose one of {', '.join(BN_STATS)}")
         self.arch = arch
         self.f, self.feature_width = build_encoder(arch, stem)
-        self.g = projection_head(self.feature_width, proj_hidden_dim, feature_dim, proj_layers)
+        self.g = projection_head(self.feature_width, proj_hidden_dim, feature_dim, proj_layers, head)
         self.grad_checkpoint = grad_checkpoint
         if bn_stats == "per_view":
             # forward(x) gets x = [view 1; view 2]: each view is normalised with its own batch statistics,
@@ -196,7 +210,7 @@ class _PerViewBatchNormFunction(torch.autograd.Function):
             torch.ops.aten.native_batch_norm.out(x_v, weight, bias, running_mean, running_var, True, factors[v], eps,
                                                  out=y_v, save_mean=mean[v], save_invstd=invstd[v])
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.memory_format, ctx.eps = memory_format, eps
+        ctx.memory_format, ctx.eps, ctx.has_bias = memory_format, eps, bias is not None
         return y
 
     @staticmethod
@@ -211,7 +225,7 @@ class _PerViewBatchNormFunction(torch.autograd.Function):
             torch.ops.aten.native_batch_norm_backward.out(
                 grad_y_v, x_v, weight, None, None, mean[v], invstd[v], True, ctx.eps, [True, True, True],
                 out0=grad_x_v, out1=grad_weight[v], out2=grad_bias[v])
-        return grad_x, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
+        return grad_x, grad_weight.sum(0), grad_bias.sum(0) if ctx.has_bias else None, None, None, None, None
 
 
 def swap_batchnorm(module: nn.Module, make) -> nn.Module:

@@ -20,16 +20,17 @@ from .cli import UserError, first_line
 from .curves import plot_run_or_warn
 from .data import DataBundle, ImageSet, content_fingerprint, load_dataset, pil_view_batches, subset
 from .distributed import World, convert_batchnorm, in_turn
-from .engine import Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision, seed_everything
-from .engine import train_step, versions
+from .engine import (Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision, seed_everything,
+                     versions)
 from .files import RunLock, atomic_save_json, check_name_fits, refuse_to_replace, remove_files
 from .flags import TRAIN_FLAGS, TrainConfig, check_name, check_values, train_resume_values, train_values
 from .knn import knn_accuracy, percent, sharded_features
-from .loss import positive_ids
+from .loss import build_loss
 from .loop import RESULT_FILES, EpochResult, RunState, existing, finished, log_row, open_tensorboard, restore
 from .loop import run_epochs
 from .model import SimCLR
 from .optim import Schedule, build_optimizer, scaled_lr, set_lr
+from .step import train_step
 from .tblog import require_tensorboard
 
 CSV_COLUMNS = ("epoch", "train_loss", "test_acc@1", "test_acc@5", "lr", "epoch_seconds",
@@ -124,6 +125,7 @@ class Pretraining:
         schedule = Schedule(scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), steps_per_epoch,
                             cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.schedule)
         optimizer = build_optimizer(model, cfg.optimizer, schedule.base_lr, cfg.weight_decay, cfg.momentum)
+        self.loss = build_loss(cfg)  # with its own settings (temperature, dcl_sigma, ...): the step never sees them
         self.net, self.encode = wrap_for_speed(model, self.runtime, world)
         self.train_images, self.bundle = place_images(cfg, self.bundle, self.runtime, say)
         self.train_labels = self.bundle.train.labels.to(self.runtime.device)  # (N,), -1 for unlabeled images
@@ -196,17 +198,14 @@ class Pretraining:
     # ------------------------------------------------------------------------- one epoch
 
     def train_epoch(self, epoch: int, monitor) -> None:
-        """The SimCLR steps of an epoch from monitor.first: lr, forward over both views, loss, backward, step."""
-        cfg, state = self.cfg, self.state
-        offset = self.world.rank * (cfg.batch_size // self.world.world_size)  # this rank's place in the batch
+        """The SimCLR steps of an epoch from monitor.first: the step's lr, then simclr.step.train_step (views,
+        forward, gathered projections, loss, backward, optimizer step, online probe), then the monitor."""
+        state = self.state
         for step, views, labels in self.epoch_views(epoch, monitor.first):
             set_lr(state.optimizer, state.schedule.lr(epoch * state.steps_per_epoch + step))
-            # views (2b, 3, S, S) = [view 1; view 2]; labels (b,), -1 unlabeled: supcon's positives
-            ids = positive_ids(cfg.loss, labels, offset)
-            loss, h = train_step(self.net, state.optimizer, views, cfg.temperature, self.runtime, state.scaler,
-                                 cfg.loss, ids, cfg.dcl_sigma, features=True)
-            if self.probe is not None:  # after the encoder's step, on its detached h: nothing flows back
-                self.probe.step(h, labels)
+            # views (2b, 3, S, S) = [view 1; view 2]; labels (b,), -1 unlabeled (supcon's positives, the probe's targets)
+            loss = train_step(self.net, state.optimizer, views, labels, loss=self.loss, runtime=self.runtime,
+                              scaler=state.scaler, probe=self.probe)
             if monitor.update(step, loss):
                 break
 
@@ -431,11 +430,12 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
 def build_model(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> tuple[SimCLR, int, int]:
     """The SimCLR model on the run's device, with its size printed; returns (model, parameters, MACs)."""
     model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint, cfg.bn_stats,
-                   cfg.proj_layers)
+                   cfg.proj_layers, cfg.head)
     params, macs, counted = count_macs(model, bundle.image_size)
     widths = [model.feature_width] + [cfg.proj_hidden_dim] * (cfg.proj_layers - 1) + [cfg.feature_dim]
-    say(f"model: {cfg.arch} ({cfg.stem} stem) + head {'-'.join(map(str, widths))}: {params / 1e6:.2f} M parameters, {macs / 1e9:.3f} G MACs per "
-        f"{bundle.image_size}x{bundle.image_size} image ({counted})")
+    last = " (SimCLRv2's last layer)" if cfg.head == "v2" else ""
+    say(f"model: {cfg.arch} ({cfg.stem} stem) + head {'-'.join(map(str, widths))}{last}: {params / 1e6:.2f} M parameters, "
+        f"{macs / 1e9:.3f} G MACs per {bundle.image_size}x{bundle.image_size} image ({counted})")
     return runtime.place(model), params, macs
 
 

@@ -68,19 +68,23 @@ def naive_nt_xent_ids(z: torch.Tensor, ids: torch.Tensor, temperature: float) ->
     return torch.stack(losses).mean()
 
 
-def naive_dcl(z1: torch.Tensor, z2: torch.Tensor, temperature: float, sigma: float | None = None) -> torch.Tensor:
+def naive_dcl(z1: torch.Tensor, z2: torch.Tensor, temperature: float, sigma: float | None = None,
+              weight_gradient: bool = False) -> torch.Tensor:
     """Reference for the decoupled contrastive loss (Yeh et al. 2022): z1, z2 (N, d) -> scalar.
 
     Anchor by anchor over the 2N rows of [z1; z2], with p the anchor's other view:
     l_a = -w_a * s_ap / t + log sum_{k != a, k != p} exp(s_ak / t), the positive left out of the
     sum. w_a = 1 (DCL), or for DCLW w_a = 2 - N * exp(s_pair(a) / sigma) / sum over the N pairs
-    (i, i + N) of exp(s_i,i+N / sigma). Averaged over the 2N anchors, in float64.
+    (i, i + N) of exp(s_i,i+N / sigma). Averaged over the 2N anchors, in float64. The weights are
+    constants of the gradient (a weight of each term); weight_gradient: the gradient flows through
+    them too (raminnakhli/Decoupled-Contrastive-Learning's DCLW).
     """
     z = torch.cat([z1, z2])                                          # (2N, d)
     n2, n = z.shape[0], z.shape[0] // 2
     pair_weight = [1.0] * n
     if sigma is not None:
-        pair_terms = [torch.exp(_cosine(z[i], z[i + n]) / sigma) for i in range(n)]
+        zw = z if weight_gradient else z.detach()
+        pair_terms = [torch.exp(_cosine(zw[i], zw[i + n]) / sigma) for i in range(n)]
         total = sum(pair_terms)
         pair_weight = [2 - n * term / total for term in pair_terms]
     losses = []

@@ -107,6 +107,32 @@ def test_head_batchnorm1d_alone_per_view():
     assert_models_match(stock, per_view, atol=1e-12, rtol=1e-10)
 
 
+def test_batchnorm_without_a_shift_per_view_and_global_equals_two_stock_passes():
+    # SimCLRv2's last head layer: BatchNorm1d with a scale and no shift, per view (the custom kernel path) and in
+    # the CPU torchrun form outside a process group; both against two passes of the stock module
+    from simclr.model import unshifted_batchnorm
+    g = torch.Generator().manual_seed(0)
+    stock = unshifted_batchnorm(5).double()
+    with torch.no_grad():
+        stock.weight.copy_(torch.rand(5, generator=g, dtype=torch.float64) + 0.5)
+    x = torch.randn(2 * B, 5, generator=g, dtype=torch.float64)
+    x[B:] = 3 * x[B:] + 1
+    weights = torch.randn(2 * B, 5, generator=g, dtype=torch.float64)
+    for make in (per_view_batchnorm, lambda m: convert_batchnorm(per_view_batchnorm(m), torch.device("cpu"))):
+        reference = unshifted_batchnorm(5).double()
+        reference.load_state_dict(stock.state_dict())
+        other = make(nn.Sequential(unshifted_batchnorm(5).double()))
+        other.load_state_dict({f"0.{k}": v for k, v in stock.state_dict().items()})
+        assert other[0].bias is None and "0.bias" not in other.state_dict()
+        ref = torch.cat([reference(x[:B]), reference(x[B:])])
+        out = other(x)
+        (ref * weights).sum().backward()
+        (out * weights).sum().backward()
+        assert torch.allclose(out, ref, atol=1e-12)
+        assert torch.allclose(other[0].weight.grad, reference.weight.grad, atol=1e-12)
+        assert torch.allclose(other[0].running_var, reference.running_var, atol=1e-12)
+
+
 def test_channels_last_per_view():
     stock, per_view = stock_and("per_view")
     stock, per_view = (m.to(memory_format=torch.channels_last) for m in (stock, per_view))

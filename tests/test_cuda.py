@@ -6,7 +6,9 @@ import main
 from simclr.augment import AugmentConfig, apply_params, sample_params, two_views
 from simclr.model import SimCLR, nt_xent
 from simclr.optim import build_optimizer
-from simclr.engine import Runtime, train_step
+from simclr.engine import Runtime
+from simclr.loss import NTXent
+from simclr.step import train_step
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CFG = AugmentConfig(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -23,14 +25,14 @@ def test_training_step_never_waits_for_the_gpu(bn_stats):
     generator = torch.Generator(device=device)
     loss_sum = torch.zeros((), device=device)
     for warm in range(2):  # cuDNN and allocator warm-up may sync; the steady state must not
-        train_step(model, optimizer, two_views(images[perm[:64]], CFG, generator), 0.5, runtime)
+        train_step(model, optimizer, two_views(images[perm[:64]], CFG, generator), loss=NTXent(0.5), runtime=runtime)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(3):
             generator.manual_seed(step)
             views = two_views(images[perm[step * 64:(step + 1) * 64]], CFG, generator)
-            loss_sum += train_step(model, optimizer, views, 0.5, runtime)
+            loss_sum += train_step(model, optimizer, views, loss=NTXent(0.5), runtime=runtime)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss_sum).item()

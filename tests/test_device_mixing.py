@@ -15,8 +15,9 @@ from torch.utils._pytree import tree_leaves
 
 from simclr import augment
 from simclr.augment import AugmentConfig, two_views
-from simclr.distributed import global_loss
+from simclr.distributed import gather_views
 from simclr.engine import Runtime
+from simclr.loss import NTXent
 from simclr.model import SimCLR
 from simclr.optim import build_optimizer, lr_at, set_lr
 
@@ -66,7 +67,7 @@ def test_step_on_fake_cuda_never_mixes_in_cpu_tensors(monkeypatch, optimizer):
             assert views.device.type == "cuda" and views.shape == (8, 3, 16, 16)
             with runtime.autocast():
                 _, z = model(runtime.prepare(views))
-            loss = global_loss(z, 0.5)
+            loss = NTXent(0.5)(*gather_views(z))
             assert loss.device.type == "cuda" and loss.dtype == torch.float32
             for p in model.parameters():
                 p.grad = torch.randn_like(p)

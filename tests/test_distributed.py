@@ -12,15 +12,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import TINY_ARCH, made_once
-from simclr.distributed import GlobalBatchNorm, World, convert_batchnorm, global_loss, shard
-from simclr.engine import train_step
-from simclr.model import SimCLR, nt_xent
+from simclr.distributed import GlobalBatchNorm, World, convert_batchnorm, gather_views, shard
 from simclr.engine import Runtime
+from simclr.loss import DCL, NTXent, SupCon
+from simclr.model import SimCLR, nt_xent
+from simclr.step import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, SIZE = 8, 16
-# positive ids of [view 1 (B); view 2 (B)] from repeated labels: ranks 0 and 1 share classes 0 and 1
-LABEL_IDS = torch.tensor([0, 1, 2, 0, 1, 3, 3, 0] * 2)
+# labels of the B images, repeated: ranks 0 and 1 share classes 0 and 1; their positive ids of [view 1 (B); view 2 (B)]
+LABELS = torch.tensor([0, 1, 2, 0, 1, 3, 3, 0])
+LABEL_IDS = torch.cat([LABELS, LABELS])
 
 
 def free_port() -> int:
@@ -29,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def views_and_model(bn_stats: str = "joint"):
+def views_and_model(bn_stats: str = "joint", head: str = "original"):
     """The same global batch of views [view 1 (B); view 2 (B)] and initial model in every process.
 
     float64: at random init the first layers' gradients cancel so much that fp32 rounding alone
@@ -38,7 +40,7 @@ def views_and_model(bn_stats: str = "joint"):
     g = torch.Generator().manual_seed(0)
     views = torch.randn(2 * B, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
     torch.manual_seed(1)
-    return views, SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32, bn_stats=bn_stats).double()
+    return views, SimCLR("resnet18", feature_dim=16, proj_hidden_dim=32, bn_stats=bn_stats, head=head).double()
 
 
 def local_share(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -47,16 +49,17 @@ def local_share(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return torch.cat([views[rank * b:(rank + 1) * b], views[B + rank * b:B + (rank + 1) * b]])
 
 
-def single_process_step(bn_stats: str = "joint"):
-    views, model = views_and_model(bn_stats)
+def single_process_step(bn_stats: str = "joint", head: str = "original"):
+    views, model = views_and_model(bn_stats, head)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loss = train_step(model, opt, views, 0.5, Runtime(torch.device("cpu")))
+    loss = train_step(model, opt, views, loss=NTXent(0.5), runtime=Runtime(torch.device("cpu")))
     return loss.item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # what the two gloo ranks compute, all in one start of two processes: a DDP training step with either BatchNorm
-# mode, and the gathered loss's gradient for NT-Xent, positive ids (supcon) and DCLW
-MODES = ("step:joint", "step:per_view", "grad", "ids", "dcl")
+# mode (and SimCLRv2's head, whose last BatchNorm has no shift), and the gathered loss's gradient for NT-Xent,
+# positive ids (supcon) and DCLW
+MODES = ("step:joint", "step:per_view", "step:per_view:v2", "grad", "ids", "dcl")
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str):
@@ -70,18 +73,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
 
 def _rank_result(rank: int, world: int, mode: str) -> dict:
     if mode.startswith("step:"):
-        views, model = views_and_model(mode[len("step:"):])
+        views, model = views_and_model(*mode.split(":")[1:])
         model = convert_batchnorm(model, torch.device("cpu"))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        loss = train_step(ddp, opt, local_share(views, rank, world), 0.5, Runtime(torch.device("cpu")))
+        loss = train_step(ddp, opt, local_share(views, rank, world), loss=NTXent(0.5), runtime=Runtime(torch.device("cpu")))
         return {"loss": loss.item(), "state": model.state_dict()}
     # the gradient of the gathered loss with respect to this rank's projections
     z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5))
     z_local = local_share(z, rank, world).clone().requires_grad_(True)
-    ids = LABEL_IDS if mode == "ids" else None
-    kind, sigma = ("dcl", 0.5) if mode == "dcl" else ("supcon" if ids is not None else "ntxent", None)
-    loss = global_loss(z_local, 0.5, kind, None if ids is None else local_share(ids, rank, world), sigma)
+    b = B // world
+    labels = LABELS[rank * b:(rank + 1) * b]  # this rank's images
+    loss_fn = {"grad": NTXent(0.5), "ids": SupCon(0.5), "dcl": DCL(0.5, dcl_sigma=0.5)}[mode]
+    loss = loss_fn(*gather_views(z_local, labels))
     loss.backward()
     return {"loss": loss.item(), "grad": z_local.grad}
 
@@ -95,13 +99,13 @@ def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
     return {mode: [saved[r][mode] for r in range(2)] for mode in MODES}
 
 
-@pytest.mark.parametrize("bn_stats", ["joint", "per_view"])
-def test_two_ranks_equal_one_process_step(two_ranks, bn_stats):
+@pytest.mark.parametrize("bn_stats,head", [("joint", "original"), ("per_view", "original"), ("per_view", "v2")])
+def test_two_ranks_equal_one_process_step(two_ranks, bn_stats, head):
     # per_view: each rank holds [its view 1 rows; its view 2 rows], and each view's statistics are
     # those of that view over both ranks, as in one process with the whole batch (itself tested
     # against two stock forward passes in test_bn_stats.py)
-    loss, state = single_process_step(bn_stats)
-    results = two_ranks[f"step:{bn_stats}"]
+    loss, state = single_process_step(bn_stats, head)
+    results = two_ranks[f"step:{bn_stats}" + (":v2" if head == "v2" else "")]
     # each rank's loss is the mean over its own anchors; their mean is the global loss
     assert sum(r["loss"] for r in results) / 2 == pytest.approx(loss, abs=1e-5)
     for r in results:

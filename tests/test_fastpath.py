@@ -7,10 +7,12 @@ import torch
 
 import main
 from conftest import tiny_run_args
-from references import naive_nt_xent, naive_step, pil_two_views
+from references import naive_dcl, naive_nt_xent, naive_nt_xent_ids, naive_step, pil_two_views
 from simclr.augment import AugmentConfig, two_views
-from simclr.engine import Runtime, train_step
+from simclr.engine import Runtime
+from simclr.loss import DCL, NTXent, SupCon
 from simclr.model import SimCLR, nt_xent
+from simclr.step import train_step
 
 CFG = AugmentConfig(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -58,6 +60,54 @@ def test_one_forward_and_two_forwards_give_the_same_loss_and_gradients():
         assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-10), name
 
 
+def ids_by_hand(labels: torch.Tensor) -> torch.Tensor:
+    """Positive ids of [view 1; view 2] written out: the label, or for an unlabeled image an id no other image has."""
+    ids = [int(y) if y >= 0 else -1 - i for i, y in enumerate(labels.tolist())]
+    return torch.tensor(ids + ids)
+
+
+# each --loss as the step calls it, and its loop reference on the projections z1, z2 (N, d) of the two views
+LOSSES_BY_HAND = {
+    "ntxent": (NTXent(0.5), lambda z1, z2, labels: naive_nt_xent(z1, z2, 0.5)),
+    "supcon": (SupCon(0.5), lambda z1, z2, labels: naive_nt_xent_ids(torch.cat([z1, z2]), ids_by_hand(labels), 0.5)),
+    "dcl": (DCL(0.5), lambda z1, z2, labels: naive_dcl(z1, z2, 0.5)),
+    "dclw": (DCL(0.5, dcl_sigma=0.5), lambda z1, z2, labels: naive_dcl(z1, z2, 0.5, 0.5)),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES_BY_HAND))
+def test_the_step_is_one_step_by_hand(name):
+    # train_step: one forward over both views (per-view BatchNorm), the loss object, backward, Adam; by hand:
+    # a forward pass per view, the loop reference of the loss, plain backward, a plain Adam step
+    loss, reference = LOSSES_BY_HAND[name]
+    images = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    views = two_views(images, CFG, torch.Generator().manual_seed(0)).double()
+    labels = torch.tensor([0, 1, 0, -1, 2, -1])                     # a repeated class and two unlabeled images
+    torch.manual_seed(0)
+    net = SimCLR("tiny", feature_dim=16, proj_hidden_dim=32, bn_stats="per_view").double()
+    by_hand = SimCLR("tiny", feature_dim=16, proj_hidden_dim=32).double()
+    by_hand.load_state_dict(net.state_dict())
+    start = {key: tensor.clone() for key, tensor in net.state_dict().items()}
+    value = train_step(net, torch.optim.Adam(net.parameters(), lr=1e-3), views, labels, loss=loss,
+                       runtime=Runtime(torch.device("cpu"), "fp32", False))
+
+    _, z1 = by_hand(views[:6])
+    _, z2 = by_hand(views[6:])
+    expected = reference(z1, z2, labels)
+    optimizer = torch.optim.Adam(by_hand.parameters(), lr=1e-3)
+    optimizer.zero_grad()
+    expected.backward()
+    optimizer.step()
+
+    assert value.item() == pytest.approx(expected.item(), rel=1e-9)
+    after, expected_after = net.state_dict(), by_hand.state_dict()
+    assert after.keys() == expected_after.keys()
+    for key, tensor in after.items():
+        assert torch.allclose(tensor, expected_after[key], rtol=0, atol=1e-6), key
+    for key, _ in net.named_parameters():  # a step that moved nothing would pass the comparison
+        assert not torch.equal(after[key], start[key]), key
+
+
 @pytest.mark.parametrize("backend", ["tensor", "pil"])
 def test_steps_on_fixed_views_decrease_the_loss(backend):
     # a fixed batch repeated: both steps must fit it, from views made by either augmentation backend
@@ -75,7 +125,7 @@ def test_steps_on_fixed_views_decrease_the_loss(backend):
     naive_opt = torch.optim.Adam(naive_net.parameters(), lr=1e-3)
     fast, naive = [], []
     for _ in range(6):
-        fast.append(train_step(fast_net, fast_opt, torch.cat([v1, v2]), 0.5, runtime).item())
+        fast.append(train_step(fast_net, fast_opt, torch.cat([v1, v2]), loss=NTXent(0.5), runtime=runtime).item())
         naive.append(naive_step(naive_net, naive_opt, v1, v2, 0.5).item())
     for losses in (fast, naive):
         assert all(math.isfinite(x) for x in losses)

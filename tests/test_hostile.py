@@ -151,8 +151,8 @@ def test_a_data_root_that_is_a_file(tmp_path, capsys):
     ("--weight_decay", "1e308", "<= 10"), ("--lr", "1e300", "<= 10000"), ("--image_size", "10000000", "<= 1024"),
     ("--temperature", "inf", "finite"), ("--lr", "nan", "finite"), ("--batch_size", "99999999999", "<="),
     ("--momentum", "1", "< 1"), ("--threads", "100000", "<= 1024"),
-    ("--proj_layers", "0", "positive"), ("--proj_layers", "1000", "<= 8"), ("--dcl_sigma", "0", "positive"),
-    ("--dcl_sigma", "-0.5", "positive"),
+    ("--proj_layers", "0", "positive"), ("--proj_layers", "1000", "<= 8"), ("--dcl_sigma", "0", ">= 1.17549e-38"),
+    ("--dcl_sigma", "-0.5", ">= 1.17549e-38"), ("--dcl_sigma", "1e-300", ">= 1.17549e-38"),
 ])
 def test_absurd_values_name_their_bound(tmp_path, capsys, flag, value, needle):
     args = tiny_run_args(tmp_path / "nowhere", tmp_path / "r", **{flag[2:]: value})
@@ -268,9 +268,9 @@ def test_a_tampered_run_config_is_refused_by_linear_and_neighbors(finished, tmp_
 
 
 def test_nan_in_the_first_epoch_says_no_checkpoint_exists(tiny_folder, tmp_path, monkeypatch, capsys):
-    from simclr import engine
-    real = engine.global_loss
-    monkeypatch.setattr(engine, "global_loss", lambda *a, **kw: real(*a, **kw) * float("nan"))
+    from simclr.loss import NTXent
+    real = NTXent.__call__
+    monkeypatch.setattr(NTXent, "__call__", lambda *a, **kw: real(*a, **kw) * float("nan"))
     code = main.main(tiny_run_args(tiny_folder, tmp_path / "r", "n"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("error: the loss became NaN/inf at epoch 1, step 1")

@@ -114,3 +114,21 @@ def test_the_head_depth_comes_from_the_run_config(trained, tmp_path):
     # without weights the depth is an argument like the sizes
     random = hub_load("resnet18", proj_layers=3, feature_dim=16, proj_hidden_dim=32)
     assert random.g[6].out_features == 16
+
+
+def test_simclrv2s_head_loads_from_its_config_and_not_from_another(trained, tmp_path):
+    from conftest import copy_run
+    v2 = SimCLR(TINY_ARCH, 16, 32, proj_layers=3, head="v2")
+    path = copy_run(trained, tmp_path, "v2", v2.state_dict())
+    config = json.loads((tmp_path / "v2_config.json").read_text())
+    (tmp_path / "v2_config.json").write_text(json.dumps({**config, "proj_layers": 3, "head": "v2"}))
+    model = hub_load(TINY_ARCH, weights=path)
+    assert isinstance(model.g[7], torch.nn.BatchNorm1d) and model.g[7].bias is None and model.g[6].bias is None
+    for key, value in v2.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    # the same weights under a config of the original head: strict loading names what does not fit
+    (tmp_path / "v2_config.json").write_text(json.dumps({**config, "proj_layers": 3}))
+    with pytest.raises(UserError, match="missing keys .*g.6.bias.*unexpected keys"):
+        hub_load(TINY_ARCH, weights=path)
+    # without weights the last layer is an argument like the sizes
+    assert hub_load("resnet18", proj_layers=3, head="v2").g[7].bias is None

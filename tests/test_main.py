@@ -133,3 +133,31 @@ def test_recipes_set_flags_and_explicit_flags_win():
     overridden = flags.train_values({"recipe": "paper", "lr": 0.3, "blur": True})
     assert overridden["lr"] == 0.3 and overridden["blur"] is True and overridden["optimizer"] == "lars"
     assert flags.train_values({"recipe": "seed"}) == flags.train_values({})
+
+
+@pytest.mark.parametrize("loss", ["ntxent", "supcon", None])
+def test_a_setting_of_another_loss_is_refused_in_one_line(tiny_folder, tmp_path, capsys, loss):
+    extra = ["--dcl_sigma", "0.5", *(["--loss", loss] if loss else [])]
+    code = main.main(tiny_run_args(tiny_folder, tmp_path / "r", None, *extra))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--dcl_sigma" in err and "--loss dcl" in err and f"loss is {loss or 'ntxent'}" in err, err
+    assert not (tmp_path / "r").exists()
+    # with its own loss the flag is the loss's setting
+    assert flags.train_values({"loss": "dcl", "dcl_sigma": 0.5})["dcl_sigma"] == 0.5
+
+
+def test_the_supcon_recipe_scales_its_loss_as_supcontrast_and_only_its_loss():
+    from simclr.loss import SupCon, build_loss
+    recipe = flags.train_values({"recipe": "supcon"})
+    assert (recipe["loss"], recipe["temperature"], recipe["supcon_base_temperature"]) == ("supcon", 0.1, 0.07)
+    assert build_loss(flags.TrainConfig(**recipe)) == SupCon(0.1, supcon_base_temperature=0.07)
+    # the recipe with another loss: its supcon setting does not follow; given explicitly, it is refused
+    assert flags.train_values({"recipe": "supcon", "loss": "ntxent"})["supcon_base_temperature"] is None
+    with pytest.raises(flags.UserError, match="--supcon_base_temperature is a setting of --loss supcon"):
+        flags.train_values({"recipe": "supcon", "loss": "dcl", "supcon_base_temperature": 0.07})
+    assert flags.train_values({})["supcon_base_temperature"] is None  # no scale unless asked
+    # a checkpoint from before the flag resumes unscaled, as it was trained
+    older = {k: v for k, v in recipe.items() if k != "supcon_base_temperature"}
+    values, _ = flags.train_resume_values({"resume": "x"}, older, "x")
+    assert values["supcon_base_temperature"] is None

@@ -145,3 +145,46 @@ def test_mac_count_without_thop_is_close_to_thops(monkeypatch):
     # by hand: conv1 3x3x3->64 at 32x32 alone is 32*32*64*27 MACs; thop adds BatchNorm and pooling terms
     assert without > 32 * 32 * 64 * 27 and 0.97 * with_thop < without <= with_thop
     assert not any("total_ops" in k for k in model.state_dict())  # the counters went on a copy
+
+
+# ----------------------------------------------------------------------------- the projection head's last layer
+
+def test_the_v2_head_ends_as_simclrv2s_and_the_original_as_the_original_tools():
+    from simclr.model import projection_head
+    original, v2 = projection_head(64, 32, 16, 3), projection_head(64, 32, 16, 3, head="v2")
+    # hidden layers identical (Linear without bias - BatchNorm1d - ReLU), keys and shapes alike
+    assert [type(m) for m in original[:6]] == [type(m) for m in v2[:6]]
+    assert {k: v.shape for k, v in original[:6].state_dict().items()} == {k: v.shape for k, v in v2[:6].state_dict().items()}
+    # the original tool's last layer: a Linear with a bias, nothing after it
+    assert len(original) == 7 and original[6].bias is not None
+    # SimCLRv2's (google-research/simclr tf2, ProjectionHead's last LinearLayer): a Linear without bias, then
+    # BatchNorm with a scale and no shift (center=False), no ReLU
+    assert len(v2) == 8 and v2[6].bias is None and isinstance(v2[7], torch.nn.BatchNorm1d)
+    assert v2[7].weight is not None and v2[7].bias is None
+    assert set(v2.state_dict()) - set(original.state_dict()) >= {"7.weight", "7.running_mean", "7.running_var"}
+    # by hand, in training mode: z = gamma * (W u - mean) / sqrt(var + eps) over the batch, no shift
+    u = torch.randn(10, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    last = v2[6:].double()
+    with torch.no_grad():
+        last[1].weight.copy_(torch.linspace(0.5, 2.0, 16, dtype=torch.float64))
+        a = u @ last[0].weight.T
+        expected = last[1].weight * (a - a.mean(0)) / torch.sqrt(a.var(0, unbiased=False) + last[1].eps)
+        assert torch.allclose(last(u), expected, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown head"):
+        projection_head(64, 32, 16, head="v3")
+
+
+def test_every_encoder_width_in_the_table_is_the_built_one():
+    from simclr.encoders import ENCODERS, build_encoder
+    for arch, spec in ENCODERS.items():
+        assert build_encoder(arch)[1] == spec.width, arch
+
+
+def test_the_simclrv2_recipe_builds_v2s_head_as_wide_as_the_encoder():
+    from simclr import flags
+    for arch, width in (("resnet18", 512), ("resnet50", 2048), ("tiny", 64)):
+        values = flags.train_values({"recipe": "simclrv2", "arch": arch})
+        assert (values["head"], values["proj_layers"], values["proj_hidden_dim"]) == ("v2", 3, width), arch
+    # an explicit width wins; the other recipes keep the original tool's last layer
+    assert flags.train_values({"recipe": "simclrv2", "proj_hidden_dim": 256})["proj_hidden_dim"] == 256
+    assert {flags.train_values({"recipe": r})["head"] for r in ("seed", "paper", "supcon")} == {"original"}

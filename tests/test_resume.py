@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from simclr import engine, loop, pretrain
+from simclr import loop, pretrain
 from simclr import flags
 import main
 from conftest import ROOT, run_main, tiny_run_args
 from simclr.cli import UserError
+from simclr.loss import NTXent
 
 DETERMINISTIC = ["epoch", "train_loss", "test_acc@1", "test_acc@5", "lr"]  # timings differ run to run
 
@@ -145,14 +146,14 @@ def test_resume_of_a_bad_file_is_a_clear_error(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tiny_folder, tmp_path, monkeypatch, capsys):
-    real = engine.global_loss
+    real = NTXent.__call__
     count = [0]
 
     def poisoned(*a, **kw):
         count[0] += 1
         loss = real(*a, **kw)
         return loss * float("nan") if count[0] == 8 else loss  # epoch 2, step 2
-    monkeypatch.setattr(engine, "global_loss", poisoned)
+    monkeypatch.setattr(NTXent, "__call__", poisoned)
     code = main.main(tiny_run_args(tiny_folder, tmp_path, "nan", epochs=3))
     err = capsys.readouterr().err
     assert code == 1 and "epoch 2, step 2 of 6" in err
@@ -220,3 +221,47 @@ def test_resume_refuses_a_checkpoint_config_that_makes_no_sense():
     for key, value in (("batch_size", "eight"), ("feature_dim", -5), ("image_size", 1e30), ("arch", "resnet99")):
         with pytest.raises(UserError, match=key):
             flags.train_resume_values({"resume": "x"}, {**saved, key: value}, "x_last.pth")
+
+
+def test_a_checkpoint_holding_a_setting_of_another_loss_still_resumes(tiny_folder, tmp_path, capsys):
+    # older versions accepted --dcl_sigma beside --loss ntxent, stored it in the config and never used it
+    assert main.main(tiny_run_args(tiny_folder, tmp_path, "old")) == 0
+    path = tmp_path / "old_last.pth"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["config"]["dcl_sigma"] = 0.5
+    torch.save(checkpoint, path)
+    assert main.main(tiny_run_args(tiny_folder, tmp_path, "old", "--resume", "auto", epochs=2)) == 0
+    assert torch.load(path, weights_only=True)["config"]["dcl_sigma"] == 0.5  # kept as it was
+    capsys.readouterr()
+    # given again on the command line, it is refused, whichever value
+    code = main.main(tiny_run_args(tiny_folder, tmp_path, "old", "--resume", "auto", "--dcl_sigma", "0.5", epochs=3))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--dcl_sigma" in err and "--loss dcl" in err, err
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("head", [None, "v2"])  # None: a 3-layer run from before --head (no head in its files)
+def test_a_three_layer_head_of_either_kind_resumes_and_loads_as_its_config_says(tiny_folder, tmp_path, head):
+    import json
+
+    from simclr.checkpoint import open_run
+    extra = ["--proj_layers", "3", *(["--head", head] if head else [])]
+    assert main.main(tiny_run_args(tiny_folder, tmp_path, "h", *extra)) == 0
+    if head is None:  # as older versions wrote them: the original tool's last layer, no head key
+        last = torch.load(tmp_path / "h_last.pth", weights_only=True)
+        del last["config"]["head"]
+        torch.save(last, tmp_path / "h_last.pth")
+        config = json.loads((tmp_path / "h_config.json").read_text())
+        del config["head"]
+        (tmp_path / "h_config.json").write_text(json.dumps(config))
+    assert main.main(tiny_run_args(tiny_folder, tmp_path, "h", "--resume", "auto", epochs=2)) == 0
+    last = torch.load(tmp_path / "h_last.pth", weights_only=True)
+    assert last["epoch"] == 2 and last["config"]["head"] == (head or "original")  # the older run: the original
+    # SimCLRv2's last layer: Linear without bias (g.6) + BatchNorm without shift (g.7); the original's: Linear g.6
+    keys = set(last["model"])
+    assert ({"g.7.weight", "g.7.running_var"} <= keys and not {"g.6.bias", "g.7.bias"} & keys) if head == "v2" \
+        else ("g.6.bias" in keys and not any(k.startswith("g.7.") for k in keys))
+    model, _ = open_run(str(tmp_path / "h_model.pth"))  # what every script and hubconf load through
+    saved = torch.load(tmp_path / "h_model.pth", weights_only=True)
+    assert model.state_dict().keys() == saved.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
