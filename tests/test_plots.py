@@ -3,6 +3,7 @@ import glob
 import os
 import shlex
 import threading
+import time
 import warnings
 
 import pytest
@@ -307,13 +308,22 @@ def test_huge_finite_values_draw_without_a_warning(tmp_path, capsys, value):
 def test_compare_refuses_a_fifo_or_a_folder_before_opening_it(tmp_path, capsys):
     fifo = tmp_path / "f_statistics.csv"
     os.mkfifo(fifo)
-    # a writer that sends nothing stands by, so that a read that was let through ends instead of waiting for ever
-    writer = threading.Thread(target=lambda: open(fifo, "w").close(), daemon=True)
-    writer.start()
+    # a writer that sends nothing stands by, so that a read that was let through ends instead of waiting for ever:
+    # it polls without blocking (a blocking open would wait for ever when no reader ever comes)
+    done = threading.Event()
+
+    def writer() -> None:
+        while not done.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a reader is there: give it an EOF
+            except OSError:  # ENXIO: no reader yet
+                time.sleep(0.01)
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
     out = tmp_path / "c.png"
     err = one_error_line(capsys, plot.main([str(fifo), "--out", str(out)]))
-    os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer go when nothing read
-    writer.join()
+    done.set()
+    thread.join()
     assert "is not a regular file (a FIFO" in err
     err = one_error_line(capsys, plot.main([str(tmp_path), "--out", str(out)]))
     assert f"{tmp_path} is a directory" in err and "*_statistics.csv" in err
