@@ -151,8 +151,8 @@ def test_a_data_root_that_is_a_file(tmp_path, capsys):
     ("--weight_decay", "1e308", "<= 10"), ("--lr", "1e300", "<= 10000"), ("--image_size", "10000000", "<= 1024"),
     ("--temperature", "inf", "finite"), ("--lr", "nan", "finite"), ("--batch_size", "99999999999", "<="),
     ("--momentum", "1", "< 1"), ("--threads", "100000", "<= 1024"),
-    ("--proj_layers", "0", "positive"), ("--proj_layers", "1000", "<= 8"), ("--dcl_sigma", "0", ">= 1.17549e-38"),
-    ("--dcl_sigma", "-0.5", ">= 1.17549e-38"), ("--dcl_sigma", "1e-300", ">= 1.17549e-38"),
+    ("--proj_layers", "0", "positive"), ("--proj_layers", "1000", "<= 8"), ("--dcl_sigma", "0", ">= 1.1754943508222875e-38"),
+    ("--dcl_sigma", "-0.5", ">= 1.1754943508222875e-38"), ("--dcl_sigma", "1e-300", ">= 1.1754943508222875e-38"),
 ])
 def test_absurd_values_name_their_bound(tmp_path, capsys, flag, value, needle):
     args = tiny_run_args(tmp_path / "nowhere", tmp_path / "r", **{flag[2:]: value})

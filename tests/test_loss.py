@@ -202,6 +202,6 @@ def test_dcl_sigma_is_bounded_where_the_weight_stays_finite():
     # beyond the bound the weight is not finite (1 / sigma overflows float32), and the flag refuses it
     for sigma in (flag.ge / 4, 1e-45, 1e-300):
         assert not torch.isfinite(dcl(z.detach(), 0.5, sigma)), sigma
-        with pytest.raises(UserError, match=r">= 1\.17549e-38"):
+        with pytest.raises(UserError, match=r">= 1\.1754943508222875e-38"):
             flag.check(sigma)
     assert flag.check(flag.ge) == flag.ge
