@@ -31,7 +31,7 @@ SCHEDULES = ("constant", "cosine")
 LR_SCALINGS = ("none", "linear", "sqrt")
 BN_STATS = ("per_view", "joint")
 LOSSES = ("ntxent", "supcon", "dcl")
-METHODS = ("simclr", "nnclr")   # --method (simclr.methods.METHODS)
+TRAIN_METHODS = ("simclr", "nnclr")   # --method (simclr.methods.METHODS)
 HEADS = ("original", "v2")   # the projection head's last layer (simclr.model.projection_head)
 MAX_PROJ_LAYERS = 8
 RECIPE_NAMES = ("seed", "paper", "supcon", "simclrv2")   # the presets of main.py (RECIPES)
@@ -298,7 +298,7 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
          "hidden layers are the same", str, HEADS, "model and loss", "run"),
     Flag("method", "simclr", "simclr (SimCLR and its family: the loss of --loss); nnclr (Dwibedi et al. 2021: each "
          "view's positive is its projection's nearest neighbour in a support queue of earlier projections, "
-         "against a prediction head's output for the other view)", str, METHODS, "model and loss", "run"),
+         "against a prediction head's output for the other view)", str, TRAIN_METHODS, "model and loss", "run"),
     Flag("queue_size", 65536, "nnclr: projections in the support queue; 65,536 as solo-learn's CIFAR setting "
          "(the paper's 98,304 is for ImageNet's batch of 4,096); the neighbours are looked up in its filled slots",
          int, group="model and loss", role="run", ge=1, le=2 ** 22, method="nnclr"),

@@ -16,6 +16,7 @@ from simclr.distributed import GlobalBatchNorm, World, convert_batchnorm, gather
 from simclr.engine import Runtime
 from simclr.loss import DCL, NTXent, SupCon
 from simclr.model import SimCLR, nt_xent
+from simclr.methods.simclr import SimCLRMethod
 from simclr.step import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,7 @@ def local_share(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 def single_process_step(bn_stats: str = "joint", head: str = "original"):
     views, model = views_and_model(bn_stats, head)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loss = train_step(model, opt, views, loss=NTXent(0.5), runtime=Runtime(torch.device("cpu")))
+    loss = train_step(model, opt, views, method=SimCLRMethod(NTXent(0.5)), runtime=Runtime(torch.device("cpu")))
     return loss.item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -77,7 +78,7 @@ def _rank_result(rank: int, world: int, mode: str) -> dict:
         model = convert_batchnorm(model, torch.device("cpu"))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        loss = train_step(ddp, opt, local_share(views, rank, world), loss=NTXent(0.5), runtime=Runtime(torch.device("cpu")))
+        loss = train_step(ddp, opt, local_share(views, rank, world), method=SimCLRMethod(NTXent(0.5)), runtime=Runtime(torch.device("cpu")))
         return {"loss": loss.item(), "state": model.state_dict()}
     # the gradient of the gathered loss with respect to this rank's projections
     z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5))

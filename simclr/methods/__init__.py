@@ -36,7 +36,7 @@ class Method(Protocol):
     def load_state_dict(self, saved: dict) -> None: ...
 
 
-# --method NAME -> its class; the names are simclr.flags.METHOD_NAMES (a test holds the two equal)
+# --method NAME -> its class; the names are simclr.flags.TRAIN_METHODS (a test holds the two equal)
 METHODS: dict[str, type] = {"simclr": SimCLRMethod, "nnclr": NNCLR}
 
 

@@ -72,7 +72,7 @@ class NNCLR:
         p = self.predictor(at_least_fp32(z))
         with torch.no_grad():  # stop-gradient: nothing flows through the neighbour
             zn = F.normalize(at_least_fp32(z), dim=1)
-            neighbours = zn if self.filled == 0 else nearest(zn, self.queue[:self.filled])
+            neighbours = zn if self.filled == 0 else nearest(zn, self.queue[:self.filled].to(zn.dtype))
         return nnclr_loss(neighbours, p, self.temperature, anchors)
 
     @torch.no_grad()
