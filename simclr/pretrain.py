@@ -204,8 +204,9 @@ class Pretraining:
     # ------------------------------------------------------------------------- one epoch
 
     def train_epoch(self, epoch: int, monitor) -> None:
-        """The SimCLR steps of an epoch from monitor.first: the step's lr, then simclr.step.train_step (views,
-        forward, gathered projections, loss, backward, optimizer step, online probe), then the monitor."""
+        """The steps of an epoch from monitor.first: the step's lr, then simclr.step.train_step (views, forward,
+        gathered projections, the method's loss, backward, optimizer step, its after-step hook, online probe),
+        then the monitor."""
         state = self.state
         for step, views, labels in self.epoch_views(epoch, monitor.first):
             set_lr(state.optimizer, state.schedule.lr(epoch * state.steps_per_epoch + step))

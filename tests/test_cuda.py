@@ -26,7 +26,8 @@ def test_training_step_never_waits_for_the_gpu(bn_stats):
     generator = torch.Generator(device=device)
     loss_sum = torch.zeros((), device=device)
     for warm in range(2):  # cuDNN and allocator warm-up may sync; the steady state must not
-        train_step(model, optimizer, two_views(images[perm[:64]], CFG, generator), method=SimCLRMethod(NTXent(0.5)), runtime=runtime)
+        train_step(model, optimizer, two_views(images[perm[:64]], CFG, generator), method=SimCLRMethod(NTXent(0.5)),
+                   runtime=runtime)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -101,14 +101,16 @@ def _rank_result(rank: int, world: int, mode: str) -> dict:
             convert_batchnorm(part, torch.device("cpu"))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        loss = train_step(ddp, opt, local_share(views, rank, world), method=method, runtime=Runtime(torch.device("cpu")))
+        loss = train_step(ddp, opt, local_share(views, rank, world), method=method,
+                          runtime=Runtime(torch.device("cpu")))
         return nnclr_result(loss, model, method)
     if mode.startswith("step:"):
         views, model = views_and_model(*mode.split(":")[1:])
         model = convert_batchnorm(model, torch.device("cpu"))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        loss = train_step(ddp, opt, local_share(views, rank, world), method=SimCLRMethod(NTXent(0.5)), runtime=Runtime(torch.device("cpu")))
+        loss = train_step(ddp, opt, local_share(views, rank, world), method=SimCLRMethod(NTXent(0.5)),
+                          runtime=Runtime(torch.device("cpu")))
         return {"loss": loss.item(), "state": model.state_dict()}
     # the gradient of the gathered loss with respect to this rank's projections
     z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5))

@@ -126,7 +126,8 @@ def test_steps_on_fixed_views_decrease_the_loss(backend):
     naive_opt = torch.optim.Adam(naive_net.parameters(), lr=1e-3)
     fast, naive = [], []
     for _ in range(6):
-        fast.append(train_step(fast_net, fast_opt, torch.cat([v1, v2]), method=SimCLRMethod(NTXent(0.5)), runtime=runtime).item())
+        fast.append(train_step(fast_net, fast_opt, torch.cat([v1, v2]), method=SimCLRMethod(NTXent(0.5)),
+                               runtime=runtime).item())
         naive.append(naive_step(naive_net, naive_opt, v1, v2, 0.5).item())
     for losses in (fast, naive):
         assert all(math.isfinite(x) for x in losses)

@@ -1,4 +1,4 @@
-"""--method nnclr: its loss against a brute-force reference, its FIFO queue, exact resume, and its model read everywhere."""
+"""--method nnclr: its loss against a brute-force reference, its FIFO queue, exact resume, its model everywhere."""
 import collections
 import json
 
