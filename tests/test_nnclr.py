@@ -159,3 +159,14 @@ def test_build_method_gives_the_config_s_method():
     model.add_module("predictor", predictor(cfg.feature_dim, cfg.pred_hidden_dim))
     method = build_method(cfg, model, torch.device("cpu"))
     assert isinstance(method, NNCLR) and method.queue.shape == (65536, cfg.feature_dim)
+
+
+def test_a_checkpoint_without_its_queue_is_refused_in_one_line(straight, tiny_folder, tmp_path, capsys):
+    import shutil
+    for suffix in ("model.pth", "config.json", "statistics.csv"):
+        shutil.copy(straight / f"ref_{suffix}", tmp_path / f"ref_{suffix}")
+    ckpt = torch.load(straight / "ref_last.pth", weights_only=True)
+    del ckpt["method"]
+    torch.save(ckpt, tmp_path / "ref_last.pth")
+    assert main.main(tiny_run_args(tiny_folder, tmp_path, "ref", "--resume", "auto", *ARGS, epochs=3)) == 2
+    assert "its state of --method nnclr does not fit this run" in capsys.readouterr().err
