@@ -134,10 +134,11 @@ class Pretraining:
                                  min_crop_scale=cfg.min_crop_scale, jitter_strength=cfg.jitter_strength,
                                  blur=cfg.blur)
         paths = run_paths(cfg)
-        self.state = RunState(cfg.name, "main.py", cfg.epochs, cfg.batch_size, world, self.runtime, model, optimizer,
-                              self.runtime.grad_scaler(), schedule, paths, CSV_COLUMNS, dataclasses.asdict(cfg), say,
-                              NAN_ADVICE)
-        self.state.extra = self.checkpoint_extra
+        self.state = RunState(name=cfg.name, script="main.py", epochs=cfg.epochs, batch_size=cfg.batch_size,
+                              world=world, runtime=self.runtime, model=model, optimizer=optimizer,
+                              scaler=self.runtime.grad_scaler(), schedule=schedule, paths=paths,
+                              csv_columns=CSV_COLUMNS, config=dataclasses.asdict(cfg), say=say, nan_advice=NAN_ADVICE,
+                              extra=self.checkpoint_extra)
         self.probe = None
         if cfg.online_probe and self.evaluates and bool((self.bundle.train.labels >= 0).any()):
             self.probe = OnlineProbe(model.feature_width, len(self.bundle.classes), self.runtime.device, world)
