@@ -7,7 +7,8 @@
 #   run_linear_statistics.csv              linear.py on the run's best weights
 #   compare_statistics.csv                 the same minutes with the other --bn_stats mode (if it exists)
 #   summary.json    card, torch, s/epoch, images/s, TFLOP/s, % of bf16 peak, peak memory, kNN and linear top-1,
-#                   and the kNN top-1 of a short run of --loss supcon, --loss dcl --dcl_sigma 0.5, --proj_layers 3
+#                   and the kNN top-1 of a short run of --loss supcon, --loss dcl --dcl_sigma 0.5, --proj_layers 3,
+#                   --method nnclr
 #
 #   scripts/gpu_check.sh --data cifar10-jpg.tar.gz --wheels DIR --out DIR          # on the GPU (< 9 min on an H100)
 #   scripts/gpu_check.sh --dry-run --data ARCHIVE --out DIR                        # the same sequence, CPU, tiny
@@ -121,9 +122,9 @@ EOF
   echo "(main.py exit $?)" >> "$LOG"
   cp "$WORK/results/compare_statistics.csv" "$OUT/" 2>/dev/null
 fi
-# the SimCLR family, a short run each: supervised contrastive, DCLW, SimCLRv2's 3-layer head
+# the SimCLR family, a short run each: supervised contrastive, DCLW, SimCLRv2's 3-layer head, and NNCLR (--method nnclr)
 if [ $DRY = 1 ]; then FAMILY_BUDGET=60; else FAMILY_BUDGET=45; fi
-for variant in "supcon:--loss supcon" "dclw:--loss dcl --dcl_sigma 0.5" "v2head:--proj_layers 3"; do
+for variant in "supcon:--loss supcon" "dclw:--loss dcl --dcl_sigma 0.5" "v2head:--proj_layers 3" "nnclr:--method nnclr"; do
   name=${variant%%:*}; read -r -a flags <<< "${variant#*:}"
   step "family: $name (${flags[*]}), $FAMILY_BUDGET s"
   timeout -s INT "$FAMILY_BUDGET" "$PY" main.py "${RUN[@]}" "${SHORT[@]}" "${flags[@]}" --name "family_$name" >> "$LOG" 2>&1
@@ -177,7 +178,7 @@ try:
     summary["other_bn_stats_epochs"] = int(other["epoch"].max())
 except Exception:  # noqa: BLE001 - only when the flag exists
     pass
-for name in ("supcon", "dclw", "v2head"):
+for name in ("supcon", "dclw", "v2head", "nnclr"):
     try:
         family = pd.read_csv(os.path.join(results, f"family_{name}_statistics.csv"))
         summary[f"family_{name}"] = {"epochs": int(family["epoch"].max()),

@@ -28,6 +28,7 @@ from .files import atomic_write_text
 from .flags import TRAIN_DEFAULTS
 from .knn import forward_in_batches, knn_accuracy
 from .loss import NTXent
+from .methods.simclr import SimCLRMethod
 from .model import SimCLR, per_view_batchnorm
 from .optim import build_optimizer, set_lr
 from .pretrain import OnlineProbe
@@ -36,7 +37,7 @@ from .step import apply_gradients, train_step
 # CIFAR-10 channel statistics: the exact values only matter for realism, not speed.
 CIFAR_MEAN, CIFAR_STD = CHANNEL_STATS["cifar10"]
 TEMPERATURE = 0.5
-LOSS = NTXent(TEMPERATURE)  # main.py's default loss
+METHOD = SimCLRMethod(NTXent(TEMPERATURE))  # main.py's default method and loss
 LR, WEIGHT_DECAY = 1e-3, 1e-6  # the original tool's Adam settings, used by both steps
 
 # The targets.
@@ -267,7 +268,7 @@ def make_step(v: Variant, net: torch.nn.Module, optimizer: torch.optim.Optimizer
     def step(i: int) -> None:
         generator.manual_seed(mix_seed(0, i))
         views = two_views(data[(i % n_batches) * batch:((i % n_batches) + 1) * batch], cfg, generator)
-        train_step(net, optimizer, views, loss=LOSS, runtime=runtime)
+        train_step(net, optimizer, views, method=METHOD, runtime=runtime)
         sync(device)
     return step
 
@@ -291,7 +292,7 @@ def bn_stats_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch:
         optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
 
         def run(i: int) -> None:
-            train_step(net, optimizer, views[i % len(views)], loss=LOSS, runtime=runtime)
+            train_step(net, optimizer, views[i % len(views)], method=METHOD, runtime=runtime)
             sync(device)
         return run
 
@@ -355,7 +356,7 @@ def probe_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: in
         optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
 
         def run(i: int) -> None:
-            train_step(net, optimizer, views[i % len(views)], labels, loss=LOSS, runtime=runtime,
+            train_step(net, optimizer, views[i % len(views)], labels, method=METHOD, runtime=runtime,
                        probe=probe if with_probe else None)
             sync(device)
         return run
@@ -428,7 +429,7 @@ def epoch_row(arch: str, batch: int, data: torch.Tensor, cfg: AugmentConfig, dev
 
     def full_step(i: int) -> None:
         set_lr(optimizer, LR)
-        train_step(net, optimizer, batch_views(i), loss=LOSS, runtime=runtime, scaler=scaler)
+        train_step(net, optimizer, batch_views(i), method=METHOD, runtime=runtime, scaler=scaler)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -23,6 +23,7 @@ from torch import nn
 
 from .cli import UserError, first_line
 from .files import atomic_save, refuse_to_replace
+from .methods import attach_modules
 from .flags import TRAIN, TRAIN_DEFAULTS
 from .model import ARCHS, STEMS, SimCLR
 from .names import RUN_SUFFIXES, config_path_for, run_base, run_name  # noqa: F401 (re-exported)
@@ -390,7 +391,12 @@ def model_from_config(saved: dict, source: str, arch: str | None = None, stem: s
     feature_dim, hidden, layers = head_sizes(saved, source)
     # the config says which last layer the head has: a config without `head` (older runs) means the original's
     head = TRAIN["head"].check(saved.get("head", TRAIN_DEFAULTS["head"]), source)
-    return SimCLR(arch, feature_dim, hidden, stem, proj_layers=layers, head=head)
+    # and the modules of the config's method (nnclr: its predictor), so NAME_model.pth loads strictly
+    model = SimCLR(arch, feature_dim, hidden, stem, proj_layers=layers, head=head)
+    try:
+        return attach_modules(model, {**TRAIN_DEFAULTS, **saved, "feature_dim": feature_dim})
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{source} names no method of this project ({first_line(e)[:120]})") from None
 
 
 def describe_model(model: SimCLR, stem: str) -> str:

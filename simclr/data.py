@@ -78,7 +78,7 @@ class ImageSet:
         return int(self.labels.shape[0])
 
 
-@dataclass
+@dataclass(kw_only=True)  # eight fields: built by name, never by position
 class DataBundle:
     name: str                  # 'cifar10' | 'cifar100' | 'stl10' | 'folder'
     train: ImageSet            # images for self-supervised training
@@ -258,7 +258,8 @@ def _load_cifar(name: str, root: str, size: int, download: bool, log: Callable[[
 
     train = to_set(train_ds)
     mean, std = CHANNEL_STATS[name]
-    return DataBundle(name, train, train, to_set(test_ds), list(train_ds.classes), mean, std, size)
+    return DataBundle(name=name, train=train, memory=train, test=to_set(test_ds), classes=list(train_ds.classes),
+                      mean=mean, std=std, image_size=size)
 
 
 def _chw_to_hwc(data: np.ndarray) -> torch.Tensor:
@@ -286,7 +287,8 @@ def _load_stl10(root: str, size: int, download: bool, log: Callable[[str], Any])
                     torch.from_numpy(np.asarray(test_ds.labels, dtype=np.int64).copy()))
     classes = list(getattr(test_ds, 'classes', _STL10_CLASSES))
     mean, std = CHANNEL_STATS['stl10']
-    return DataBundle('stl10', train, memory, test, classes, mean, std, size)
+    return DataBundle(name='stl10', train=train, memory=memory, test=test, classes=classes, mean=mean, std=std,
+                      image_size=size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -755,7 +757,8 @@ def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str
         train, _, mean, std = _folder_split(unlabeled_dir, size, cache_dir, log, unlabeled_dir)
         train = _without_unlabeled_copies(train, log)
         none = ImageSet(torch.zeros((0, size, size, 3), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
-        return DataBundle('folder', train, none, none, [], as3(mean), as3(std), size)
+        return DataBundle(name='folder', train=train, memory=none, test=none, classes=[], mean=as3(mean),
+                          std=as3(std), image_size=size)
     if missing:
         raise DataError(f'{_shown(root)} has no {" or ".join(missing)} folder: expected '
                         f'{_shown(root)}train/<class>/* and {_shown(root)}test/<class>/*'
@@ -775,7 +778,8 @@ def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str
         n_labeled = int((train.labels >= 0).sum())
         memory = ImageSet(train.images[:n_labeled], train.labels[:n_labeled])
     _note_test_copies(train, test, _shown(root), log)
-    return DataBundle('folder', train, memory, test, classes, as3(mean), as3(std), size)
+    return DataBundle(name='folder', train=train, memory=memory, test=test, classes=classes, mean=as3(mean),
+                      std=as3(std), image_size=size)
 
 
 def _pixel_digests(images: torch.Tensor) -> list[bytes]:

@@ -216,9 +216,11 @@ class FineTuning:
         optimizer = build_optimizer(model, "sgd", self.lr, cfg.weight_decay, cfg.momentum, nesterov=cfg.momentum > 0)
         self.aug = AugmentConfig(image_size=bundle.image_size, mean=tuple(mean), std=tuple(std),
                                  min_crop_scale=cfg.min_crop_scale)
-        self.state = RunState(job.prefix, "finetune.py", cfg.epochs, self.batch, World(), runtime, model, optimizer,
-                              runtime.grad_scaler(), schedule, job.paths, CSV_COLUMNS, {}, say,
-                              "try a lower --lr", n_sums=3, log_steps=False, tb_tag="finetune")
+        self.state = RunState(name=job.prefix, script="finetune.py", epochs=cfg.epochs, batch_size=self.batch,
+                              world=World(), runtime=runtime, model=model, optimizer=optimizer,
+                              scaler=runtime.grad_scaler(), schedule=schedule, paths=job.paths,
+                              csv_columns=CSV_COLUMNS, config={}, say=say, nan_advice="try a lower --lr", n_sums=3,
+                              log_steps=False, tb_tag="finetune")
         self.state.config = self.record()
         source = f"untrained {enc.arch} (seed {cfg.seed})" if cfg.untrained else cfg.model_path
         few = (f" (fewer labels than --batch_size {cfg.batch_size}: every label in one batch)"

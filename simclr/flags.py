@@ -31,6 +31,7 @@ SCHEDULES = ("constant", "cosine")
 LR_SCALINGS = ("none", "linear", "sqrt")
 BN_STATS = ("per_view", "joint")
 LOSSES = ("ntxent", "supcon", "dcl")
+TRAIN_METHODS = ("simclr", "nnclr")   # --method (simclr.methods.METHODS)
 HEADS = ("original", "v2")   # the projection head's last layer (simclr.model.projection_head)
 MAX_PROJ_LAYERS = 8
 RECIPE_NAMES = ("seed", "paper", "supcon", "simclrv2")   # the presets of main.py (RECIPES)
@@ -77,6 +78,12 @@ class Flag:
     aliases: tuple[str, ...] = ()      # old names, accepted but not shown in --help
     repeat: bool = False               # may be given several times; the values are collected in a list
     loss: str | None = None            # a setting of this --loss alone (simclr.loss builds it from the flag)
+    method: str | None = None          # a setting of this --method alone (its file in simclr/methods reads it)
+
+    @property
+    def owner(self) -> str | None:
+        """The --method whose setting this is (a loss's settings are simclr's), None for every method's."""
+        return "simclr" if self.loss is not None else self.method
 
     def check(self, value: Any, source: str = "") -> Any:
         """The value if it fits this flag's type and bounds; else a UserError naming flag, value and bound."""
@@ -289,10 +296,18 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("head", "original", "the projection head's last layer: original (Linear with a bias, the original "
          "tool's) or v2 (SimCLRv2's: Linear without a bias, then BatchNorm1d with a scale and no shift); the "
          "hidden layers are the same", str, HEADS, "model and loss", "run"),
+    Flag("method", "simclr", "simclr (SimCLR and its family: the loss of --loss); nnclr (Dwibedi et al. 2021: each "
+         "view's positive is its projection's nearest neighbour in a support queue of earlier projections, "
+         "against a prediction head's output for the other view)", str, TRAIN_METHODS, "model and loss", "run"),
+    Flag("queue_size", 65536, "nnclr: projections in the support queue; 65,536 as solo-learn's CIFAR setting "
+         "(the paper's 98,304 is for ImageNet's batch of 4,096); the neighbours are looked up in its filled slots",
+         int, group="model and loss", role="run", ge=1, le=2 ** 22, method="nnclr"),
+    Flag("pred_hidden_dim", 4096, "nnclr: hidden width of the prediction head on z (Linear, BatchNorm, ReLU, "
+         "Linear), the paper's 4,096", int, group="model and loss", role="run", ge=1, le=65536, method="nnclr"),
     Flag("loss", "ntxent", "ntxent (SimCLR); supcon (supervised contrastive, Khosla et al. 2020: views of the same "
          "label are positives, an unlabeled image's only positive is its other view); dcl (decoupled "
          "contrastive, Yeh et al. 2022: the positive is left out of the denominator)", str, LOSSES,
-         "model and loss", "run"),
+         "model and loss", "run", method="simclr"),
     Flag("dcl_sigma", None, "dcl: weight each positive term as DCLW does, 2 - N softmax(sim / sigma) over the "
          "batch's pairs (a coefficient: no gradient through it); None means plain DCL; from 2^-126 on, the "
          "smallest normal float32, the weight is finite", float, group="model and loss", role="run",
@@ -407,23 +422,33 @@ def default_name(values: dict) -> str:
 def train_values(explicit: dict) -> dict:
     """The defaults, then the recipe's values, then the explicit flags; name and derived values filled in.
 
-    A setting of another loss than the run's is refused when given (a resumed run's loss is the
+    A setting of another method or loss than the run's is refused when given (a resumed run's are the
     checkpoint's: train_resume_values checks it) and dropped when a recipe gave it."""
     recipe = explicit.get("recipe", TRAIN_DEFAULTS["recipe"])
     values = {**TRAIN_DEFAULTS, **RECIPES[recipe], **explicit}
     if explicit.get("resume") is None:
-        check_loss_flags(explicit, values["loss"])
+        check_loss_flags(explicit, values["loss"], values["method"])
     values.update({f.name: f.default for f in TRAIN_FLAGS
-                   if f.loss not in (None, values["loss"]) and f.name not in explicit})
+                   if not belongs(f, values["loss"], values["method"]) and f.name not in explicit})
     return derive(values)
 
 
-def check_loss_flags(explicit: dict, loss: str) -> None:
-    """Refuse an explicit flag that is a setting of another loss than `loss`: it would be stored and never used."""
+def belongs(flag: Flag, loss: str, method: str) -> bool:
+    """Whether flag is read by a run of this method and loss (a loss's settings only by simclr's runs of it)."""
+    return flag.owner in (None, method) and (method != "simclr" or flag.loss in (None, loss))
+
+
+def check_loss_flags(explicit: dict, loss: str, method: str = "simclr") -> None:
+    """Refuse an explicit flag that is a setting of another method or loss than the run's: it would be stored
+    and never used."""
     for flag in TRAIN_FLAGS:
-        if flag.loss not in (None, loss) and flag.name in explicit:
-            raise UserError(f"--{flag.name} is a setting of --loss {flag.loss}, and this run's loss is {loss}; "
-                            f"drop it, or pass --loss {flag.loss}")
+        if flag.name not in explicit or belongs(flag, loss, method):
+            continue
+        if flag.owner != method:
+            raise UserError(f"--{flag.name} is a setting of --method {flag.owner}, and this run's method is "
+                            f"{method}; drop it, or pass --method {flag.owner}")
+        raise UserError(f"--{flag.name} is a setting of --loss {flag.loss}, and this run's loss is {loss}; "
+                        f"drop it, or pass --loss {flag.loss}")
 
 
 def derive(values: dict) -> dict:
@@ -442,7 +467,7 @@ def derive(values: dict) -> dict:
 
 # Run-defining flags added after checkpoints were first written: the value an older checkpoint, which
 # lacks the key, was trained with (not today's default).
-LEGACY_VALUES = dict(bn_stats="joint", loss="ntxent", proj_layers=2, online_probe=False)
+LEGACY_VALUES = dict(bn_stats="joint", loss="ntxent", proj_layers=2, online_probe=False, method="simclr")
 
 
 def resume_values(flags: Iterable[Flag], explicit: dict, saved: dict, source: str,
@@ -472,7 +497,8 @@ def train_resume_values(explicit: dict, saved: dict, source: str) -> tuple[dict,
     """resume_values of main.py: its flags, derived values filled in, older checkpoints' LEGACY_VALUES; a setting
     of another loss than the run's is refused when given (one the checkpoint holds beside another loss, as
     older versions stored it, is kept and never used)."""
-    check_loss_flags(explicit, explicit.get("loss", {**LEGACY_VALUES, **saved}.get("loss")))
+    run = {**LEGACY_VALUES, **saved, **explicit}
+    check_loss_flags(explicit, run.get("loss"), run.get("method"))
     return resume_values(TRAIN_FLAGS, explicit, saved, source, derive, LEGACY_VALUES)
 
 

@@ -38,9 +38,10 @@ AGREE_EVERY = 10
 READ_EVERY_S = 0.5
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunState:
-    """One training run's state: built once by its job, then driven epoch by epoch by run_epochs."""
+    """One training run's state: built once by its job, then driven epoch by epoch by run_epochs (by keyword:
+    fifteen fields in a row are read by name, not by position)."""
     name: str                          # what messages call the run: NAME, or NAME_finetune_TAG
     script: str                        # main.py | finetune.py, for the command that resumes it
     epochs: int

@@ -25,9 +25,9 @@ from .engine import (Runtime, count_macs, make_runtime, mix_seed, resolve_device
 from .files import RunLock, atomic_save_json, check_name_fits, refuse_to_replace, remove_files
 from .flags import TRAIN_FLAGS, TrainConfig, check_name, check_values, train_resume_values, train_values
 from .knn import knn_accuracy, percent, sharded_features
-from .loss import build_loss
 from .loop import RESULT_FILES, EpochResult, RunState, existing, finished, log_row, open_tensorboard, restore
 from .loop import run_epochs
+from .methods import attach_modules, build_method
 from .model import SimCLR
 from .optim import Schedule, build_optimizer, scaled_lr, set_lr
 from .step import train_step
@@ -125,7 +125,8 @@ class Pretraining:
         schedule = Schedule(scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), steps_per_epoch,
                             cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.schedule)
         optimizer = build_optimizer(model, cfg.optimizer, schedule.base_lr, cfg.weight_decay, cfg.momentum)
-        self.loss = build_loss(cfg)  # with its own settings (temperature, dcl_sigma, ...): the step never sees them
+        # its loss with its own settings (temperature, dcl_sigma, ...: the step never sees them) and its state
+        self.method = build_method(cfg, model, self.runtime.device)
         self.net, self.encode = wrap_for_speed(model, self.runtime, world)
         self.train_images, self.bundle = place_images(cfg, self.bundle, self.runtime, say)
         self.train_labels = self.bundle.train.labels.to(self.runtime.device)  # (N,), -1 for unlabeled images
@@ -133,16 +134,21 @@ class Pretraining:
                                  min_crop_scale=cfg.min_crop_scale, jitter_strength=cfg.jitter_strength,
                                  blur=cfg.blur)
         paths = run_paths(cfg)
-        self.state = RunState(cfg.name, "main.py", cfg.epochs, cfg.batch_size, world, self.runtime, model, optimizer,
-                              self.runtime.grad_scaler(), schedule, paths, CSV_COLUMNS, dataclasses.asdict(cfg), say,
-                              NAN_ADVICE)
-        self.state.extra = lambda: {"data": self.data}
+        self.state = RunState(name=cfg.name, script="main.py", epochs=cfg.epochs, batch_size=cfg.batch_size,
+                              world=world, runtime=self.runtime, model=model, optimizer=optimizer,
+                              scaler=self.runtime.grad_scaler(), schedule=schedule, paths=paths,
+                              csv_columns=CSV_COLUMNS, config=dataclasses.asdict(cfg), say=say, nan_advice=NAN_ADVICE,
+                              extra=self.checkpoint_extra)
         self.probe = None
         if cfg.online_probe and self.evaluates and bool((self.bundle.train.labels >= 0).any()):
             self.probe = OnlineProbe(model.feature_width, len(self.bundle.classes), self.runtime.device, world)
-            self.state.extra = lambda: {"data": self.data, "online_probe": self.probe.state_dict()}
         elif cfg.online_probe:
             say("note: no labeled training images, so no online probe (its CSV columns stay empty)")
+
+    def checkpoint_extra(self) -> dict:
+        """The job's own entries of NAME_last.pth: the data's identity, the method's state, the probe's."""
+        extra = {"data": self.data, "method": self.method.state_dict()}
+        return extra if self.probe is None else {**extra, "online_probe": self.probe.state_dict()}
 
     @property
     def evaluates(self) -> bool:
@@ -156,6 +162,7 @@ class Pretraining:
             path = resume_path(cfg) if cfg.resume == "auto" else cfg.resume
             check_same_data(checkpoint, path, self.data, cfg.data_root)
             restore(state, checkpoint, path, f"{cfg.arch} SimCLR model")
+            restore_method(self.method, checkpoint, path, cfg.method)
             if self.probe is not None:
                 self.probe.restore(checkpoint.get("online_probe"), path)
             if finished(state):  # nothing to train: the run's files stay as they are
@@ -198,13 +205,14 @@ class Pretraining:
     # ------------------------------------------------------------------------- one epoch
 
     def train_epoch(self, epoch: int, monitor) -> None:
-        """The SimCLR steps of an epoch from monitor.first: the step's lr, then simclr.step.train_step (views,
-        forward, gathered projections, loss, backward, optimizer step, online probe), then the monitor."""
+        """The steps of an epoch from monitor.first: the step's lr, then simclr.step.train_step (views, forward,
+        gathered projections, the method's loss, backward, optimizer step, its after-step hook, online probe),
+        then the monitor."""
         state = self.state
         for step, views, labels in self.epoch_views(epoch, monitor.first):
             set_lr(state.optimizer, state.schedule.lr(epoch * state.steps_per_epoch + step))
             # views (2b, 3, S, S) = [view 1; view 2]; labels (b,), -1 unlabeled (supcon's positives, the probe's targets)
-            loss = train_step(self.net, state.optimizer, views, labels, loss=self.loss, runtime=self.runtime,
+            loss = train_step(self.net, state.optimizer, views, labels, method=self.method, runtime=self.runtime,
                               scaler=state.scaler, probe=self.probe)
             if monitor.update(step, loss):
                 break
@@ -355,6 +363,19 @@ class OnlineProbe:
                             f"the file is damaged") from None
 
 
+def restore_method(method, checkpoint: dict, path: str, name: str) -> None:
+    """Put back the method's state from NAME_last.pth; a checkpoint without it is from before methods had
+    state, so a simclr run (which has none)."""
+    saved = checkpoint.get("method", {} if name == "simclr" else None)
+    try:
+        if not isinstance(saved, dict):
+            raise ValueError("no method entry")
+        method.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"--resume {path}: its state of --method {name} does not fit this run ({first_line(e)[:120]}); "
+                        f"the file is damaged") from None
+
+
 # ----------------------------------------------------------------------------- the data a run was trained on
 
 def data_identity(bundle: DataBundle) -> dict:
@@ -429,8 +450,8 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
 
 def build_model(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> tuple[SimCLR, int, int]:
     """The SimCLR model on the run's device, with its size printed; returns (model, parameters, MACs)."""
-    model = SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint, cfg.bn_stats,
-                   cfg.proj_layers, cfg.head)
+    model = attach_modules(SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint,
+                                  cfg.bn_stats, cfg.proj_layers, cfg.head), cfg)  # and the method's (nnclr: predictor)
     params, macs, counted = count_macs(model, bundle.image_size)
     widths = [model.feature_width] + [cfg.proj_hidden_dim] * (cfg.proj_layers - 1) + [cfg.feature_dim]
     last = " (SimCLRv2's last layer)" if cfg.head == "v2" else ""
@@ -443,7 +464,10 @@ def wrap_for_speed(model: SimCLR, runtime: Runtime, world: World):
     """(what trains, what encodes): DDP with global BatchNorm under torchrun, then torch.compile if asked."""
     net = model
     if world.distributed:
-        convert_batchnorm(model, runtime.device)  # in place: the optimizer keeps the same parameters
+        # in place (the optimizer keeps the same parameters); the encoder's and head's only: a method's
+        # modules (nnclr's predictor) run on the gathered batch, whose statistics are global already
+        for part in (model.f, model.g):
+            convert_batchnorm(part, runtime.device)
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     return runtime.maybe_compile(net), runtime.maybe_compile(model.encode)

@@ -1,5 +1,5 @@
-"""One SimCLR training step, read top to bottom in the order it runs: main.py's job calls it for every
-batch, bench.py times it.
+"""One training step of a method (SimCLR, NNCLR), read top to bottom in the order it runs: main.py's job
+calls it for every batch, bench.py times it.
 
 Below it, the backward pass and optimizer step it shares with finetune.py's step.
 """
@@ -9,23 +9,24 @@ import torch
 
 from .distributed import gather_views
 from .engine import Runtime
-from .loss import Loss
 
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, views: torch.Tensor,
-               labels: torch.Tensor | None = None, *, loss: Loss, runtime: Runtime,
+               labels: torch.Tensor | None = None, *, method, runtime: Runtime,
                scaler: torch.amp.GradScaler | None = None, probe=None) -> torch.Tensor:
     """One step on views (2b, 3, S, S) = [view 1; view 2] of b images with labels (b,) (-1: unlabeled; None: none).
 
-    loss: a simclr.loss object (it holds its own settings); probe: the online probe (None: none), which
-    trains on the step's encoder features after the encoder's step. Returns the detached loss, left on
-    the device (no sync): what the monitor records.
+    method: a simclr.methods object (it holds its loss with its settings, its modules and its state);
+    probe: the online probe (None: none), which trains on the step's encoder features after the
+    encoder's step. Returns the detached loss, left on the device (no sync): what the monitor records.
     """
     with runtime.autocast():                                  # the network in the run's precision and memory format
         h, z = net(runtime.prepare(views))                    # one pass over both views: h (2b, width), z (2b, d)
     z, batch_labels, anchors = gather_views(z, labels)        # under torchrun every process's views: z (2bW, d)
-    value = loss(z, batch_labels, anchors)                    # fp32, the mean over this process's own views
+    # simclr: its --loss on z; nnclr: the predictions of z against z's nearest neighbours in its queue
+    value = method.loss(z, batch_labels, anchors)             # fp32, the mean over this process's own views
     apply_gradients(value, optimizer, scaler)                 # backward (fp16: through the scaler), optimizer step
+    method.after_step(z.detach())                             # nnclr: its queue takes view 1's projections
     if probe is not None:
         probe.step(h.detach(), labels)                        # detached: nothing flows back into the encoder
     return value.detach()

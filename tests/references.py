@@ -100,6 +100,35 @@ def naive_dcl(z1: torch.Tensor, z2: torch.Tensor, temperature: float, sigma: flo
 
 # ----------------------------------------------------------------------------- augmentation
 
+def naive_nnclr(z1: torch.Tensor, z2: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, support: list,
+                temperature: float) -> torch.Tensor:
+    """Reference for NNCLR's loss (Dwibedi et al. 2021, Eq. 2 made symmetric as its Algorithm 1): z1, z2 the
+    projections and p1, p2 the predictions (N, d) of two views of N images; support the queue's filled rows.
+
+    For each view-1 image i: its neighbour q = the support row of the largest cosine with z1_i, found by a
+    loop over every row (z1_i itself when the support is empty), detached; l_i = -log( exp(cos(q, p2_i) / t)
+    / sum_j exp(cos(q, p2_j) / t) ); the same from view 2 against p1; the mean over all 2N terms.
+    Float64 and differentiable in p1, p2 (nothing flows through a neighbour).
+    """
+    def neighbour(z: torch.Tensor) -> torch.Tensor:
+        if not support:
+            return z.detach()
+        best, chosen = -math.inf, None
+        for row in support:
+            similarity = _cosine(z.detach(), row).item()
+            if similarity > best:
+                best, chosen = similarity, row
+        return chosen.detach()
+
+    terms = []
+    for z, p_other in ((z1, p2), (z2, p1)):
+        for i in range(len(z)):
+            q = neighbour(z[i])
+            scores = torch.stack([_cosine(q, p_other[j]) / temperature for j in range(len(p_other))])
+            terms.append(-(scores[i] - torch.log(torch.exp(scores).sum())))
+    return torch.stack(terms).mean()
+
+
 def pil_simclr_transform(image_size: int, mean, std) -> T.Compose:
     """Reference for the SimCLR augmentation on one PIL image -> (3, S, S) float32, normalised.
 

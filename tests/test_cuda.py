@@ -8,6 +8,7 @@ from simclr.model import SimCLR, nt_xent
 from simclr.optim import build_optimizer
 from simclr.engine import Runtime
 from simclr.loss import NTXent
+from simclr.methods.simclr import SimCLRMethod
 from simclr.step import train_step
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -25,14 +26,15 @@ def test_training_step_never_waits_for_the_gpu(bn_stats):
     generator = torch.Generator(device=device)
     loss_sum = torch.zeros((), device=device)
     for warm in range(2):  # cuDNN and allocator warm-up may sync; the steady state must not
-        train_step(model, optimizer, two_views(images[perm[:64]], CFG, generator), loss=NTXent(0.5), runtime=runtime)
+        train_step(model, optimizer, two_views(images[perm[:64]], CFG, generator), method=SimCLRMethod(NTXent(0.5)),
+                   runtime=runtime)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(3):
             generator.manual_seed(step)
             views = two_views(images[perm[step * 64:(step + 1) * 64]], CFG, generator)
-            loss_sum += train_step(model, optimizer, views, loss=NTXent(0.5), runtime=runtime)
+            loss_sum += train_step(model, optimizer, views, method=SimCLRMethod(NTXent(0.5)), runtime=runtime)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss_sum).item()

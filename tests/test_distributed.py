@@ -16,6 +16,8 @@ from simclr.distributed import GlobalBatchNorm, World, convert_batchnorm, gather
 from simclr.engine import Runtime
 from simclr.loss import DCL, NTXent, SupCon
 from simclr.model import SimCLR, nt_xent
+from simclr.methods.nnclr import NNCLR, predictor
+from simclr.methods.simclr import SimCLRMethod
 from simclr.step import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,14 +54,35 @@ def local_share(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 def single_process_step(bn_stats: str = "joint", head: str = "original"):
     views, model = views_and_model(bn_stats, head)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loss = train_step(model, opt, views, loss=NTXent(0.5), runtime=Runtime(torch.device("cpu")))
+    loss = train_step(model, opt, views, method=SimCLRMethod(NTXent(0.5)), runtime=Runtime(torch.device("cpu")))
     return loss.item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # what the two gloo ranks compute, all in one start of two processes: a DDP training step with either BatchNorm
 # mode (and SimCLRv2's head, whose last BatchNorm has no shift), and the gathered loss's gradient for NT-Xent,
 # positive ids (supcon) and DCLW
-MODES = ("step:joint", "step:per_view", "step:per_view:v2", "grad", "ids", "dcl")
+MODES = ("step:joint", "step:per_view", "step:per_view:v2", "grad", "ids", "dcl", "nnclr")
+
+
+def nnclr_setup():
+    """The views, a model with NNCLR's predictor and an NNCLR method whose queue holds 5 of its 12 rows."""
+    views, model = views_and_model()
+    torch.manual_seed(2)
+    model.add_module("predictor", predictor(16, 24).double())
+    method = NNCLR(model.predictor, 0.5, 12, 16, torch.device("cpu"))
+    method.after_step(torch.randn(10, 16, generator=torch.Generator().manual_seed(3)))
+    return views, model, method
+
+
+def nnclr_result(loss: torch.Tensor, model: torch.nn.Module, method: NNCLR) -> dict:
+    return {"loss": loss.item(), "state": model.state_dict(), "queue": method.queue.clone(), "filled": method.filled}
+
+
+def single_process_nnclr_step() -> dict:
+    views, model, method = nnclr_setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss = train_step(model, opt, views, method=method, runtime=Runtime(torch.device("cpu")))
+    return nnclr_result(loss, model, method)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str):
@@ -72,12 +95,22 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
 
 
 def _rank_result(rank: int, world: int, mode: str) -> dict:
+    if mode == "nnclr":  # as main.py's job: global BatchNorm in the encoder and head, the predictor on the gathered z
+        views, model, method = nnclr_setup()
+        for part in (model.f, model.g):
+            convert_batchnorm(part, torch.device("cpu"))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        loss = train_step(ddp, opt, local_share(views, rank, world), method=method,
+                          runtime=Runtime(torch.device("cpu")))
+        return nnclr_result(loss, model, method)
     if mode.startswith("step:"):
         views, model = views_and_model(*mode.split(":")[1:])
         model = convert_batchnorm(model, torch.device("cpu"))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        loss = train_step(ddp, opt, local_share(views, rank, world), loss=NTXent(0.5), runtime=Runtime(torch.device("cpu")))
+        loss = train_step(ddp, opt, local_share(views, rank, world), method=SimCLRMethod(NTXent(0.5)),
+                          runtime=Runtime(torch.device("cpu")))
         return {"loss": loss.item(), "state": model.state_dict()}
     # the gradient of the gathered loss with respect to this rank's projections
     z = torch.randn(2 * B, 8, generator=torch.Generator().manual_seed(5))
@@ -151,6 +184,21 @@ def test_gathered_decoupled_loss_gives_the_single_process_loss_and_gradient(two_
     assert sum(r["loss"] for r in results) / 2 == pytest.approx(loss.item(), abs=1e-6)
     for rank, r in enumerate(results):
         assert torch.allclose(r["grad"], 2 * local_share(z.grad, rank, 2), atol=1e-6)
+
+
+def test_two_ranks_equal_one_process_nnclr_step_and_fill_the_same_queue(two_ranks):
+    # the queue of each rank takes view 1 of both ranks' images, in rank order, as one process with the whole batch
+    expected = single_process_nnclr_step()
+    results = two_ranks["nnclr"]
+    assert sum(r["loss"] for r in results) / 2 == pytest.approx(expected["loss"], abs=1e-6)
+    for r in results:
+        assert r["filled"] == expected["filled"] == 12
+        assert torch.allclose(r["queue"], expected["queue"], atol=1e-6)
+        for key, value in expected["state"].items():
+            if value.dtype.is_floating_point:
+                assert torch.allclose(r["state"][key], value, atol=1e-9, rtol=1e-7), key
+            else:
+                assert torch.equal(r["state"][key], value), key
 
 
 @pytest.mark.long

@@ -12,6 +12,7 @@ from simclr.augment import AugmentConfig, two_views
 from simclr.engine import Runtime
 from simclr.loss import DCL, NTXent, SupCon
 from simclr.model import SimCLR, nt_xent
+from simclr.methods.simclr import SimCLRMethod
 from simclr.step import train_step
 
 CFG = AugmentConfig(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -88,7 +89,7 @@ def test_the_step_is_one_step_by_hand(name):
     by_hand = SimCLR("tiny", feature_dim=16, proj_hidden_dim=32).double()
     by_hand.load_state_dict(net.state_dict())
     start = {key: tensor.clone() for key, tensor in net.state_dict().items()}
-    value = train_step(net, torch.optim.Adam(net.parameters(), lr=1e-3), views, labels, loss=loss,
+    value = train_step(net, torch.optim.Adam(net.parameters(), lr=1e-3), views, labels, method=SimCLRMethod(loss),
                        runtime=Runtime(torch.device("cpu"), "fp32", False))
 
     _, z1 = by_hand(views[:6])
@@ -125,7 +126,8 @@ def test_steps_on_fixed_views_decrease_the_loss(backend):
     naive_opt = torch.optim.Adam(naive_net.parameters(), lr=1e-3)
     fast, naive = [], []
     for _ in range(6):
-        fast.append(train_step(fast_net, fast_opt, torch.cat([v1, v2]), loss=NTXent(0.5), runtime=runtime).item())
+        fast.append(train_step(fast_net, fast_opt, torch.cat([v1, v2]), method=SimCLRMethod(NTXent(0.5)),
+                               runtime=runtime).item())
         naive.append(naive_step(naive_net, naive_opt, v1, v2, 0.5).item())
     for losses in (fast, naive):
         assert all(math.isfinite(x) for x in losses)

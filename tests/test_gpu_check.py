@@ -41,7 +41,7 @@ def test_dry_run_writes_all_the_evidence(tmp_path):
     assert bench["device"] == "cpu" and bench["quick"] is True and bench["targets"] == summary["bench_targets"]
     assert "BENCH_JSON" in log and "unpacked 54 images" in log  # at most 12 per class and split: 12 + 6, 3 classes
     assert "(main.py exit 0)" in log and "== the other BatchNorm mode" in log  # both runs of main.py ended well
-    for name in ("supcon", "dclw", "v2head"):  # each variant of the family trained and was evaluated
+    for name in ("supcon", "dclw", "v2head", "nnclr"):  # each variant of the family trained and was evaluated
         assert summary[f"family_{name}"]["epochs"] >= 1 and summary[f"family_{name}"]["knn_top1"] > 33, summary
     for command in ("-m pytest", "bench.py --device cpu --quick --arch tiny", "linear.py --model_path"):
         assert exit_codes(log, f"{sys.executable} {command}") == [0], command

@@ -265,3 +265,9 @@ def test_a_three_layer_head_of_either_kind_resumes_and_loads_as_its_config_says(
     saved = torch.load(tmp_path / "h_model.pth", weights_only=True)
     assert model.state_dict().keys() == saved.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_run_state_is_built_by_keyword_only():
+    # fifteen fields in a row: a positional call would put a value into the wrong field without a word
+    with pytest.raises(TypeError):
+        loop.RunState("name", "main.py")
