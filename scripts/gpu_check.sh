@@ -2,11 +2,13 @@
 # One prepared check of the CUDA path, for a GPU machine with a preinstalled PyTorch and no package
 # index. Installs nothing from the internet; writes every piece of evidence into --out (8 files at most):
 #   gpu_check.log   every command's output, in order
-#   bench.json      python bench.py --device cuda (epoch times, TFLOP/s, memory, kNN seconds)
+#   bench.json      python bench.py --device cuda (matmul rates, the step's breakdown, epoch times, TFLOP/s and
+#                   MFU of resnet18 and resnet50 at batch 512 and 1024 with the data pipeline's share, memory, kNN)
 #   run_statistics.csv, run_curves.png     the real run (ResNet-18 on the real CIFAR-10 images)
 #   run_linear_statistics.csv              linear.py on the run's best weights
 #   compare_statistics.csv                 the same minutes with the other --bn_stats mode (if it exists)
-#   summary.json    card, torch, s/epoch, images/s, TFLOP/s, % of bf16 peak, peak memory, kNN and linear top-1,
+#   summary.json    card, torch, s/epoch, images/s, TFLOP/s, % of bf16 peak, bench's MFU rows and breakdown,
+#                   peak memory, kNN and linear top-1,
 #                   and the kNN top-1 of a short run of --loss supcon, --loss dcl --dcl_sigma 0.5, --proj_layers 3,
 #                   --method nnclr
 #
@@ -145,6 +147,16 @@ try:
     bench = json.load(open(os.path.join(out, "bench.json")))
     summary["bench_targets"] = bench.get("targets")
     summary["bench_epochs"] = bench.get("epochs", {}).get("rows")
+    # MFU per arch and batch (against the datasheet and the matmul rate bench measured) beside the data share
+    summary["bench_mfu"] = [{k: r.get(k) for k in ("arch", "batch_size", "precision", "tflops", "mfu_datasheet_percent",
+                                                    "mfu_measured_percent", "data_share")}
+                            for r in summary["bench_epochs"] or []]
+    summary["bench_rates"] = [{k: r.get(k) for k in ("kernel", "precision", "best_gflops", "datasheet_tflops")}
+                              for r in bench.get("rates", {}).get("rows", [])]
+    breakdown = bench.get("breakdown") or {}
+    summary["bench_breakdown"] = {k: breakdown.get(k) for k in ("arch", "batch_size", "end_to_end_percent_of_rate",
+                                                                 "model_percent_of_rate", "pipeline_overhead")}
+    summary["bench_breakdown"]["shares"] = {k: v["share"] for k, v in breakdown.get("parts", {}).items()}
 except (OSError, ValueError) as e:
     summary["bench_error"] = str(e)
 try:

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import multiprocessing
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,7 +32,10 @@ from .loss import NTXent
 from .methods.simclr import SimCLRMethod
 from .model import SimCLR, per_view_batchnorm
 from .optim import build_optimizer, set_lr
+from .loss import nt_xent
 from .pretrain import OnlineProbe
+from .rates import (DenseKernel, burst_rates, burst_seconds, calls_per_burst, cpu_kind, datasheet_tflops, gflops,
+                    machine_kernels, measure_rates, percent, rate_row, reference_kernel, step_flops, sync)
 from .step import apply_gradients, train_step
 
 # CIFAR-10 channel statistics: the exact values only matter for realism, not speed.
@@ -47,6 +51,8 @@ TARGET_EPOCH_SECONDS = {("resnet50", 1024): 3.0, ("resnet18", 1024): 1.5}
 TARGET_DATA_SHARE = 0.05
 TARGET_PER_VIEW_OVERHEAD = 1.05  # --bn_stats per_view step time / joint step time
 TARGET_PROBE_OVERHEAD = 1.02  # step with the online probe / step without
+TARGET_PIPELINE_OVERHEAD = 0.05  # main.py's step / the model's own forward + backward, minus 1
+TARGET_RATE_PERCENT = 65.0  # main.py's step in GFLOP/s, percent of the machine's conv rate (GPU: matmul rate)
 
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 
@@ -222,9 +228,11 @@ def project_variants(device: torch.device, precisions: tuple[str, ...] = ("fp32"
 
 
 def train_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: int, device: torch.device,
-                  warmup: int, steps: int, variants_on: bool = True,
-                  precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
-    """Pairs per second of the naive step and the project's step(s), interleaved, each with its data work."""
+                  warmup: int, steps: int, variants_on: bool = True, precisions: tuple[str, ...] = ("fp32", "bf16"),
+                  references: dict[str, RateProbe] | None = None) -> dict:
+    """Pairs per second of the naive step and the project's step(s), interleaved, each with its data work; with
+    `references` (precision -> RateProbe), a burst of each in the rotation, and each step's GFLOP/s as a percent
+    of the rate in its precision."""
     torch.manual_seed(0)
     base = default_model(arch)
     variants = [Variant("naive", naive=True), *(project_variants(device, precisions) if variants_on
@@ -241,16 +249,25 @@ def train_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: in
             net = net.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
         runs[v.name] = make_step(v, net, optimizer, data, cfg, transform, batch, n_batches, device)
+    references = references or {}
+    runs.update({f"rate {p}": probe for p, probe in references.items()})
     times = interleaved(runs, warmup, steps)
-    rows = {v.name: {"precision": v.precision, "channels_last": v.channels_last,
-                     "seconds_per_step": median(times[v.name]),
-                     "pairs_per_s": batch / median(times[v.name])} for v in variants}
+    flops = step_flops(count_macs(base, cfg.image_size)[1], batch)
+    rates = {p: probe.record(warmup) for p, probe in references.items()}
+    rows = {}
+    for v in variants:
+        seconds = median(times[v.name])
+        rate = rates.get(v.precision)
+        rows[v.name] = {"precision": v.precision, "channels_last": v.channels_last, "seconds_per_step": seconds,
+                        "pairs_per_s": batch / seconds, "gflops": gflops(flops, seconds),
+                        "percent_of_rate": percent(gflops(flops, seconds), rate["median_gflops"]) if rate else None}
     project_names = [v.name for v in variants if not v.naive]
     fastest = max(project_names, key=lambda name: rows[name]["pairs_per_s"])
     return {"arch": arch, "batch_size": batch, "image_size": cfg.image_size, "steps": steps,
             "variants": rows, "project_pairs_per_s": rows["project"]["pairs_per_s"],
             "naive_pairs_per_s": rows["naive"]["pairs_per_s"],
-            "ratio": rows["project"]["pairs_per_s"] / rows["naive"]["pairs_per_s"], "fastest_project_variant": fastest}
+            "ratio": rows["project"]["pairs_per_s"] / rows["naive"]["pairs_per_s"], "fastest_project_variant": fastest,
+            "step_gflop": flops / 1e9, "rates": rates}
 
 
 def make_step(v: Variant, net: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor,
@@ -377,6 +394,206 @@ def report_probe(pr: dict) -> list[str]:
             f"{verdict(pr['paired_ratio'] <= TARGET_PROBE_OVERHEAD)}"]
 
 
+# ----------------------------------------------------------------------------- the machine's dense rates
+
+def rates_section(device: torch.device, quick: bool) -> dict:
+    """The machine's dense rates (simclr.rates): CPU conv and matmul in fp32 and bf16, GPU matmul in bf16,
+    fp16 and tf32 beside the datasheet; best and median of bursts, the kernels interleaved."""
+    kernels = machine_kernels(device, ("fp32", "bf16"), quick)
+    burst = burst_seconds(quick)
+    rows = measure_rates(kernels, device, bursts=3 if quick else 7, burst_seconds=burst)
+    name = device_name(device)
+    for row in rows:
+        row["datasheet_tflops"] = datasheet_tflops(name, row["precision"])
+    return {"device_name": name, "burst_seconds": burst, "rows": rows}
+
+
+def report_rates(section: dict) -> None:
+    """Print the machine's rates table."""
+    rows = []
+    for r in section["rows"]:
+        sheet = f", datasheet {fmt(r['datasheet_tflops'] * 1e3, 0)}" if r["datasheet_tflops"] else ""
+        rows.append((f"{r['kernel']} {r['precision']}", r["best_gflops"],
+                     f"GFLOP/s best of {r['bursts']} bursts (median {fmt(r['median_gflops'], 1)}{sheet})"))
+    print_table(f"dense rates of {section['device_name']} (bursts of {section['burst_seconds']:g} s, interleaved)", rows)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's kind (model name, native bf16 or not, cores)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_kind()
+
+
+class RateProbe:
+    """A reference kernel timed in the rotation of a section: one burst per call, its GFLOP/s kept."""
+
+    def __init__(self, kernel: DenseKernel, device: torch.device, burst_seconds: float):
+        self.kernel, self.device = kernel, device
+        self.calls = calls_per_burst(kernel, burst_seconds, device)
+        self.rates: list[float] = []
+
+    def __call__(self, i: int) -> None:
+        self.rates += burst_rates(self.kernel, self.calls, 1, self.device)
+
+    def record(self, warmup: int) -> dict:
+        """Best and median GFLOP/s of the bursts after the first `warmup` ones."""
+        return rate_row(self.kernel, self.rates[warmup:] or self.rates, self.calls)
+
+
+# ----------------------------------------------------------------------------- where the time of a step goes
+
+# The parts of main.py's step, each timed alone on fixed tensors; "what is left" is the end-to-end step minus them.
+PARTS = ("data movement", "augmentation", "model forward+backward", "loss", "optimizer step", "online probe")
+
+
+def breakdown_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: int, device: torch.device,
+                      warmup: int, steps: int, reference: RateProbe, num_classes: int = 10) -> dict:
+    """Seconds of main.py's step end to end and of each of its PARTS alone, plus the model's forward + backward
+    with the other --bn_stats mode, interleaved in alternating order with a burst of the reference rate.
+
+    Each round's "what is left" is its end-to-end time minus its parts; every figure is the median over rounds."""
+    torch.manual_seed(0)
+    runtime = make_runtime(device, "auto", True)
+    joint = default_model(arch).to(device).to(memory_format=torch.channels_last)
+    models = {"joint": joint, "per_view": per_view_batchnorm(copy.deepcopy(joint))}
+    default_bn = TRAIN_DEFAULTS["bn_stats"]
+    other_bn = next(mode for mode in models if mode != default_bn)
+    data = images.to(device)
+    n_batches = max(1, data.shape[0] // batch)
+    order = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(0)).to(device)
+    labels = torch.randint(0, num_classes, (data.shape[0],), generator=torch.Generator().manual_seed(1)).to(device)
+    generator = torch.Generator(device=device)
+    indices = lambda i: order[(i % n_batches) * batch:((i % n_batches) + 1) * batch]  # noqa: E731
+    # the fixed tensors the parts run on: one batch's views (as the network gets them), z and h of one forward
+    views = two_views(data[indices(0)], cfg, generator.manual_seed(0))                  # (2b, 3, S, S)
+    net_views = runtime.prepare(views)
+    with torch.no_grad(), runtime.autocast():
+        h, z = copy.deepcopy(models[default_bn])(net_views)                              # (2b, width), (2b, d)
+    grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(2)).to(device, z.dtype)
+    z_leaf = z.detach().requires_grad_()
+
+    def main_step() -> Callable[[int], None]:
+        """main.py's step: lr, the batch's images, two views, train_step, the probe, the monitor's sums."""
+        net = copy.deepcopy(models[default_bn])
+        optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
+        probe = OnlineProbe(net.feature_width, num_classes, device, World())
+        sums, first_bad = torch.zeros(1, device=device), torch.tensor(-1, device=device)
+
+        def run(i: int) -> None:
+            set_lr(optimizer, LR)
+            idx = indices(i)
+            generator.manual_seed(mix_seed(0, i))
+            batch_views = two_views(data[idx].to(device, non_blocking=True), cfg, generator)
+            loss = train_step(net, optimizer, batch_views, labels[idx], method=METHOD, runtime=runtime, probe=probe)
+            sums.add_(loss.reshape(1))  # the monitor's bookkeeping on the device (no sync)
+            first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad))
+            sync(device)
+        return run
+
+    def forward_backward(mode: str) -> Callable[[int], None]:
+        """The network alone: forward of the fixed views, backward of a fixed gradient of z."""
+        net = copy.deepcopy(models[mode])
+
+        def run(i: int) -> None:
+            net.zero_grad(set_to_none=True)
+            with runtime.autocast():
+                _, out = net(net_views)
+            out.backward(grad_z)
+            sync(device)
+        return run
+
+    def loss_part(i: int) -> None:
+        z_leaf.grad = None
+        nt_xent(z_leaf, TEMPERATURE).backward()
+        sync(device)
+
+    stepped = copy.deepcopy(models[default_bn])
+    for p in stepped.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer = build_optimizer(stepped, "adam", LR, WEIGHT_DECAY)
+    probe = OnlineProbe(stepped.feature_width, num_classes, device, World())
+    fixed_h, fixed_labels = h.detach(), labels[indices(0)]
+
+    def optimizer_part(i: int) -> None:
+        optimizer.step()
+        sync(device)
+
+    def probe_part(i: int) -> None:
+        probe.step(fixed_h, fixed_labels)
+        sync(device)
+
+    def data_part(i: int) -> None:
+        runtime.prepare(views)  # the channels-last copy train_step makes of its views
+        data[indices(i)].to(device, non_blocking=True)
+        sync(device)
+
+    def augment_part(i: int) -> None:
+        two_views(data[indices(i)], cfg, generator.manual_seed(mix_seed(0, i)))
+        sync(device)
+
+    runs = {"end to end": main_step(), "data movement": data_part, "augmentation": augment_part,
+            "model forward+backward": forward_backward(default_bn), "loss": loss_part,
+            "optimizer step": optimizer_part, "online probe": probe_part,
+            f"model forward+backward, --bn_stats {other_bn}": forward_backward(other_bn), "rate": reference}
+    times = interleaved_times(runs, warmup, steps)
+    return breakdown_figures(times, arch=arch, batch=batch, image_size=cfg.image_size, precision=runtime.precision,
+                             default_bn=default_bn, other_bn=other_bn, macs=count_macs(joint, cfg.image_size)[1],
+                             reference=reference.record(warmup))
+
+
+def breakdown_figures(times: dict[str, list[float]], *, arch: str, batch: int, image_size: int, precision: str,
+                      default_bn: str, other_bn: str, macs: int, reference: dict) -> dict:
+    """The breakdown's record from each round's seconds: per part the median seconds and median share of the
+    end-to-end step; what is left; the step's and the model's GFLOP/s and percent of the reference rate."""
+    rounds = len(times["end to end"])
+    total = times["end to end"]
+    left = [total[r] - sum(times[part][r] for part in PARTS) for r in range(rounds)]
+    other = times[f"model forward+backward, --bn_stats {other_bn}"]
+    model = times["model forward+backward"]
+    parts = {name: {"seconds": median(times[name]), "share": median([t / e for t, e in zip(times[name], total)])}
+             for name in PARTS}
+    parts["what is left"] = {"seconds": median(left), "share": median([t / e for t, e in zip(left, total)])}
+    flops = step_flops(macs, batch)
+    rate = reference["median_gflops"]
+    step_rate, model_rate = gflops(flops, median(total)), gflops(flops, median(model))
+    return {"arch": arch, "batch_size": batch, "image_size": image_size, "precision": precision, "rounds": rounds,
+            "macs_per_image": macs, "step_gflop": flops / 1e9, "reference": reference,
+            "end_to_end_seconds": median(total), "parts": parts,
+            "bn_stats": {"default": default_bn, "other": other_bn, "other_seconds": median(other),
+                         "default_minus_other_seconds": median([m - o for m, o in zip(model, other)])},
+            "pipeline_overhead": median([e / m for e, m in zip(total, model)]) - 1,
+            "end_to_end_gflops": step_rate, "model_gflops": model_rate,
+            "end_to_end_percent_of_rate": percent(step_rate, rate), "model_percent_of_rate": percent(model_rate, rate),
+            "end_to_end_percent_of_best_rate": percent(step_rate, reference["best_gflops"])}
+
+
+def report_breakdown(bd: dict) -> list[str]:
+    """Print where the time of a step goes; returns target lines."""
+    ref, bn = bd["reference"], bd["bn_stats"]
+    rows = [("end to end (main.py's step)", 1e3 * bd["end_to_end_seconds"],
+             f"ms  100.0%  {bd['end_to_end_gflops']:.1f} GFLOP/s = {fmt(bd['end_to_end_percent_of_rate'], 1)}% of the "
+             f"rate ({fmt(bd['end_to_end_percent_of_best_rate'], 1)}% of its best burst)")]
+    for name, part in bd["parts"].items():
+        share = f"ms  {100 * part['share']:5.1f}%"
+        if name != "model forward+backward":
+            rows.append((f"  {name}", 1e3 * part["seconds"], share))
+            continue
+        rows += [(f"  {name}", 1e3 * part["seconds"],
+                  f"{share}  {bd['model_gflops']:.1f} GFLOP/s = {fmt(bd['model_percent_of_rate'], 1)}% of the rate"),
+                 (f"    of which --bn_stats {bn['default']} over {bn['other']}", 1e3 * bn["default_minus_other_seconds"],
+                  f"ms (--bn_stats {bn['other']}: {1e3 * bn['other_seconds']:.1f} ms)")]
+    rows.append(("pipeline around the model", 100 * bd["pipeline_overhead"],
+                 "% over the model's forward+backward (median of each round's ratio)"))
+    print_table(f"where the time goes ({bd['arch']}, batch {bd['batch_size']}, {bd['image_size']}px, {bd['precision']}, "
+                f"{bd['step_gflop']:.1f} GFLOP a step, median of {bd['rounds']} rounds; rate: {ref['kernel']} "
+                f"{ref['precision']}, median {ref['median_gflops']:.1f}, best {ref['best_gflops']:.1f} GFLOP/s "
+                f"in the same rounds)", rows)
+    overhead, share = 100 * bd["pipeline_overhead"], bd["end_to_end_percent_of_rate"]
+    return [f"pipeline around the model <= {100 * TARGET_PIPELINE_OVERHEAD:g}% of its forward+backward "
+            f"({bd['arch']}, batch {bd['batch_size']}): {overhead:.1f}%, {verdict(overhead <= 100 * TARGET_PIPELINE_OVERHEAD)}",
+            f"end to end >= {TARGET_RATE_PERCENT:g}% of the {ref['precision']} {ref['kernel'].split()[0]} rate: "
+            f"{fmt(share, 1)}%, {verdict(share is not None and share >= TARGET_RATE_PERCENT)}"]
+
+
 # ----------------------------------------------------------------------------- GPU epoch section
 
 class StepTimer:
@@ -409,7 +626,8 @@ class StepTimer:
 
 def epoch_row(arch: str, batch: int, data: torch.Tensor, cfg: AugmentConfig, device: torch.device, warmup: int,
               steps: int, compile_net: bool, macs: int, peak: float | None) -> dict:
-    """One (arch, batch) configuration of main.py's loop: epoch seconds, TFLOP/s, memory, data share."""
+    """One (arch, batch) configuration of main.py's loop: epoch seconds, TFLOP/s, memory, data share (the
+    augmentation's seconds, timed alone, over the step's)."""
     torch.manual_seed(0)
     model = default_model(arch, bn_stats=TRAIN_DEFAULTS["bn_stats"])
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -441,8 +659,7 @@ def epoch_row(arch: str, batch: int, data: torch.Tensor, cfg: AugmentConfig, dev
     for i in range(warmup, warmup + steps):
         aug_timer.time(lambda: batch_views(i))
     step_s, aug_s = median(step_timer.seconds()), median(aug_timer.seconds())
-    # forward + backward ~ 3 forwards, 1 MAC = 2 FLOPs, 2B views per step
-    tflops = 3 * 2 * macs * 2 * batch / step_s / 1e12
+    tflops = gflops(step_flops(macs, batch), step_s) / 1e3
     row = {"arch": arch, "batch_size": batch, "precision": runtime.precision, "compiled": compile_net,
            "step_seconds": step_s, "epoch_seconds": step_s * steps_per_epoch, "steps_per_epoch": steps_per_epoch,
            "tflops": tflops, "peak_percent": 100 * tflops / peak if peak else None,
@@ -470,20 +687,17 @@ def knn_seconds(arch: str, bank: torch.Tensor, test: torch.Tensor, device: torch
     return time.perf_counter() - t0
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (no-op on a CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def epoch_section(device: torch.device, archs: tuple[str, ...], batches: tuple[int, ...], n_train: int, n_test: int,
-                  warmup: int, steps: int, compile_net: bool = False, eval_batch: int = 1024) -> dict:
-    """main.py's loop on device-resident uint8 data: per (arch, batch) epoch time, TFLOP/s, memory; kNN per arch."""
+                  warmup: int, steps: int, compile_net: bool = False, eval_batch: int = 1024,
+                  measured: dict[str, float] | None = None) -> dict:
+    """main.py's loop on device-resident uint8 data: per (arch, batch) epoch time, TFLOP/s, MFU (against the
+    datasheet peak and against `measured`, precision -> the matmul's best GFLOP/s), memory; kNN per arch."""
     data = synthetic_images(n_train, seed=1).to(device)
     test = synthetic_images(n_test, seed=2).to(device)
     cfg = aug_config(32)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = bf16_peak_tflops(name) if device.type == "cuda" else None
+    peak = datasheet_tflops(name, "bf16") if device.type == "cuda" else None
+    measured = measured or {}
     rows, knn = [], {}
     for arch in archs:
         _, macs, _ = count_macs(default_model(arch), 32)
@@ -495,6 +709,9 @@ def epoch_section(device: torch.device, archs: tuple[str, ...], batches: tuple[i
         knn[arch] = knn_seconds(arch, data, test, device, eval_batch)
     for row in rows:
         row["knn_seconds"] = knn[row["arch"]]
+        sheet = datasheet_tflops(name, row["precision"]) if device.type == "cuda" else None
+        row["mfu_datasheet_percent"] = percent(row["tflops"], sheet)
+        row["mfu_measured_percent"] = percent(1e3 * row["tflops"], measured.get(row["precision"]))
     return {"device_name": name, "bf16_peak_tflops": peak, "train_images": n_train, "test_images": n_test,
             "rows": rows}
 
@@ -542,15 +759,24 @@ def report_augmentation(aug: dict) -> list[str]:
 
 def report_train(train: dict) -> list[str]:
     """Print the training-step table; returns target lines."""
-    rows = [(f"step {name}", r["pairs_per_s"], f"pairs/s ({r['seconds_per_step']:.3f} s/step)")
+    rows = [(f"step {name}", r["pairs_per_s"], f"pairs/s ({r['seconds_per_step']:.3f} s/step, {step_rate(r)})")
             for name, r in train["variants"].items()]
     rows.append(("step ratio project/naive", train["ratio"], "x"))
     rows.append((f"step fastest project variant: {train['fastest_project_variant']}",
                  train["variants"][train["fastest_project_variant"]]["pairs_per_s"], "pairs/s"))
+    rates = "; ".join(f"{p} {r['kernel'].split()[0]} median {r['median_gflops']:.1f}, best {r['best_gflops']:.1f} "
+                      f"GFLOP/s" for p, r in train["rates"].items())
     print_table(f"training step ({train['arch']}, batch {train['batch_size']}, {train['image_size']}px, "
-                f"median of {train['steps']} steps)", rows)
+                f"{train['step_gflop']:.2f} GFLOP a step, median of {train['steps']} steps"
+                + (f"; rates in the same rotation: {rates})" if rates else ")"), rows)
     return [f"project/naive {train['arch']} step >= {TARGET_STEP_RATIO:g}x: {train['ratio']:.2f}x, "
             f"{verdict(train['ratio'] >= TARGET_STEP_RATIO)}"]
+
+
+def step_rate(row: dict) -> str:
+    """'G GFLOP/s' of a step row, with its percent of the rate in its precision when one was measured."""
+    share = "" if row["percent_of_rate"] is None else f" = {row['percent_of_rate']:.1f}% of the {row['precision']} rate"
+    return f"{row['gflops']:.1f} GFLOP/s{share}"
 
 
 def report_epochs(ep: dict) -> list[str]:
@@ -559,7 +785,9 @@ def report_epochs(ep: dict) -> list[str]:
     for r in ep["rows"]:
         tag = f"{r['arch']} b{r['batch_size']}"
         rows += [(f"{tag} epoch", r["epoch_seconds"], f"s ({r['steps_per_epoch']} steps x {r['step_seconds'] * 1e3:.1f} ms)"),
-                 (f"{tag} throughput", r["tflops"], f"TFLOP/s ({fmt(r['peak_percent'], 1)}% of bf16 peak)"),
+                 (f"{tag} throughput", r["tflops"], f"TFLOP/s ({r['precision']})"),
+                 (f"{tag} MFU, datasheet", r["mfu_datasheet_percent"], f"% of the {r['precision']} datasheet peak"),
+                 (f"{tag} MFU, measured", r["mfu_measured_percent"], f"% of the {r['precision']} matmul rate measured"),
                  (f"{tag} data pipeline", 100 * r["data_share"], "% of step time"),
                  (f"{tag} peak memory", r["peak_memory_gib"], "GiB"),
                  (f"{tag} kNN evaluation", r["knn_seconds"], "s")]
@@ -577,78 +805,127 @@ def report_epochs(ep: dict) -> list[str]:
 # ----------------------------------------------------------------------------- the run
 
 def settings(args, device: torch.device) -> dict:
-    """Sizes of every section from the flags, the device and --quick."""
+    """Sizes of every section from the flags, the device and --quick; the sections to run."""
     cpu = device.type == "cpu"
     if args.quick:
         # 16px crops of the 32px images keep resnet18 steps a fraction of a second on 2 loaded cores
-        s = dict(batch=8, steps=2, warmup=1, image_size=16, aug_batch=64, aug_steps=3, bn_steps=3)
+        s = dict(batch=8, steps=2, warmup=1, image_size=16, aug_batch=64, aug_steps=3, bn_steps=3, breakdown_batch=8)
     else:
         # CPU: a resnet18 step at batch 32 takes seconds on 2 cores; 5 variants x 4 steps stay in minutes
         # per_view vs joint differ by a few percent, less than 10 CPU steps' noise (ratios 0.93-1.08
-        # were seen): 30 steps each, about 40 s on 2 cores
+        # were seen): 30 steps each, about 40 s on 2 cores. The breakdown runs main.py's default-sized
+        # step on a CPU (batch 256: about 20 s a round for resnet18 on 2 cores, 3 rounds)
         s = dict(batch=32 if cpu else 512, steps=3 if cpu else 10, warmup=1 if cpu else 3, image_size=32,
-                 aug_batch=256, aug_steps=5, bn_steps=30)
+                 aug_batch=256, aug_steps=5, bn_steps=30, breakdown_batch=256 if cpu else 512)
     if args.batch_size is not None:
         s["batch"] = args.batch_size
+    if args.breakdown_batch is not None:
+        s["breakdown_batch"] = args.breakdown_batch
     if args.steps is not None:
         s["steps"] = s["aug_steps"] = s["bn_steps"] = args.steps
     s["arch"] = args.arch or STEP_ARCH
     # --quick runs one thread by default: on a loaded machine, OpenMP threads that wait for a busy
     # core at every op's barrier can make a tiny 2-thread step many times slower than 1 thread.
     s["threads"] = args.threads or (1 if args.quick else usable_cores())
+    s["sections"] = chosen_sections(args.sections, device)
     return s
 
 
+SECTIONS = ("rates", "augmentation", "step", "bn_stats", "probe", "breakdown", "epochs")
+
+
+def chosen_sections(text: str | None, device: torch.device) -> tuple[str, ...]:
+    """--sections a,b,c -> the sections in running order (None: all; epochs only run on a GPU)."""
+    names = SECTIONS if text is None else tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise UserError(f"--sections {text}: {', '.join(unknown) or 'nothing'} is not a section; "
+                        f"give a comma-separated list of {', '.join(SECTIONS)}")
+    return tuple(name for name in SECTIONS if name in names and (name != "epochs" or device.type == "cuda"))
+
+
 def measure(args) -> dict:
-    """Every section for the chosen device; prints tables, returns the JSON record."""
+    """Every chosen section for the chosen device; prints tables, returns the JSON record."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu")
     s = settings(args, device)
     torch.set_num_threads(s["threads"])
-    record: dict = {"device": device.type, "threads": s["threads"], "quick": args.quick,
-                    "torch_version": torch.__version__}
-    print(f"bench: device {device.type}, {s['threads']} threads, torch {torch.__version__}"
-          + (" (quick: tiny sizes, figures not meaningful)" if args.quick else ""), flush=True)
+    sections = s["sections"]
+    record: dict = {"device": device.type, "device_name": device_name(device), "threads": s["threads"],
+                    "quick": args.quick, "torch_version": torch.__version__, "sections": list(sections),
+                    "load_average_start": load_average()}
+    print(f"bench: device {record['device_name']}, {s['threads']} threads, torch {torch.__version__}, load average "
+          f"{fmt(record['load_average_start'])}" + (" (quick: tiny sizes, figures not meaningful)" if args.quick else ""),
+          flush=True)
     cfg = aug_config(s["image_size"])
-    n_images = max(s["aug_batch"], s["batch"]) * 4
+    n_images = max(s["aug_batch"], s["batch"], s["breakdown_batch"]) * 4
     images = synthetic_images(n_images)
+    targets: list[str] = []
+    burst = burst_seconds(args.quick)
+    step_precision = make_runtime(device).precision
 
-    # The augmentation comparison is a host-side one (PIL only runs on CPUs); on a GPU the
-    # tensor pipeline's cost shows up as the data share of the epoch rows instead.
-    record["augmentation"] = augmentation_section(images, cfg, s["aug_batch"], s["threads"], 1, s["aug_steps"])
-    if device.type == "cuda":
-        record["augmentation"].update(device=device.type, device_batch_images=1024,
-                                      device_tensor_views_per_s=device_augmentation(device, cfg, 1024, 3, 10))
-    targets = report_augmentation(record["augmentation"])
+    if "rates" in sections:
+        record["rates"] = rates_section(device, args.quick)
+        report_rates(record["rates"])
 
-    precisions = ("fp32", "bf16")
-    if args.quick and device.type == "cpu" and not cpu_has_native_bf16():
-        # emulated bf16 steps take 10-20x an fp32 one here: --quick leaves them to the full run
-        precisions = ("fp32",)
-        print("  (--quick: no bf16 step variants, this CPU has no native bf16; the full run times them)")
-    record["train_step"] = train_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["steps"],
-                                         precisions=precisions)
-    targets += report_train(record["train_step"])
+    if "augmentation" in sections:
+        # The augmentation comparison is a host-side one (PIL only runs on CPUs); on a GPU the
+        # tensor pipeline's cost shows up as the data share of the epoch rows instead.
+        record["augmentation"] = augmentation_section(images, cfg, s["aug_batch"], s["threads"], 1, s["aug_steps"])
+        if device.type == "cuda":
+            record["augmentation"].update(device=device.type, device_batch_images=1024,
+                                          device_tensor_views_per_s=device_augmentation(device, cfg, 1024, 3, 10))
+        targets += report_augmentation(record["augmentation"])
 
-    record["bn_stats"] = bn_stats_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["bn_steps"])
-    targets += report_bn_stats(record["bn_stats"])
+    if "step" in sections:
+        precisions = ("fp32", "bf16")
+        if args.quick and device.type == "cpu" and not cpu_has_native_bf16():
+            # emulated bf16 steps take 10-20x an fp32 one here: --quick leaves them to the full run
+            precisions = ("fp32",)
+            print("  (--quick: no bf16 step variants, this CPU has no native bf16; the full run times them)")
+        timed = precisions if device.type == "cpu" else (step_precision,)
+        references = {p: RateProbe(reference_kernel(device, p, args.quick), device, burst) for p in timed}
+        record["train_step"] = train_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["steps"],
+                                             precisions=precisions, references=references)
+        targets += report_train(record["train_step"])
 
-    record["online_probe"] = probe_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["bn_steps"])
-    targets += report_probe(record["online_probe"])
+    if "bn_stats" in sections:
+        record["bn_stats"] = bn_stats_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["bn_steps"])
+        targets += report_bn_stats(record["bn_stats"])
 
-    if device.type == "cuda":
+    if "probe" in sections:
+        record["online_probe"] = probe_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["bn_steps"])
+        targets += report_probe(record["online_probe"])
+
+    if "breakdown" in sections:
+        reference = RateProbe(reference_kernel(device, step_precision, args.quick), device, burst)
+        record["breakdown"] = breakdown_section(s["arch"], images, cfg, s["breakdown_batch"], device, s["warmup"],
+                                                s["steps"], reference)
+        targets += report_breakdown(record["breakdown"])
+
+    if "epochs" in sections:
         batches = (512, 1024) if args.batch_size is None else (args.batch_size,)
         archs = EPOCH_ARCHS if args.arch is None else (args.arch,)
+        measured = {r["precision"]: r["best_gflops"] for r in record.get("rates", {}).get("rows", [])}
         record["epochs"] = epoch_section(device, archs, batches, CIFAR_TRAIN, CIFAR_TEST, 3,
-                                         args.steps or 10, args.compile)
+                                         args.steps or 10, args.compile, measured=measured)
         targets += report_epochs(record["epochs"])
 
+    record["load_average_end"] = load_average()
     print("\n== targets" + (" (quick sizes: not comparable)" if args.quick else ""))
     for line in targets:
         print(f"  {line}")
     record["targets"] = targets
     return record
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none): how busy the run's machine was."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def run(args) -> int:

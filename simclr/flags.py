@@ -681,6 +681,10 @@ BENCH_FLAGS: tuple[Flag, ...] = (
          group="bench", ge=2, le=2 ** 20, optional=True),
     Flag("steps", None, "timed steps per variant after warm-up; None means cpu 3, cuda 10; quick 2", int,
          group="bench", ge=1, le=10_000, optional=True),
+    Flag("breakdown_batch", None, "images per step of the breakdown of main.py's step; None means cpu 256, cuda "
+         "512; quick 8", int, group="bench", ge=2, le=2 ** 20, optional=True),
+    Flag("sections", None, "comma-separated sections to run, of rates, augmentation, step, bn_stats, probe, "
+         "breakdown, epochs (cuda only); None means all", str, group="bench", optional=True),
     Flag("json", None, "also write the JSON to this file", str, group="bench", optional=True),
     Flag("compile", False, "torch.compile the project's network (cuda epochs)", group="bench"),
 )

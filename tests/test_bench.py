@@ -26,7 +26,10 @@ ROWS = ("aug tensor two_views, 1 thread(s)", "aug pil per image, 1 process(es)",
         "step naive", "step project ", *sorted(f"step {v}" for v in OTHERS), "step ratio project/naive",
         "step fastest project variant", "step --bn_stats joint", "step --bn_stats per_view",
         "step ratio per_view/joint", "step --no-online_probe", "step --online_probe", "step ratio probe on/off",
-        "== targets")
+        "== dense rates of", "conv3x3 16ch 8x8 b4 channels-last fp32", "matmul 64x64 bf16", "== where the time goes",
+        "end to end (main.py's step)", "model forward+backward", "of which --bn_stats per_view over joint",
+        "what is left", "pipeline around the model", "== targets")
+SECTIONS = {"rates", "augmentation", "train_step", "bn_stats", "online_probe", "breakdown"}
 
 
 def positive(value) -> bool:
@@ -55,7 +58,7 @@ def test_quick_run_prints_every_row_and_the_json_line(quick_run):
     lines = [line for line in stdout.splitlines() if line.startswith("BENCH_JSON ")]
     assert len(lines) == 1
     assert json.loads(lines[0][len("BENCH_JSON "):]) == record
-    assert {"device", "threads", "augmentation", "train_step", "bn_stats", "online_probe", "targets"} <= set(record)
+    assert {"device", "device_name", "threads", "targets", *SECTIONS} <= set(record)
     assert record["device"] == "cpu" and record["threads"] == 1 and record["quick"] is True
     assert "epochs" not in record  # the CUDA-only section
 
@@ -98,7 +101,91 @@ def test_quick_run_figures_are_positive_and_consistent(quick_run):
     # the printed ratios are the record's
     assert f"{step['ratio']:.2f}x" in stdout and f"{aug['ratio']:.2f}x" in stdout and f"{bn['ratio']:.3f}x" in stdout
     assert f"{probe['paired_ratio']:.3f}x" in stdout
-    assert len(record["targets"]) == 4 and all(t.endswith(("met", "NOT met")) for t in record["targets"])
+    assert len(record["targets"]) == 6 and all(t.endswith(("met", "NOT met")) for t in record["targets"])
+
+
+def test_quick_run_rates_and_breakdown_are_consistent(quick_run):
+    _, stdout, record = quick_run
+    rows = record["rates"]["rows"]
+    assert [(r["kernel"].split()[0], r["precision"]) for r in rows] == [
+        ("conv3x3", "fp32"), ("matmul", "fp32"), ("conv3x3", "bf16"), ("matmul", "bf16")]
+    for r in rows:
+        assert r["bursts"] == 3 and positive(r["calls_per_burst"]) and r["datasheet_tflops"] is None
+        assert r["best_gflops"] >= r["median_gflops"] > 0
+    step = record["train_step"]
+    assert set(step["rates"]) == set(QUICK_PRECISIONS)  # a burst of the conv rate in each timed precision
+    for name, row in step["variants"].items():
+        assert row["gflops"] == pytest.approx(step["step_gflop"] / row["seconds_per_step"]), name
+        rate = step["rates"].get(row["precision"])
+        assert row["percent_of_rate"] == (None if rate is None else pytest.approx(
+            100 * row["gflops"] / rate["median_gflops"])), name
+
+    bd = record["breakdown"]
+    assert bd["arch"] == "resnet18" and bd["batch_size"] == 8 and bd["rounds"] == 2
+    assert set(bd["parts"]) == set(benchmark.PARTS) | {"what is left"}
+    # every round's parts and what is left add up to its end-to-end step; with two rounds each median is the mean
+    assert sum(part["share"] for part in bd["parts"].values()) == pytest.approx(1.0)
+    assert bd["reference"]["kernel"].startswith("conv3x3") and bd["reference"]["precision"] == DEFAULT[0]
+    assert bd["end_to_end_gflops"] == pytest.approx(bd["step_gflop"] / bd["end_to_end_seconds"])
+    assert bd["end_to_end_percent_of_rate"] == pytest.approx(
+        100 * bd["end_to_end_gflops"] / bd["reference"]["median_gflops"])
+    assert f"{100 * bd['pipeline_overhead']:.1f}%" in stdout
+
+
+def test_rate_arithmetic_against_a_hand_computation():
+    from simclr.engine import _conv_linear_macs
+    from simclr.rates import conv_flops, datasheet_tflops, gflops, matmul_flops, percent, step_flops
+    # ResNet-18's 555,753,984 MACs a 32x32 image at batch 256: 2 views x 3 forwards x 2 FLOPs = 12 x MACs x 256
+    assert step_flops(555_753_984, 256) == 12 * 555_753_984 * 256 == 1_707_276_238_848
+    # a 3x3 conv, 3 -> 3 channels, 4x4 outputs, batch 2: 2 x 3 x 16 outputs x (3 x 9) MACs each, 2 FLOPs a MAC;
+    # the project's own MAC counter agrees
+    assert conv_flops(2, 3, 4) == 2 * (2 * 3 * 16) * (3 * 9) == 5184
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1, bias=False)
+    assert 2 * _conv_linear_macs(conv, torch.zeros(2, 3, 4, 4)) == conv_flops(2, 3, 4)
+    assert matmul_flops(10) == 2000 and gflops(3e9, 0.5) == 6.0
+    assert percent(50.0, 200.0) == 25.0 and percent(1.0, None) is None
+    assert datasheet_tflops("NVIDIA H200", "bf16") == 989.0 and datasheet_tflops("NVIDIA H200", "fp16") == 989.0
+    assert datasheet_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.5 and datasheet_tflops("Tesla T4", "bf16") is None
+
+
+def test_breakdown_figures_against_a_hand_computation():
+    # two rounds of hand-made seconds: the end-to-end step 10 s and 12 s, the model 8 s and 11 s
+    times = {"end to end": [10.0, 12.0], "data movement": [0.1, 0.1], "augmentation": [0.4, 0.2],
+             "model forward+backward": [8.0, 11.0], "loss": [0.2, 0.2], "optimizer step": [0.3, 0.3],
+             "online probe": [0.0, 0.0], "model forward+backward, --bn_stats joint": [7.0, 10.0], "rate": [0.3, 0.3]}
+    reference = {"kernel": "conv3x3 128ch 16x16 b256 channels-last", "precision": "bf16", "bursts": 2,
+                 "calls_per_burst": 5, "best_gflops": 500.0, "median_gflops": 400.0}
+    bd = benchmark.breakdown_figures(times, arch="resnet18", batch=100, image_size=32, precision="bf16",
+                                     default_bn="per_view", other_bn="joint", macs=10 ** 9, reference=reference)
+    assert bd["step_gflop"] == 12 * 100  # 12 x 1 GMAC x 100 images
+    assert bd["end_to_end_seconds"] == 11.0 and bd["end_to_end_gflops"] == pytest.approx(1200 / 11)
+    assert bd["model_gflops"] == pytest.approx(1200 / 9.5)
+    assert bd["end_to_end_percent_of_rate"] == pytest.approx(100 * 1200 / 11 / 400)
+    assert bd["end_to_end_percent_of_best_rate"] == pytest.approx(100 * 1200 / 11 / 500)
+    left = bd["parts"]["what is left"]
+    assert left["seconds"] == pytest.approx((1.0 + 0.2) / 2)  # 10 - 9.0 and 12 - 11.8
+    assert left["share"] == pytest.approx((1.0 / 10 + 0.2 / 12) / 2)
+    assert bd["parts"]["augmentation"]["share"] == pytest.approx((0.04 + 0.2 / 12) / 2)
+    assert bd["pipeline_overhead"] == pytest.approx((10 / 8 + 12 / 11) / 2 - 1)
+    assert bd["bn_stats"]["default_minus_other_seconds"] == 1.0 and bd["bn_stats"]["other_seconds"] == 8.5
+
+
+def test_cpu_kind_names_the_vector_units():
+    from simclr.rates import cpu_kind
+    info = "model name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    assert cpu_kind(info, 2) == "AMD EPYC 9R14, AVX512-BF16, 2 cores"
+    assert cpu_kind("model name : Xeon\nflags : avx2 avx512f amx_bf16\n", 4) == "Xeon, AMX, 4 cores"
+    assert cpu_kind("model name : Core\nflags : sse4_2 avx2\n", 8) == "Core, AVX2 only, 8 cores"
+
+
+def test_sections_pick_what_runs_and_a_bad_one_is_one_line(capsys):
+    cpu = torch.device("cpu")
+    assert benchmark.chosen_sections("breakdown,rates", cpu) == ("rates", "breakdown")
+    assert benchmark.chosen_sections(None, cpu) == tuple(s for s in benchmark.SECTIONS if s != "epochs")
+    assert "epochs" in benchmark.chosen_sections(None, torch.device("cuda"))
+    assert bench.main(["--sections", "rates,speed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sections" in err[0] and "speed" in err[0]
 
 
 def test_help_and_a_refused_flag(capsys):
@@ -128,6 +215,7 @@ def test_epoch_section_runs_on_cpu_with_tiny_sizes():
     (row,) = result["rows"]
     assert row["steps_per_epoch"] == 2 and row["epoch_seconds"] > 0 and row["tflops"] > 0
     assert 0 < row["data_share"] and row["knn_seconds"] > 0 and row["macs_per_image"] > 0
+    assert row["mfu_datasheet_percent"] is None and row["mfu_measured_percent"] is None  # no datasheet, no rates given
     benchmark.report_epochs(result)
 
 
