@@ -22,11 +22,11 @@ from .data import DataBundle, ImageSet, content_fingerprint, load_dataset, pil_v
 from .distributed import World, convert_batchnorm, in_turn
 from .engine import Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision, seed_everything
 from .engine import train_step, versions
-from .files import RunLock, atomic_save_json, check_name_fits
+from .files import RunLock, atomic_save_json, check_name_fits, existing
 from .flags import TRAIN_FLAGS, TrainConfig, check_name, check_values, train_resume_values, train_values
 from .knn import knn_accuracy, percent, sharded_features
 from .loss import positive_ids
-from .loop import RESULT_FILES, EpochResult, RunState, existing, finished, log_row, open_tensorboard, restore
+from .loop import RESULT_FILES, EpochResult, RunState, finished, log_row, open_tensorboard, restore
 from .loop import run_epochs
 from .model import SimCLR
 from .optim import Schedule, build_optimizer, scaled_lr, set_lr
@@ -73,9 +73,7 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
     notes += [note] if note else []
     precision = resolve_precision(values["precision"], device)
     if values["precision"] == "auto":
-        why = {"cuda": "this GPU's fastest safe autocast",
-               "cpu": "this CPU computes bf16 natively" if precision == "bf16" else "this CPU has no native bf16"}
-        notes.append(f"precision: {precision} (auto: {why[device.type]}; --precision fp32 for exact arithmetic)")
+        notes.append(precision_note(precision, device.type))
     values.update(device=str(device), precision=precision)
     cfg = TrainConfig(**check_values(values, TRAIN_FLAGS))
     check_name(cfg.name)
@@ -88,6 +86,14 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
         raise UserError(f"--batch_size {cfg.batch_size} (the global batch) must divide by the {world.world_size} "
                         f"processes; use a multiple of {world.world_size}")
     return cfg, checkpoint, notes
+
+
+def precision_note(precision: str, device_type: str) -> str:
+    """The line that says what --precision auto chose and why; the way to exact arithmetic only when it is not."""
+    why = {"cuda": "this GPU's fastest safe autocast",
+           "cpu": "this CPU computes bf16 natively" if precision == "bf16" else "this CPU has no native bf16"}
+    hint = "" if precision == "fp32" else "; --precision fp32 for exact arithmetic"
+    return f"precision: {precision} (auto: {why[device_type]}{hint})"
 
 
 def resume_path(values) -> str:
@@ -151,7 +157,7 @@ class Pretraining:
         if self.world.is_main:
             self.write_config()
             if cfg.tensorboard:
-                logdir = cfg.tensorboard_dir or os.path.join(cfg.results_dir, f"{cfg.name}_tb")
+                logdir = self.tensorboard_dir
                 open_tensorboard(state, logdir, dataclasses.asdict(cfg))
                 say(f"tensorboard: event files in {logdir} (tensorboard --logdir {os.path.dirname(logdir) or '.'})")
         try:
@@ -165,8 +171,17 @@ class Pretraining:
             state.log.close()  # what was logged reaches the disk, also when the run stops or fails
         if code == 0:
             best = f"best kNN top-1 {state.best:.2f}%" if self.evaluates else "no evaluation (no labeled data)"
-            say(f"done: {best}; files {existing(state.paths[k] for k in ('model.pth', 'statistics.csv', 'last.pth'))}")
+            say(f"done: {best}; files {self.written()}")
         return code
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return self.cfg.tensorboard_dir or os.path.join(self.cfg.results_dir, f"{self.cfg.name}_tb")
+
+    def written(self) -> str:
+        """Every file (and the TensorBoard folder) this run has on disk, comma-separated, for the closing line."""
+        paths = [self.state.paths[kind] for kind in RESULT_FILES]
+        return existing(paths + [self.tensorboard_dir] if self.cfg.tensorboard else paths)
 
     def write_config(self) -> None:
         """NAME_config.json: the resolved config (as in NAME_last.pth), plus data, model and versions."""
