@@ -413,6 +413,9 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
     if cfg.batch_size > n_train:
         raise UserError(f"--batch_size {cfg.batch_size} is larger than the {n_train} training images; "
                         f"use --batch_size {n_train} or less")
+    note = drop_last_note(n_train, cfg.batch_size, world.world_size)
+    if note is not None:
+        say(note)
     if cfg.loss == "supcon" and not (bundle.train.labels >= 0).any():
         raise UserError(f"--loss supcon needs labels, and none of the {n_train} training images of {cfg.data_root} "
                         f"has one; use --loss ntxent or dcl")
@@ -426,6 +429,22 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
     if len(bundle.test) == 0:
         raise UserError(f"the test split of {cfg.data_root} has no images")
     return bundle
+
+
+def drop_last_note(n_train: int, batch_size: int, world_size: int = 1, share: float = 0.1) -> str | None:
+    """A note when the incomplete last batch, dropped every epoch, is more than `share` of the training images,
+    naming the batch size (at most the one given, a multiple of world_size) that leaves out fewest; else None."""
+    dropped = n_train % batch_size
+    if dropped <= share * n_train:
+        return None
+    steps = -(-n_train // batch_size)                           # as many steps as would cover every image
+    better = max(2, world_size, n_train // steps // world_size * world_size)  # a batch main.py accepts
+    left = n_train % better
+    note = (f"note: --batch_size {batch_size} leaves out {dropped} of the {n_train} training images every epoch "
+            f"({100 * dropped / n_train:.0f}%, the incomplete last batch)")
+    if left >= dropped:  # no accepted batch size leaves out fewer
+        return note
+    return note + f"; --batch_size {better} " + ("uses them all" if left == 0 else f"leaves out {left}")
 
 
 def build_model(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> tuple[SimCLR, int, int]:
