@@ -58,6 +58,7 @@ def plot_run(rows: Sequence[dict], path: str, title: str, loss_key: str = "train
     probe = series(rows, "probe_acc@1")
     if probe[0]:  # main.py's online probe, on the same test images, where the run has one
         right.plot(*probe, marker=".", linestyle="--", label="online probe top-1")
+        acc_label = acc_label.replace("kNN accuracy", "kNN and online probe accuracy")
     right.set_xlabel("epoch")
     right.set_ylabel(acc_label)
     right.legend()

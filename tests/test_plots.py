@@ -87,7 +87,9 @@ def _right_panel_labels(rows, monkeypatch) -> list[str]:
     drawn = []
     monkeypatch.setattr(curves, "save", lambda fig, path: drawn.append(fig))
     curves.plot_run(rows, "unused.png", "run")
-    return drawn[0].axes[1].get_legend_handles_labels()[1]
+    right = drawn[0].axes[1]
+    assert ("online probe" in right.get_ylabel()) == ("online probe top-1" in right.get_legend_handles_labels()[1])
+    return right.get_legend_handles_labels()[1]
 
 
 def test_plot_run_draws_the_online_probe_where_the_rows_have_it(monkeypatch):
