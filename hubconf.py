@@ -40,7 +40,7 @@ def _build(arch: str, weights: str | None, encoder_only: bool, sizes: dict):
                     else f"says {_checkpoint.config_path_for(weights)}")
             raise _UserError(f"{weights} holds a {config['arch']} ({says}), "
                              f"not a {arch}; load it with the {config['arch']} entry point")
-    return net.f if encoder_only else net
+    return _model.FeatureEncoder(net) if encoder_only else net  # encoder(x) -> h (N, feature_width)
 
 
 def _entry_point(arch: str):
@@ -53,7 +53,7 @@ def _entry_point(arch: str):
     title = _encoders.ENCODERS[arch].summary.split(",")[0]  # "ResNet-18, 512-d features" -> "ResNet-18"
     load.__name__ = load.__qualname__ = arch
     load.__doc__ = (f"SimCLR {title}: weights=results/NAME_model.pth (sizes from NAME_config.json) or random; "
-                    f"encoder_only=True gives f.")
+                    f"encoder_only=True gives the encoder alone, encoder(x) -> features.")
     return load
 
 

@@ -24,7 +24,7 @@ from .cli import UserError
 from .data import CHANNEL_STATS
 from .distributed import World
 from .encoders import ENCODERS
-from .engine import bf16_peak_tflops, count_macs, cpu_has_native_bf16, make_runtime, mix_seed, usable_cores
+from .engine import count_macs, cpu_has_native_bf16, make_runtime, mix_seed, usable_cores
 from .files import atomic_write_text
 from .flags import TRAIN_DEFAULTS
 from .knn import forward_in_batches, knn_accuracy

@@ -42,7 +42,8 @@ def epoch_axes(*axes) -> None:
 
 def plot_run(rows: Sequence[dict], path: str, title: str, loss_key: str = "train_loss",
              acc_keys: Sequence[str] = ("test_acc@1", "test_acc@5"), acc_label: str = "kNN accuracy (%)") -> None:
-    """Two panels against epoch: the training loss, and the test accuracies; written atomically."""
+    """Two panels against epoch: the training loss, and the test accuracies (with main.py's online probe top-1
+    where the rows have it); written atomically."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(*series(rows, loss_key), marker=".", label=loss_key.replace("_", " "))
@@ -54,6 +55,10 @@ def plot_run(rows: Sequence[dict], path: str, title: str, loss_key: str = "train
     left.legend()
     for key in acc_keys:
         right.plot(*series(rows, key), marker=".", label=key.replace("_", " "))
+    probe = series(rows, "probe_acc@1")
+    if probe[0]:  # main.py's online probe, on the same test images, where the run has one
+        right.plot(*probe, marker=".", linestyle="--", label="online probe top-1")
+        acc_label = acc_label.replace("kNN accuracy", "kNN and online probe accuracy")
     right.set_xlabel("epoch")
     right.set_ylabel(acc_label)
     right.legend()

@@ -434,7 +434,12 @@ def _decode_image(path: str, size: int) -> np.ndarray:
         # JPEG only: lets libjpeg shrink by 1/2, 1/4 or 1/8 during decoding while staying >= size,
         # which is far faster than decoding large photos at full resolution.
         img.draft('RGB', (size, size))
-        rgb = _to_8bit(img).convert('RGB')
+        return fit_image(img, size)
+
+
+def fit_image(img: Image.Image, size: int) -> np.ndarray:
+    """An image as a folder data set holds it: RGB, shorter side resized to size, centre-cropped: uint8 (size, size, 3)."""
+    rgb = _to_8bit(img).convert('RGB')
     w, h = rgb.size
     if (w, h) != (size, size):
         scale = size / min(w, h)

@@ -178,3 +178,8 @@ class RunNameInUse(UserError):
     def __init__(self, name: str, results_dir: str, pid: str):
         super().__init__(f"run name {name} in {results_dir} is in use by process {pid}; wait for it to finish, "
                          f"or pass another --name or --results_dir")
+
+
+def existing(paths: Iterable[str]) -> str:
+    """The paths among `paths` that exist, comma-separated (a closing line names only real files)."""
+    return ", ".join(p for p in paths if os.path.exists(p)) or "none"

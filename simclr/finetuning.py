@@ -22,11 +22,11 @@ from .curves import plot_run_or_warn
 from .data import DataBundle, ImageSet, balanced_label_indices, load_dataset, require_labeled
 from .distributed import World
 from .engine import make_runtime, mix_seed, seed_everything, versions
-from .files import RunLock, atomic_save_json, check_name_fits, remove_files
+from .files import RunLock, atomic_save_json, check_name_fits, existing, remove_files
 from .flags import (DEFAULT_FRACTION, FINETUNE_DEFAULTS, FINETUNE_FLAGS, FINETUNE_RUN_KEYS, FinetuneConfig,
                     check_name, resume_values)
 from .knn import extract_features, percent, topk_accuracy, topk_hits
-from .loop import RESULT_FILES, EpochResult, RunState, existing, finished, open_tensorboard, restore, run_epochs
+from .loop import RESULT_FILES, EpochResult, RunState, finished, open_tensorboard, restore, run_epochs
 from .model import Classifier, SimCLR, head_depth
 from .optim import Schedule, build_optimizer, set_lr
 from .step import apply_gradients
@@ -257,7 +257,7 @@ class FineTuning:
             state.log.close()
         if code == 0:
             last = state.history[-1]
-            self.say(f"files: {job.paths['statistics.csv']}, {job.paths['model.pth']}, {job.paths['curves.png']}")
+            self.say(f"files: {existing(job.paths[kind] for kind in RESULT_FILES)}")
             print(f"fine-tuned on {len(self.labeled)} labels: test top-1 {last['test_acc@1']:.2f}% "
                   f"top-5 {last['test_acc@5']:.2f}% (last epoch {last['epoch']})", flush=True)
         return code

@@ -721,11 +721,31 @@ SWEEP_FLAGS: tuple[Flag, ...] = (
 )
 
 
+# ----------------------------------------------------------------------------- export_images.py
+
+EXPORT_DATASETS = ("cifar10", "cifar100")
+IMAGE_FORMATS = ("jpg", "png")
+
+EXPORT_FLAGS: tuple[Flag, ...] = (
+    shared("dataset", choices=EXPORT_DATASETS, help="the torchvision data set to write as image folders"),
+    shared("data_root", help="where the data set is, or is downloaded to (offline: put its .tar.gz there)"),
+    Flag("out", None, "the folder to write, OUT/train/<class>/ and OUT/test/<class>/ (absent or empty); None means "
+         "DATA_ROOT/DATASET-FORMAT, e.g. data/cifar10-jpg", str, group="output", optional=True),
+    Flag("train_per_class", None, "write only the first N training images of each class; None means all", int,
+         group="output", ge=1, le=BIG, optional=True),
+    Flag("test_per_class", None, "write only the first N test images of each class; None means all", int,
+         group="output", ge=1, le=BIG, optional=True),
+    Flag("format", "jpg", "jpg (smaller, lossy) or png (the exact pixels)", str, IMAGE_FORMATS, "output"),
+    Flag("quality", 95, "JPEG quality (full-resolution colour, no chroma subsampling)", int, group="output", ge=1,
+         le=100),
+)
+
+
 # ----------------------------------------------------------------------------- every script's table
 
 # The flags of each script, in --help order: docs/flags.md is generated from this table.
 SCRIPT_FLAGS: dict[str, tuple[Flag, ...]] = {
     "main.py": TRAIN_FLAGS, "linear.py": LINEAR_FLAGS, "finetune.py": FINETUNE_FLAGS,
     "neighbors.py": NEIGHBORS_FLAGS, "embed.py": EMBED_FLAGS, "bench.py": BENCH_FLAGS,
-    "sweep.py": SWEEP_FLAGS,
+    "sweep.py": SWEEP_FLAGS, "export_images.py": EXPORT_FLAGS,
 }

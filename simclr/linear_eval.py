@@ -23,7 +23,7 @@ from .cli import InvalidResult, UserError
 from .curves import plot_run_or_warn
 from .data import load_dataset, require_labeled, subset
 from .engine import Runtime, make_runtime, mix_seed, seed_everything, versions
-from .files import atomic_save, atomic_save_json, atomic_write_csv, remove_files
+from .files import atomic_save, atomic_save_json, atomic_write_csv, existing, remove_files
 from .flags import LinearConfig
 from .knn import forward_in_batches, percent, topk_accuracy, topk_hits
 from .model import SimCLR
@@ -209,7 +209,8 @@ def run(cfg: LinearConfig) -> int:
     last = rows[-1]
     best = max(rows, key=lambda r: r["test_acc@1"])
     say(f"encoder unchanged: {len(frozen)} parameters and buffers bit-identical to the loaded ones")
-    say(f"files: {paths['statistics']}, {paths['model']}, {paths['curves']}")
+    written = [paths[kind] for kind in ("statistics", "model", "config", "curves")]
+    say(f"files: {existing(written + [cfg.tensorboard_dir or paths['tensorboard']] if cfg.tensorboard else written)}")
     print(f"linear probe: test top-1 {last['test_acc@1']:.2f}% top-5 {last['test_acc@5']:.2f}% "
           f"(last epoch {last['epoch']}); best test top-1 {best['test_acc@1']:.2f}% at epoch {best['epoch']} "
           f"(chosen on the test set, for reference only)", flush=True)

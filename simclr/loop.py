@@ -330,8 +330,3 @@ def restore(state: RunState, checkpoint: dict, path: str, what: str,
 def finished(state: RunState) -> bool:
     """True when the run's position is past its last epoch: nothing is left to train."""
     return state.start_epoch >= state.epochs
-
-
-def existing(paths) -> str:
-    """The paths among `paths` that exist, comma-separated (a finished line names only real files)."""
-    return ", ".join(p for p in paths if os.path.exists(p)) or "none"

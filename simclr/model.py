@@ -80,6 +80,22 @@ class SimCLR(nn.Module):
 
 
 
+class FeatureEncoder(nn.Module):
+    """The encoder f of a SimCLR model on its own: forward(x) is SimCLR.encode, (N, 3, S, S) -> h (N, feature_width).
+
+    Its state_dict holds `f.*`, the encoder keys of NAME_model.pth as they are.
+    """
+
+    def __init__(self, simclr: SimCLR):
+        super().__init__()
+        self.f, self.arch, self.feature_width = simclr.f, simclr.arch, simclr.feature_width
+        self.train(simclr.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> h (N, feature_width)."""
+        return encoder_spec(self.arch).features(self.f, x)
+
+
 def head_depth(from_layer: str) -> int:
     """encoder -> 0, headK -> K: how many hidden layers of the head a classifier keeps."""
     return 0 if from_layer == "encoder" else int(from_layer[len("head"):])

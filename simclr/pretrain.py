@@ -22,10 +22,10 @@ from .data import DataBundle, ImageSet, content_fingerprint, load_dataset, pil_v
 from .distributed import World, convert_batchnorm, in_turn
 from .engine import (Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision, seed_everything,
                      versions)
-from .files import RunLock, atomic_save_json, check_name_fits, refuse_to_replace, remove_files
+from .files import RunLock, atomic_save_json, check_name_fits, existing, refuse_to_replace, remove_files
 from .flags import TRAIN_FLAGS, TrainConfig, check_name, check_values, train_resume_values, train_values
 from .knn import knn_accuracy, percent, sharded_features
-from .loop import RESULT_FILES, EpochResult, RunState, existing, finished, log_row, open_tensorboard, restore
+from .loop import RESULT_FILES, EpochResult, RunState, finished, log_row, open_tensorboard, restore
 from .loop import run_epochs
 from .methods import attach_modules, build_method
 from .model import SimCLR
@@ -74,9 +74,7 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
     notes += [note] if note else []
     precision = resolve_precision(values["precision"], device)
     if values["precision"] == "auto":
-        why = {"cuda": "this GPU's fastest safe autocast",
-               "cpu": "this CPU computes bf16 natively" if precision == "bf16" else "this CPU has no native bf16"}
-        notes.append(f"precision: {precision} (auto: {why[device.type]}; --precision fp32 for exact arithmetic)")
+        notes.append(precision_note(precision, device.type))
     values.update(device=str(device), precision=precision)
     cfg = TrainConfig(**check_values(values, TRAIN_FLAGS))
     check_name(cfg.name)
@@ -101,6 +99,14 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
 def run_paths(cfg: TrainConfig) -> dict[str, str]:
     """RESULT_FILES -> RESULTS/NAME_KIND: the files of the run `cfg` names."""
     return {kind: os.path.join(cfg.results_dir, f"{cfg.name}_{kind}") for kind in RESULT_FILES}
+
+
+def precision_note(precision: str, device_type: str) -> str:
+    """The line that says what --precision auto chose and why; the way to exact arithmetic only when it is not."""
+    why = {"cuda": "this GPU's fastest safe autocast",
+           "cpu": "this CPU computes bf16 natively" if precision == "bf16" else "this CPU has no native bf16"}
+    hint = "" if precision == "fp32" else "; --precision fp32 for exact arithmetic"
+    return f"precision: {precision} (auto: {why[device_type]}{hint})"
 
 
 def resume_path(values) -> str:
@@ -175,7 +181,7 @@ class Pretraining:
                     say(f"--overwrite: removed {path} of the earlier run")
             self.write_config()
             if cfg.tensorboard:
-                logdir = cfg.tensorboard_dir or os.path.join(cfg.results_dir, f"{cfg.name}_tb")
+                logdir = self.tensorboard_dir
                 open_tensorboard(state, logdir, dataclasses.asdict(cfg))
                 say(f"tensorboard: event files in {logdir} (tensorboard --logdir {os.path.dirname(logdir) or '.'})")
         try:
@@ -189,8 +195,17 @@ class Pretraining:
             state.log.close()  # what was logged reaches the disk, also when the run stops or fails
         if code == 0:
             best = f"best kNN top-1 {state.best:.2f}%" if self.evaluates else "no evaluation (no labeled data)"
-            say(f"done: {best}; files {existing(state.paths[k] for k in ('model.pth', 'statistics.csv', 'last.pth'))}")
+            say(f"done: {best}; files {self.written()}")
         return code
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return self.cfg.tensorboard_dir or os.path.join(self.cfg.results_dir, f"{self.cfg.name}_tb")
+
+    def written(self) -> str:
+        """Every file (and the TensorBoard folder) this run has on disk, comma-separated, for the closing line."""
+        paths = [self.state.paths[kind] for kind in RESULT_FILES]
+        return existing(paths + [self.tensorboard_dir] if self.cfg.tensorboard else paths)
 
     def write_config(self) -> None:
         """NAME_config.json: the resolved config (as in NAME_last.pth), plus data, model and versions."""
@@ -433,6 +448,9 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
     if cfg.batch_size > n_train:
         raise UserError(f"--batch_size {cfg.batch_size} is larger than the {n_train} training images; "
                         f"use --batch_size {n_train} or less")
+    note = drop_last_note(n_train, cfg.batch_size, world.world_size)
+    if note is not None:
+        say(note)
     if cfg.loss == "supcon" and not (bundle.train.labels >= 0).any():
         raise UserError(f"--loss supcon needs labels, and none of the {n_train} training images of {cfg.data_root} "
                         f"has one; use --loss ntxent or dcl")
@@ -446,6 +464,22 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
     if len(bundle.test) == 0:
         raise UserError(f"the test split of {cfg.data_root} has no images")
     return bundle
+
+
+def drop_last_note(n_train: int, batch_size: int, world_size: int = 1, share: float = 0.1) -> str | None:
+    """A note when the incomplete last batch, dropped every epoch, is more than `share` of the training images,
+    naming the batch size (at most the one given, a multiple of world_size) that leaves out fewest; else None."""
+    dropped = n_train % batch_size
+    if dropped <= share * n_train:
+        return None
+    steps = -(-n_train // batch_size)                           # as many steps as would cover every image
+    better = max(2, world_size, n_train // steps // world_size * world_size)  # a batch main.py accepts
+    left = n_train % better
+    note = (f"note: --batch_size {batch_size} leaves out {dropped} of the {n_train} training images every epoch "
+            f"({100 * dropped / n_train:.0f}%, the incomplete last batch)")
+    if left >= dropped:  # no accepted batch size leaves out fewer
+        return note
+    return note + f"; --batch_size {better} " + ("uses them all" if left == 0 else f"leaves out {left}")
 
 
 def build_model(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> tuple[SimCLR, int, int]:

@@ -3,9 +3,12 @@ tiny main.py run (written once, here), and a tiny trained run."""
 import contextlib
 import fcntl
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -122,3 +125,62 @@ def copy_run(trained, folder, name: str, state: dict | None = None) -> str:
     else:
         torch.save(state, path)
     return path
+
+
+# ----------------------------------------------------------------------------- torchvision's on-disk formats
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def pickle_to(path, obj) -> None:
+    """Pickle obj to path."""
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def cifar_rows(images: np.ndarray) -> np.ndarray:
+    """(N, 32, 32, 3) -> (N, 3072) rows: all red, then green, then blue, row-major like the real files."""
+    return images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+
+
+def write_cifar10_files(root, train: np.ndarray, train_y: list, test: np.ndarray, test_y: list) -> None:
+    """root/cifar-10-batches-py as torchvision's CIFAR10 reads it: the training images (N, 32, 32, 3) over five
+    data batches, the test images in test_batch, the class names in batches.meta."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    # The real files are Python 2 pickles; torchvision loads them with encoding='latin1', which
+    # turns their keys into str (they read as b'data' only with encoding='bytes').
+    bounds = np.linspace(0, len(train), 6).round().astype(int)
+    for i in range(5):
+        sl = slice(bounds[i], bounds[i + 1])
+        pickle_to(os.path.join(folder, f"data_batch_{i + 1}"), {"data": cifar_rows(train[sl]), "labels": train_y[sl]})
+    pickle_to(os.path.join(folder, "test_batch"), {"data": cifar_rows(test), "labels": test_y})
+    pickle_to(os.path.join(folder, "batches.meta"), {"label_names": list(CIFAR10_CLASSES)})
+
+
+def accept_fake_torchvision_files(monkeypatch) -> None:
+    """Make torchvision accept fake CIFAR/STL files whose md5 sums cannot match the published ones."""
+    import torchvision.datasets as tvd
+    import torchvision.datasets.cifar as tv_cifar
+
+    def files_exist(self) -> bool:
+        folder = os.path.join(self.root, self.base_folder)
+        return all(os.path.isfile(os.path.join(folder, f)) for f, _ in self.train_list + self.test_list)
+
+    # torchvision checks every file against its published md5 sum; fakes can only be checked for existence.
+    monkeypatch.setattr(tvd.CIFAR10, "_check_integrity", files_exist)
+    monkeypatch.setattr(tvd.CIFAR100, "_check_integrity", files_exist)
+    monkeypatch.setattr(tvd.STL10, "_check_integrity", files_exist)
+    # CIFAR's meta file is verified separately by the module-level check_integrity.
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+
+def no_network(monkeypatch) -> None:
+    """Any download attempt fails as if offline, without touching the network."""
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_utils, "download_url", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)

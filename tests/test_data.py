@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 import tarfile
-import urllib.error
-import urllib.request
 import warnings
 
 import numpy as np
@@ -16,6 +13,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for plain `pytest`
 
+from conftest import CIFAR10_CLASSES, cifar_rows as _cifar_rows, pickle_to as _pickle  # noqa: E402
+from conftest import accept_fake_torchvision_files as _skip_md5, no_network as _no_network  # noqa: E402
+from conftest import write_cifar10_files  # noqa: E402
 from simclr import data  # noqa: E402
 from simclr.data import DataError, load_dataset  # noqa: E402
 
@@ -290,62 +290,14 @@ def test_unknown_dataset_name():
 # torchvision data sets: tiny files in the on-disk formats torchvision reads
 # ---------------------------------------------------------------------------------------------
 
-def _pickle(path, obj) -> None:
-    """Pickle obj to path."""
-    with open(path, 'wb') as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def _cifar_rows(images: np.ndarray) -> np.ndarray:
-    """(N, 32, 32, 3) -> (N, 3072) rows: all red, then green, then blue, row-major like the real files."""
-    return images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-
-
-def _skip_md5(monkeypatch) -> None:
-    """Make torchvision accept fake CIFAR/STL files whose md5 sums cannot match the published ones."""
-    import torchvision.datasets as tvd
-    import torchvision.datasets.cifar as tv_cifar
-
-    def files_exist(self) -> bool:
-        folder = os.path.join(self.root, self.base_folder)
-        return all(os.path.isfile(os.path.join(folder, f)) for f, _ in self.train_list + self.test_list)
-
-    # torchvision checks every file against its published md5 sum; fakes can only be checked for existence.
-    monkeypatch.setattr(tvd.CIFAR10, '_check_integrity', files_exist)
-    monkeypatch.setattr(tvd.CIFAR100, '_check_integrity', files_exist)
-    monkeypatch.setattr(tvd.STL10, '_check_integrity', files_exist)
-    # CIFAR's meta file is verified separately by the module-level check_integrity.
-    monkeypatch.setattr(tv_cifar, 'check_integrity', lambda path, md5=None: os.path.isfile(path))
-
-
-def _no_network(monkeypatch) -> None:
-    """Any download attempt fails as if offline, without touching the network."""
-    import torchvision.datasets.utils as tv_utils
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
-
-    monkeypatch.setattr(tv_utils, 'download_url', offline)
-    monkeypatch.setattr(urllib.request, 'urlopen', offline)
-
-
 def _write_cifar10(root, rng) -> dict:
     """root/cifar-10-batches-py with 5 x 2 train and 3 test images; returns the arrays written."""
-    folder = os.path.join(root, 'cifar-10-batches-py')
-    os.makedirs(folder)
     train = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
     train_y = rng.integers(0, 10, 10).tolist()
     test = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     test_y = [9, 0, 4]
-    # The real files are Python 2 pickles; torchvision loads them with encoding='latin1', which
-    # turns their keys into str (they read as b'data' only with encoding='bytes').
-    for i in range(5):
-        sl = slice(2 * i, 2 * i + 2)
-        _pickle(os.path.join(folder, f'data_batch_{i + 1}'), {'data': _cifar_rows(train[sl]), 'labels': train_y[sl]})
-    _pickle(os.path.join(folder, 'test_batch'), {'data': _cifar_rows(test), 'labels': test_y})
-    names = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
-    _pickle(os.path.join(folder, 'batches.meta'), {'label_names': names})
-    return {'train': train, 'train_y': train_y, 'test': test, 'test_y': test_y, 'classes': names}
+    write_cifar10_files(root, train, train_y, test, test_y)
+    return {'train': train, 'train_y': train_y, 'test': test, 'test_y': test_y, 'classes': list(CIFAR10_CLASSES)}
 
 
 def test_cifar10_from_disk(tmp_path, monkeypatch):

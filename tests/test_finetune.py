@@ -225,6 +225,9 @@ def test_end_to_end_subprocess(trained, tmp_path):
     assert config["source"] == os.path.abspath(trained / "run_model.pth")
     assert (out / "run_finetune_5perclass_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    files = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("files: ")][-1]
+    written = sorted(str(out / p) for p in os.listdir(out) if not p.startswith("."))  # not the hidden lock file
+    assert sorted(files[len("files: "):].split(", ")) == written, files
 
 
 # ----------------------------------------------------------------------------- resume and signals

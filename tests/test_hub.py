@@ -11,7 +11,7 @@ import torch
 
 from simclr.cli import UserError
 from conftest import TINY_ARCH
-from simclr.model import SimCLR, encoder_spec
+from simclr.model import SimCLR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = ["resnet18", "resnet34", "resnet50", "tiny"]
@@ -57,9 +57,19 @@ def test_load_gives_the_runs_model_bit_identical(trained):
 
     encoder = hub_load(TINY_ARCH, weights=str(trained / "run_model.pth"), encoder_only=True)
     assert isinstance(encoder, torch.nn.Module) and not encoder.training
-    assert set(encoder.state_dict()) == {k[2:] for k in theirs if k.startswith("f.")}
+    assert set(encoder.state_dict()) == {k for k in theirs if k.startswith("f.")}  # NAME_model.pth's encoder keys
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, theirs[key]), key
     with torch.no_grad():
-        assert torch.equal(encoder_spec(TINY_ARCH).features(encoder, x), h_ref)
+        assert torch.equal(encoder(x), h_ref)  # callable as the README shows: encoder(x) -> features
+
+
+@pytest.mark.parametrize("arch,width", [("resnet18", 512), ("resnet50", 2048)])
+def test_encoder_only_is_callable_on_images_for_every_resnet(arch, width):
+    encoder = hub_load(arch, encoder_only=True)
+    with torch.no_grad():
+        h = encoder(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert h.shape == (2, width) and torch.isfinite(h).all()
 
 
 def test_without_weights_a_random_model_of_the_asked_sizes():

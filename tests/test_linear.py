@@ -241,6 +241,8 @@ def test_end_to_end_subprocess(trained, tmp_path):
     assert (out / "run_linear_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "run_linear_config.json").read_text())["arch"] is None  # no override given
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    files = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("files: ")][-1]
+    assert sorted(files[len("files: "):].split(", ")) == sorted(str(out / p) for p in os.listdir(out)), files
 
 
 def test_runs_on_other_checkpoints_never_overwrite(trained, tmp_path, capsys):

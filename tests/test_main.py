@@ -14,6 +14,7 @@ from simclr.data import load_dataset
 from simclr.engine import Runtime
 from simclr.knn import encoder_features, knn_accuracy
 from simclr.model import SimCLR
+from simclr.pretrain import drop_last_note
 
 
 @pytest.mark.long
@@ -161,3 +162,32 @@ def test_the_supcon_recipe_scales_its_loss_as_supcontrast_and_only_its_loss():
     older = {k: v for k, v in recipe.items() if k != "supcon_base_temperature"}
     values, _ = flags.train_resume_values({"resume": "x"}, older, "x")
     assert values["supcon_base_temperature"] is None
+
+
+@pytest.mark.parametrize("n,batch,world,better", [(500, 256, 1, "--batch_size 250 uses them all"),
+                                                  (500, 256, 4, "--batch_size 248 leaves out 4"),
+                                                  (300, 256, 1, "--batch_size 150 uses them all"),
+                                                  (3, 2, 1, "(33%, the incomplete last batch)")])
+def test_the_drop_last_note_names_the_share_and_a_batch_that_fits(n, batch, world, better):
+    note = drop_last_note(n, batch, world)
+    dropped = n % batch
+    assert note.startswith(f"note: --batch_size {batch} leaves out {dropped} of the {n} training images every epoch "
+                           f"({100 * dropped / n:.0f}%") and note.endswith(better), note
+    if better.startswith("--batch_size"):  # else no accepted batch size leaves out fewer
+        suggested = int(better.split()[1])
+        assert suggested % world == 0 and 2 <= suggested <= batch and n % suggested < dropped
+
+
+@pytest.mark.parametrize("n,batch", [(5000, 256), (10000, 256), (48, 8), (1100, 1000)])
+def test_no_drop_last_note_at_a_tenth_or_less(n, batch):
+    assert drop_last_note(n, batch) is None
+
+
+def test_main_says_at_start_when_the_last_batch_drops_much(tiny_folder, tmp_path, capsys):
+    # 48 training images at batch 20: two steps of 20, 8 images (17%) left out of every epoch
+    assert main.main(tiny_run_args(tiny_folder, tmp_path, "d", batch_size=20)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    notes = [i for i, line in enumerate(lines) if "leaves out" in line]
+    assert len(notes) == 1 and lines[notes[0]] == drop_last_note(48, 20), lines
+    assert notes[0] < min(i for i, line in enumerate(lines) if line.startswith("epoch 1/"))  # at start
+    assert drop_last_note(48, 20).endswith("--batch_size 16 uses them all")

@@ -87,6 +87,25 @@ def test_plot_run_with_linear_keys(tmp_path):
     assert png_size(path) == (1000, 400)
 
 
+def _right_panel_labels(rows, monkeypatch) -> list[str]:
+    """The legend labels of plot_run's accuracy panel for `rows` (the figure caught before it is saved)."""
+    drawn = []
+    monkeypatch.setattr(curves, "save", lambda fig, path: drawn.append(fig))
+    curves.plot_run(rows, "unused.png", "run")
+    right = drawn[0].axes[1]
+    assert ("online probe" in right.get_ylabel()) == ("online probe top-1" in right.get_legend_handles_labels()[1])
+    return right.get_legend_handles_labels()[1]
+
+
+def test_plot_run_draws_the_online_probe_where_the_rows_have_it(monkeypatch):
+    with_probe = [{**r, "probe_acc@1": None if r["test_acc@1"] is None else r["test_acc@1"] - 5, "probe_acc@5": None}
+                  for r in ROWS]
+    assert _right_panel_labels(with_probe, monkeypatch) == ["test acc@1", "test acc@5", "online probe top-1"]
+    no_figures = [{**r, "probe_acc@1": float("nan")} for r in ROWS]  # the probe's columns empty: no line
+    assert _right_panel_labels(no_figures, monkeypatch) == ["test acc@1", "test acc@5"]
+    assert _right_panel_labels(ROWS, monkeypatch) == ["test acc@1", "test acc@5"]
+
+
 # ----------------------------------------------------------------------------- plot.py
 
 def test_compare_one_and_several_runs(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """fp32 where it is promised, also inside a caller's autocast region; compile-clean gradient checkpointing."""
 import copy
+import os
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from references import brute_force_knn_scores, naive_nt_xent
 from simclr import engine
 from simclr.engine import cpu_has_native_bf16
 from simclr.knn import knn_scores, nearest_neighbors
+from simclr.loop import RESULT_FILES
+from simclr.pretrain import precision_note
 from simclr.model import SimCLR, nt_xent
 
 
@@ -107,6 +110,20 @@ def test_a_tiny_run_records_and_says_the_precision_it_chose(tiny_folder, tmp_pat
     assert main.main(tiny_run_args(tiny_folder, tmp_path, "p", batch_size=16)) == 0
     chosen = json.loads((tmp_path / "p_config.json").read_text())["precision"]
     assert chosen == ("bf16" if cpu_has_native_bf16() else "fp32")
-    assert f"precision: {chosen} (auto:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"precision: {chosen} (auto:" in out
     last = torch.load(tmp_path / "p_last.pth", weights_only=True)
     assert last["config"]["precision"] == chosen  # the checkpoint holds the same resolved config
+    # the closing line names every file the run wrote (the lock file is hidden, not a result)
+    done = [line for line in out.splitlines() if line.startswith("done:")][-1]
+    named = {os.path.basename(p) for p in done.split("files ", 1)[1].split(", ")}
+    assert named == {p for p in os.listdir(tmp_path) if not p.startswith(".")}, done
+    assert named == {f"p_{kind}" for kind in RESULT_FILES}
+
+
+@pytest.mark.parametrize("precision,device,hint", [("bf16", "cpu", True), ("fp32", "cpu", False),
+                                                   ("bf16", "cuda", True), ("fp16", "cuda", True)])
+def test_the_precision_note_offers_fp32_only_when_it_is_not_fp32(precision, device, hint):
+    note = precision_note(precision, device)
+    assert note.startswith(f"precision: {precision} (auto: ")
+    assert ("--precision fp32" in note) == hint, note

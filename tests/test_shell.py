@@ -14,7 +14,8 @@ REFUSED = {"main.py": ["--lr", "1e300"],
            "neighbors.py": ["--model_path", "x_model.pth", "--k", "0"],
            "embed.py": ["--model_path", "x_model.pth", "--method", "umap"],
            "plot.py": ["a_statistics.csv", "--bogus"],
-           "bench.py": ["--arch", "vgg"]}
+           "bench.py": ["--arch", "vgg"],
+           "export_images.py": ["--format", "gif"]}
 
 
 def run_script(script: str, *args: str) -> tuple[int, str, list[str], list[str]]:
