@@ -760,7 +760,7 @@ def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str
     as3 = lambda v: (float(v[0]), float(v[1]), float(v[2]))  # noqa: E731
     if unlabeled_dir is not None and len(missing) == 2:
         train, _, mean, std = _folder_split(unlabeled_dir, size, cache_dir, log, unlabeled_dir)
-        train = _without_unlabeled_copies(train, log)
+        train = _without_unlabeled_copies(train, _pixel_digests(train.images), log)
         none = ImageSet(torch.zeros((0, size, size, 3), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
         return DataBundle(name='folder', train=train, memory=none, test=none, classes=[], mean=as3(mean),
                           std=as3(std), image_size=size)
@@ -778,11 +778,12 @@ def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str
     train, classes, mean, std = _folder_split(split_dirs['train'], size, cache_dir, log, unlabeled_dir)
     test, _, _, _ = _folder_split(split_dirs['test'], size, cache_dir, log)
     memory = train
+    digests = _pixel_digests(train.images)  # once: the copies left out and the test images seen in training
     if unlabeled_dir is not None:  # the labeled rows come first: the bank is a view of them, never a copy
-        train = _without_unlabeled_copies(train, log)
+        train = _without_unlabeled_copies(train, digests, log)
         n_labeled = int((train.labels >= 0).sum())
         memory = ImageSet(train.images[:n_labeled], train.labels[:n_labeled])
-    _note_test_copies(train, test, _shown(root), log)
+    _note_test_copies(set(digests), test, _shown(root), log)
     return DataBundle(name='folder', train=train, memory=memory, test=test, classes=classes, mean=as3(mean),
                       std=as3(std), image_size=size)
 
@@ -793,10 +794,11 @@ def _pixel_digests(images: torch.Tensor) -> list[bytes]:
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
 
 
-def _without_unlabeled_copies(train: ImageSet, log: Callable[[str], Any]) -> ImageSet:
-    """`train` without the unlabeled images (label -1, after the labeled rows) whose pixels are those of a
-    labeled image or of an earlier unlabeled one: each image is trained on once, labeled if it has a label."""
-    digests, labels = _pixel_digests(train.images), train.labels.tolist()
+def _without_unlabeled_copies(train: ImageSet, digests: list[bytes], log: Callable[[str], Any]) -> ImageSet:
+    """`train` without the unlabeled images (label -1, after the labeled rows) whose pixels (digests: one per
+    image) are those of a labeled image or of an earlier unlabeled one: each image is trained on once,
+    labeled if it has a label."""
+    labels = train.labels.tolist()
     seen: dict[bytes, bool] = {}  # digest -> labeled
     keep, of_labeled, of_unlabeled = [], 0, 0
     for i, (digest, label) in enumerate(zip(digests, labels)):
@@ -816,9 +818,8 @@ def _without_unlabeled_copies(train: ImageSet, log: Callable[[str], Any]) -> Ima
     return ImageSet(train.images[index], train.labels[index])
 
 
-def _note_test_copies(train: ImageSet, test: ImageSet, root: str, log: Callable[[str], Any]) -> None:
-    """Say how many test images are also training images (same pixels): the accuracies count them."""
-    known = set(_pixel_digests(train.images))
+def _note_test_copies(known: set[bytes], test: ImageSet, root: str, log: Callable[[str], Any]) -> None:
+    """Say how many test images are also training images (known: their pixel digests): the accuracies count them."""
     copies = sum(digest in known for digest in _pixel_digests(test.images))
     if copies:
         log(f"note: {copies} of the {len(test)} images of {root}test/ are also training images (same pixels once "
