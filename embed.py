@@ -25,8 +25,8 @@ DESCRIPTION = "Draw encoder features of the test images in two dimensions (t-SNE
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (the job: simclr/feature_map.py, which imports torch)."""
-    return run_on_model(argv, EMBED_FLAGS, DESCRIPTION, "feature_map",
-                        "try a smaller --eval_batch_size, or --device cpu")
+    return run_on_model(argv, flags=EMBED_FLAGS, description=DESCRIPTION, job="feature_map",
+                        oom_advice="try a smaller --eval_batch_size, or --device cpu")
 
 
 if __name__ == "__main__":

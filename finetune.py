@@ -24,8 +24,8 @@ from simclr.starting import starting
 with starting():  # Ctrl-C during these imports is one line too, not a traceback
     from simclr.cli import run_cli
     from simclr.flags import FINETUNE_FLAGS, build_parser
+    from simclr.names import FINETUNE_COLUMNS as CSV_COLUMNS  # NAME_finetune_TAG_statistics.csv's columns
 
-CSV_COLUMNS = "epoch, train_loss, train_acc@1, train_acc@5, test_acc@1, test_acc@5, lr, epoch_seconds"
 OOM_ADVICE = "use a smaller --batch_size or --eval_batch_size, or --precision bf16"
 
 
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     def job() -> int:
         # only the flags given: a resumed run takes the others from its checkpoint
         parser = build_parser(FINETUNE_FLAGS, "Fine-tune a SimCLR encoder with a few labels.",
-                              f"Files: RESULTS/NAME_finetune_TAG_statistics.csv ({CSV_COLUMNS}), _model.pth, "
-                              f"_last.pth, _config.json, _curves.png.", explicit_only=True)
+                              f"Files: RESULTS/NAME_finetune_TAG_statistics.csv ({', '.join(CSV_COLUMNS)}), "
+                              f"_model.pth, _last.pth, _config.json, _curves.png.", explicit_only=True)
         explicit = vars(parser.parse_args(argv))
         from simclr import finetuning
         return finetuning.run(explicit)

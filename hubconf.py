@@ -48,7 +48,8 @@ def _entry_point(arch: str):
     def load(weights: str | None = None, encoder_only: bool = False, feature_dim: int | None = None,
              proj_hidden_dim: int | None = None, stem: str | None = None, proj_layers: int | None = None,
              head: str | None = None):
-        return _build(arch, weights, encoder_only, dict(feature_dim=feature_dim, proj_hidden_dim=proj_hidden_dim,
+        return _build(arch, weights=weights, encoder_only=encoder_only,
+                      sizes=dict(feature_dim=feature_dim, proj_hidden_dim=proj_hidden_dim,
                                                         stem=stem, proj_layers=proj_layers, head=head))
     title = _encoders.ENCODERS[arch].summary.split(",")[0]  # "ResNet-18, 512-d features" -> "ResNet-18"
     load.__name__ = load.__qualname__ = arch

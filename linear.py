@@ -19,7 +19,7 @@ from simclr.starting import starting
 with starting():  # Ctrl-C during these imports is one line too, not a traceback
     from simclr.cli import UserError, run_cli
     from simclr.flags import DEFAULT_LR, LINEAR_FLAGS, LinearConfig, build_parser as flags_parser, check_name
-    from simclr.names import LINEAR_COLUMNS as CSV_COLUMNS  # noqa: F401 (NAME_linear_statistics.csv's columns)
+    from simclr.names import LINEAR_COLUMNS as CSV_COLUMNS  # NAME_linear_statistics.csv's columns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 def build_config(argv: list[str] | None = None) -> LinearConfig:
     """Flags -> validated LinearConfig (reads no file)."""
     parser = flags_parser(LINEAR_FLAGS, "Linear evaluation of a SimCLR encoder (frozen encoder, trained linear "
-                          "layer).", "Files: RESULTS/NAME_linear_statistics.csv (epoch, train_loss, train_acc@1, "
-                          "train_acc@5, test_loss, test_acc@1, test_acc@5, lr, epoch_seconds), NAME_linear_model.pth, "
-                          "NAME_linear_config.json, NAME_linear_curves.png.")
+                          "layer).", f"Files: RESULTS/NAME_linear_statistics.csv ({', '.join(CSV_COLUMNS)}), "
+                          "NAME_linear_model.pth, NAME_linear_config.json, NAME_linear_curves.png.")
     values = vars(parser.parse_args(argv))
     if values["lr"] is None:
         values["lr"] = DEFAULT_LR[values["optimizer"]]

@@ -21,8 +21,8 @@ DESCRIPTION = "Show test images and their nearest labeled training images by enc
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (the job: simclr/neighbor_grid.py, which imports torch)."""
-    return run_on_model(argv, NEIGHBORS_FLAGS, DESCRIPTION, "neighbor_grid",
-                        "try a smaller --eval_batch_size, or --device cpu")
+    return run_on_model(argv, flags=NEIGHBORS_FLAGS, description=DESCRIPTION, job="neighbor_grid",
+                        oom_advice="try a smaller --eval_batch_size, or --device cpu")
 
 
 if __name__ == "__main__":

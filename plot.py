@@ -26,9 +26,8 @@ from simclr.starting import starting
 with starting():  # Ctrl-C during these imports is one line too, not a traceback
     from simclr.cli import OneLineParser, UserError, first_line, run_cli
     from simclr.curves import epoch_axes, pyplot, save, series
-    from simclr.names import run_name
+    from simclr.names import ORIGINAL_COLUMNS as REQUIRED, run_name  # every kind of CSV has these
 
-REQUIRED = ("epoch", "train_loss", "test_acc@1", "test_acc@5")
 # kind -> (what it is, its loss axis, its accuracy axis)
 KINDS = {"pretraining": ("main.py statistics", "train loss", "kNN top-1 (%)"),
          "linear": ("linear.py probe", "train loss (cross-entropy)", "linear probe top-1 (%)"),

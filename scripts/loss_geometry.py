@@ -51,11 +51,11 @@ def class_gap(features: torch.Tensor, labels: torch.Tensor) -> float:
 def measure(model, bundle, k: int, knn_temperature: float) -> dict:
     """kNN top-1 on h and z, class gap in h and z (fp32 on the CPU)."""
     runtime = make_runtime("cpu", "fp32", channels_last=False)
-    bank_h, bank_z = embed(model, bundle.memory.images, bundle.mean, bundle.std, runtime)
+    bank_h, bank_z = embed(model, bundle.labeled.images, bundle.mean, bundle.std, runtime)
     test_h, test_z = embed(model, bundle.test.images, bundle.mean, bundle.std, runtime)
     row = {}
     for name, bank, test in (("h", bank_h, test_h), ("z", bank_z, test_z)):
-        row[f"knn_{name}"] = knn_accuracy(test, bundle.test.labels, bank, bundle.memory.labels,
+        row[f"knn_{name}"] = knn_accuracy(test, bundle.test.labels, bank, bundle.labeled.labels,
                                           len(bundle.classes), k, knn_temperature)[0]
         row[f"gap_{name}"] = class_gap(test, bundle.test.labels)
     return row

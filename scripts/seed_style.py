@@ -100,9 +100,9 @@ def knn_top1_top5(model: SimCLR, bundle, k: int, knn_temperature: float, runtime
     """The project's weighted kNN of test images against the memory bank, on features h."""
     model.eval()
     to_input = lambda batch: normalize(batch, bundle.mean, bundle.std)  # noqa: E731
-    bank = extract_features(model.encode, bundle.memory.images, to_input, runtime, batch_size)
+    bank = extract_features(model.encode, bundle.labeled.images, to_input, runtime, batch_size)
     test = extract_features(model.encode, bundle.test.images, to_input, runtime, batch_size)
-    return knn_accuracy(test, bundle.test.labels, bank, bundle.memory.labels, len(bundle.classes), k,
+    return knn_accuracy(test, bundle.test.labels, bank, bundle.labeled.labels, len(bundle.classes), k,
                         knn_temperature)
 
 

@@ -105,8 +105,8 @@ def sample_crop_boxes(
     log_lo, log_hi = math.log(_RATIO[0]), math.log(_RATIO[1])
     # All tries for all samples at once, drawn in float32 like torchvision; the box
     # arithmetic is done in float64 because torchvision does it with Python floats.
-    frac = _uniform((batch, _CROP_TRIES), min_scale, 1.0, generator).double()  # (B, 10)
-    log_r = _uniform((batch, _CROP_TRIES), log_lo, log_hi, generator)  # (B, 10)
+    frac = _uniform((batch, _CROP_TRIES), lo=min_scale, hi=1.0, generator=generator).double()  # (B, 10)
+    log_r = _uniform((batch, _CROP_TRIES), lo=log_lo, hi=log_hi, generator=generator)  # (B, 10)
     ratio = torch.exp(log_r).double()
     target = area * frac
     # torch.round rounds half to even, exactly like Python's round().
@@ -157,7 +157,8 @@ def sample_params(
       sigma: float32 Gaussian sigma in [0.1, 2.0) (used only where blur).
     """
     dev = generator.device
-    top, left, h, w = sample_crop_boxes(batch, height, width, cfg.min_crop_scale, generator)
+    top, left, h, w = sample_crop_boxes(batch, height=height, width=width, min_scale=cfg.min_crop_scale,
+                                        generator=generator)
     (b_lo, b_hi), (c_lo, c_hi), (s_lo, s_hi), (h_lo, h_hi) = jitter_ranges(cfg)
     # Sorting i.i.d. uniforms gives a uniformly random permutation per row.
     order = torch.rand((batch, 4), generator=generator, device=dev).argsort(dim=1)  # (B, 4)
@@ -169,14 +170,14 @@ def sample_params(
         "width": w,
         "flip": torch.rand(batch, generator=generator, device=dev) < 0.5,
         "jitter": torch.rand(batch, generator=generator, device=dev) < 0.8,
-        "brightness": _uniform((batch,), b_lo, b_hi, generator),
-        "contrast": _uniform((batch,), c_lo, c_hi, generator),
-        "saturation": _uniform((batch,), s_lo, s_hi, generator),
-        "hue": _uniform((batch,), h_lo, h_hi, generator),
+        "brightness": _uniform((batch,), lo=b_lo, hi=b_hi, generator=generator),
+        "contrast": _uniform((batch,), lo=c_lo, hi=c_hi, generator=generator),
+        "saturation": _uniform((batch,), lo=s_lo, hi=s_hi, generator=generator),
+        "hue": _uniform((batch,), lo=h_lo, hi=h_hi, generator=generator),
         "order": order,
         "grayscale": torch.rand(batch, generator=generator, device=dev) < 0.2,
         "blur": torch.rand(batch, generator=generator, device=dev) < blur_p,
-        "sigma": _uniform((batch,), _SIGMA_RANGE[0], _SIGMA_RANGE[1], generator),
+        "sigma": _uniform((batch,), lo=_SIGMA_RANGE[0], hi=_SIGMA_RANGE[1], generator=generator),
     }
 
 
@@ -375,7 +376,7 @@ def color_jitter(
         keep = torch.where(active, keep, ones)
         to_mean = torch.where(active, to_mean, zeros)
         to_gray_w = torch.where(active, to_gray_w, zeros)
-        return blend_linear(x, keep, to_mean, to_gray_w)
+        return blend_linear(x, keep=keep, to_mean=to_mean, to_gray_w=to_gray_w)
 
     # Hue is the expensive op, so it runs once for the whole batch: the linear ops
     # placed before each image's hue slot run first, those after it run afterwards.
@@ -449,18 +450,19 @@ def apply_unnormalized(images: torch.Tensor, params: dict[str, torch.Tensor], cf
     """(B, H, W, 3) uint8 -> (B, 3, S, S) float32 in [0, 1], augmented with params, before Normalize."""
     dev = images.device
     p = {k: v.to(dev, non_blocking=True) for k, v in params.items()}
-    x = crop_resize_flip(images, p["top"], p["left"], p["height"], p["width"], p["flip"], cfg.image_size)
+    x = crop_resize_flip(images, top=p["top"], left=p["left"], height=p["height"], width=p["width"], flip=p["flip"],
+                         size=cfg.image_size)
 
     # Images without jitter get identity factors, so no data-dependent branching.
     on = p["jitter"]
     one = torch.ones_like(p["brightness"])
     x = color_jitter(
         x,
-        torch.where(on, p["brightness"], one),
-        torch.where(on, p["contrast"], one),
-        torch.where(on, p["saturation"], one),
-        torch.where(on, p["hue"], torch.zeros_like(one)),
-        p["order"],
+        brightness=torch.where(on, p["brightness"], one),
+        contrast=torch.where(on, p["contrast"], one),
+        saturation=torch.where(on, p["saturation"], one),
+        hue=torch.where(on, p["hue"], torch.zeros_like(one)),
+        order=p["order"],
     )
     x = random_grayscale(x, p["grayscale"])
     if cfg.blur:  # a config flag, not tensor data: no sync
@@ -512,7 +514,7 @@ def _apply_in_threads(images: torch.Tensor, params: dict[str, torch.Tensor], cfg
 def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """One augmented view per image: (B, H, W, 3) uint8 -> (B, 3, S, S) float32."""
     b, h, w, _ = images.shape
-    return apply_params(images, sample_params(b, h, w, cfg, generator), cfg)
+    return apply_params(images, sample_params(b, height=h, width=w, cfg=cfg, generator=generator), cfg)
 
 
 def two_views(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
@@ -526,11 +528,12 @@ def crop_flip(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generat
     """Random resized crop and horizontal flip only, per image (supervised fine-tuning, as SimCLR's):
     (B, H, W, 3) uint8 -> (B, 3, S, S) float32 normalized. Colour, grayscale and blur settings are ignored."""
     b, h, w, _ = images.shape
-    top, left, height, width = sample_crop_boxes(b, h, w, cfg.min_crop_scale, generator)
+    top, left, height, width = sample_crop_boxes(b, height=h, width=w, min_scale=cfg.min_crop_scale,
+                                                 generator=generator)
     flip = torch.rand(b, generator=generator, device=generator.device) < 0.5
     dev = images.device
-    x = crop_resize_flip(images, top.to(dev), left.to(dev), height.to(dev), width.to(dev), flip.to(dev),
-                         cfg.image_size)
+    x = crop_resize_flip(images, top=top.to(dev), left=left.to(dev), height=height.to(dev), width=width.to(dev),
+                         flip=flip.to(dev), size=cfg.image_size)
     return normalize_float(x, cfg.mean, cfg.std)
 
 

@@ -247,8 +247,9 @@ def train_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: in
             per_view_batchnorm(net)  # the project's default; the naive step's two passes need plain BatchNorm
         if v.channels_last:
             net = net.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
-        runs[v.name] = make_step(v, net, optimizer, data, cfg, transform, batch, n_batches, device)
+        optimizer = build_optimizer(net, name="adam", lr=LR, weight_decay=WEIGHT_DECAY)
+        runs[v.name] = make_step(v, net=net, optimizer=optimizer, data=data, cfg=cfg, transform=transform,
+                                 batch=batch, n_batches=n_batches, device=device)
     references = references or {}
     runs.update({f"rate {p}": probe for p, probe in references.items()})
     times = interleaved(runs, warmup, steps)
@@ -276,7 +277,7 @@ def make_step(v: Variant, net: torch.nn.Module, optimizer: torch.optim.Optimizer
     if v.naive:
         def step(i: int) -> None:
             v1, v2 = pil_views(data[(i % n_batches) * batch:((i % n_batches) + 1) * batch].cpu(), transform)
-            naive_step(net, optimizer, v1.to(device), v2.to(device), TEMPERATURE)
+            naive_step(net, optimizer=optimizer, v1=v1.to(device), v2=v2.to(device), temperature=TEMPERATURE)
             sync(device)  # perf_counter timing: the step must be finished, not just queued
         return step
     runtime = make_runtime(device, v.precision, v.channels_last)
@@ -306,7 +307,7 @@ def bn_stats_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch:
     views = [two_views(data[i * batch:(i + 1) * batch], cfg, generator) for i in range(max(1, data.shape[0] // batch))]
 
     def timed_step(net: torch.nn.Module) -> Callable[[int], None]:
-        optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
+        optimizer = build_optimizer(net, name="adam", lr=LR, weight_decay=WEIGHT_DECAY)
 
         def run(i: int) -> None:
             train_step(net, optimizer, views[i % len(views)], method=METHOD, runtime=runtime)
@@ -346,9 +347,9 @@ def report_pair(title: str, record: dict, rows: tuple[tuple[str, str], ...], rat
 
 def report_bn_stats(bn: dict) -> list[str]:
     """Print the per-view vs joint table; returns target lines."""
-    report_pair("BatchNorm statistics", bn, (("step --bn_stats joint", "joint_seconds_per_step"),
+    report_pair("BatchNorm statistics", record=bn, rows=(("step --bn_stats joint", "joint_seconds_per_step"),
                                              ("step --bn_stats per_view", "per_view_seconds_per_step")),
-                "per_view/joint")
+                ratio_name="per_view/joint")
     return [f"per_view step <= {TARGET_PER_VIEW_OVERHEAD:g}x joint: {bn['ratio']:.3f}x, "
             f"{verdict(bn['ratio'] <= TARGET_PER_VIEW_OVERHEAD)}"]
 
@@ -367,13 +368,14 @@ def probe_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: in
     data = images.to(device)
     views = [two_views(data[i * batch:(i + 1) * batch], cfg, generator) for i in range(max(1, data.shape[0] // batch))]
     labels = torch.randint(0, num_classes, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
-    probe = OnlineProbe(probed.feature_width, num_classes, device, World())
+    probe = OnlineProbe(probed.feature_width, num_classes=num_classes, device=device, world=World())
 
     def timed_step(net: torch.nn.Module, with_probe: bool) -> Callable[[int], None]:
-        optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
+        optimizer = build_optimizer(net, name="adam", lr=LR, weight_decay=WEIGHT_DECAY)
 
         def run(i: int) -> None:
-            train_step(net, optimizer, views[i % len(views)], labels, method=METHOD, runtime=runtime,
+            train_step(net, optimizer=optimizer, views=views[i % len(views)], labels=labels, method=METHOD,
+                       runtime=runtime,
                        probe=probe if with_probe else None)
             sync(device)
         return run
@@ -388,8 +390,8 @@ def probe_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: in
 
 def report_probe(pr: dict) -> list[str]:
     """Print the probe's cost table; returns target lines."""
-    report_pair("online probe", pr, (("step --no-online_probe", "off_seconds_per_step"),
-                                     ("step --online_probe", "on_seconds_per_step")), "probe on/off")
+    report_pair("online probe", record=pr, rows=(("step --no-online_probe", "off_seconds_per_step"),
+                                     ("step --online_probe", "on_seconds_per_step")), ratio_name="probe on/off")
     return [f"online probe step <= {TARGET_PROBE_OVERHEAD:g}x the step: {pr['paired_ratio']:.3f}x (paired), "
             f"{verdict(pr['paired_ratio'] <= TARGET_PROBE_OVERHEAD)}"]
 
@@ -432,7 +434,7 @@ class RateProbe:
         self.rates: list[float] = []
 
     def __call__(self, i: int) -> None:
-        self.rates += burst_rates(self.kernel, self.calls, 1, self.device)
+        self.rates += burst_rates(self.kernel, calls=self.calls, bursts=1, device=self.device)
 
     def record(self, warmup: int) -> dict:
         """Best and median GFLOP/s of the bursts after the first `warmup` ones."""
@@ -474,8 +476,8 @@ def breakdown_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch
     def main_step() -> Callable[[int], None]:
         """main.py's step: lr, the batch's images, two views, train_step, the probe, the monitor's sums."""
         net = copy.deepcopy(models[default_bn])
-        optimizer = build_optimizer(net, "adam", LR, WEIGHT_DECAY)
-        probe = OnlineProbe(net.feature_width, num_classes, device, World())
+        optimizer = build_optimizer(net, name="adam", lr=LR, weight_decay=WEIGHT_DECAY)
+        probe = OnlineProbe(net.feature_width, num_classes=num_classes, device=device, world=World())
         sums, first_bad = torch.zeros(1, device=device), torch.tensor(-1, device=device)
 
         def run(i: int) -> None:
@@ -483,7 +485,8 @@ def breakdown_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch
             idx = indices(i)
             generator.manual_seed(mix_seed(0, i))
             batch_views = two_views(data[idx].to(device, non_blocking=True), cfg, generator)
-            loss = train_step(net, optimizer, batch_views, labels[idx], method=METHOD, runtime=runtime, probe=probe)
+            loss = train_step(net, optimizer=optimizer, views=batch_views, labels=labels[idx], method=METHOD,
+                              runtime=runtime, probe=probe)
             sums.add_(loss.reshape(1))  # the monitor's bookkeeping on the device (no sync)
             first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad))
             sync(device)
@@ -509,8 +512,8 @@ def breakdown_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch
     stepped = copy.deepcopy(models[default_bn])
     for p in stepped.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    optimizer = build_optimizer(stepped, "adam", LR, WEIGHT_DECAY)
-    probe = OnlineProbe(stepped.feature_width, num_classes, device, World())
+    optimizer = build_optimizer(stepped, name="adam", lr=LR, weight_decay=WEIGHT_DECAY)
+    probe = OnlineProbe(stepped.feature_width, num_classes=num_classes, device=device, world=World())
     fixed_h, fixed_labels = h.detach(), labels[indices(0)]
 
     def optimizer_part(i: int) -> None:
@@ -631,8 +634,9 @@ def epoch_row(arch: str, batch: int, data: torch.Tensor, cfg: AugmentConfig, dev
     torch.manual_seed(0)
     model = default_model(arch, bn_stats=TRAIN_DEFAULTS["bn_stats"])
     model = model.to(device).to(memory_format=torch.channels_last)
-    runtime = make_runtime(device, "auto", True, compile_net)  # the settings main.py trains with
-    optimizer = build_optimizer(model, "adam", LR, WEIGHT_DECAY)
+    runtime = make_runtime(device, precision="auto", channels_last=True,
+                           compile=compile_net)  # the settings main.py trains with
+    optimizer = build_optimizer(model, name="adam", lr=LR, weight_decay=WEIGHT_DECAY)
     scaler = runtime.grad_scaler()
     net = runtime.maybe_compile(model)
     n = data.shape[0]
@@ -677,12 +681,14 @@ def knn_seconds(arch: str, bank: torch.Tensor, test: torch.Tensor, device: torch
     to_input = lambda x: normalize(x, CIFAR_MEAN, CIFAR_STD)  # noqa: E731
     labels_bank = torch.randint(0, 10, (bank.shape[0],), device=device)
     labels_test = torch.randint(0, 10, (test.shape[0],), device=device)
-    forward_in_batches(model.encode, bank[:batch], to_input, runtime, batch)  # warm-up: kernel choice, allocator
+    forward_in_batches(model.encode, images=bank[:batch], to_input=to_input, runtime=runtime,
+                       batch_size=batch)  # warm-up: kernel choice, allocator
     sync(device)
     t0 = time.perf_counter()
-    f_bank = forward_in_batches(model.encode, bank, to_input, runtime, batch)
-    f_test = forward_in_batches(model.encode, test, to_input, runtime, batch)
-    knn_accuracy(f_test, labels_test, f_bank, labels_bank, 10, min(200, bank.shape[0]), TEMPERATURE)  # .item(): syncs
+    f_bank = forward_in_batches(model.encode, images=bank, to_input=to_input, runtime=runtime, batch_size=batch)
+    f_test = forward_in_batches(model.encode, images=test, to_input=to_input, runtime=runtime, batch_size=batch)
+    knn_accuracy(f_test, test_labels=labels_test, bank_features=f_bank, bank_labels=labels_bank, num_classes=10,
+                 k=min(200, bank.shape[0]), temperature=TEMPERATURE)  # .item(): syncs
     sync(device)
     return time.perf_counter() - t0
 
@@ -702,11 +708,12 @@ def epoch_section(device: torch.device, archs: tuple[str, ...], batches: tuple[i
     for arch in archs:
         _, macs, _ = count_macs(default_model(arch), 32)
         for batch in batches:
-            rows.append({**epoch_row(arch, batch, data, cfg, device, warmup, steps, compile_net, macs, peak),
+            rows.append({**epoch_row(arch, batch=batch, data=data, cfg=cfg, device=device, warmup=warmup,
+                                     steps=steps, compile_net=compile_net, macs=macs, peak=peak),
                          "macs_per_image": macs})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        knn[arch] = knn_seconds(arch, data, test, device, eval_batch)
+        knn[arch] = knn_seconds(arch, bank=data, test=test, device=device, batch=eval_batch)
     for row in rows:
         row["knn_seconds"] = knn[row["arch"]]
         sheet = datasheet_tflops(name, row["precision"]) if device.type == "cuda" else None
@@ -872,10 +879,12 @@ def measure(args) -> dict:
     if "augmentation" in sections:
         # The augmentation comparison is a host-side one (PIL only runs on CPUs); on a GPU the
         # tensor pipeline's cost shows up as the data share of the epoch rows instead.
-        record["augmentation"] = augmentation_section(images, cfg, s["aug_batch"], s["threads"], 1, s["aug_steps"])
+        record["augmentation"] = augmentation_section(images, cfg=cfg, batch=s["aug_batch"], threads=s["threads"],
+                                                      warmup=1, steps=s["aug_steps"])
         if device.type == "cuda":
             record["augmentation"].update(device=device.type, device_batch_images=1024,
-                                          device_tensor_views_per_s=device_augmentation(device, cfg, 1024, 3, 10))
+                                          device_tensor_views_per_s=device_augmentation(device, cfg=cfg, batch=1024,
+                                                                                        warmup=3, steps=10))
         targets += report_augmentation(record["augmentation"])
 
     if "step" in sections:
@@ -886,30 +895,35 @@ def measure(args) -> dict:
             print("  (--quick: no bf16 step variants, this CPU has no native bf16; the full run times them)")
         timed = precisions if device.type == "cpu" else (step_precision,)
         references = {p: RateProbe(reference_kernel(device, p, args.quick), device, burst) for p in timed}
-        record["train_step"] = train_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["steps"],
+        record["train_step"] = train_section(s["arch"], images=images, cfg=cfg, batch=s["batch"], device=device,
+                                             warmup=s["warmup"], steps=s["steps"],
                                              precisions=precisions, references=references)
         targets += report_train(record["train_step"])
 
     if "bn_stats" in sections:
-        record["bn_stats"] = bn_stats_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["bn_steps"])
+        record["bn_stats"] = bn_stats_section(s["arch"], images=images, cfg=cfg, batch=s["batch"], device=device,
+                                              warmup=s["warmup"], steps=s["bn_steps"])
         targets += report_bn_stats(record["bn_stats"])
 
     if "probe" in sections:
-        record["online_probe"] = probe_section(s["arch"], images, cfg, s["batch"], device, s["warmup"], s["bn_steps"])
+        record["online_probe"] = probe_section(s["arch"], images=images, cfg=cfg, batch=s["batch"], device=device,
+                                               warmup=s["warmup"], steps=s["bn_steps"])
         targets += report_probe(record["online_probe"])
 
     if "breakdown" in sections:
         reference = RateProbe(reference_kernel(device, step_precision, args.quick), device, burst)
-        record["breakdown"] = breakdown_section(s["arch"], images, cfg, s["breakdown_batch"], device, s["warmup"],
-                                                s["steps"], reference)
+        record["breakdown"] = breakdown_section(s["arch"], images=images, cfg=cfg, batch=s["breakdown_batch"],
+                                                device=device, warmup=s["warmup"],
+                                                steps=s["steps"], reference=reference)
         targets += report_breakdown(record["breakdown"])
 
     if "epochs" in sections:
         batches = (512, 1024) if args.batch_size is None else (args.batch_size,)
         archs = EPOCH_ARCHS if args.arch is None else (args.arch,)
         measured = {r["precision"]: r["best_gflops"] for r in record.get("rates", {}).get("rows", [])}
-        record["epochs"] = epoch_section(device, archs, batches, CIFAR_TRAIN, CIFAR_TEST, 3,
-                                         args.steps or 10, args.compile, measured=measured)
+        record["epochs"] = epoch_section(device, archs=archs, batches=batches, n_train=CIFAR_TRAIN,
+                                         n_test=CIFAR_TEST, warmup=3,
+                                         steps=args.steps or 10, compile_net=args.compile, measured=measured)
         targets += report_epochs(record["epochs"])
 
     record["load_average_end"] = load_average()

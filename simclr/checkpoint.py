@@ -24,7 +24,7 @@ from torch import nn
 from .cli import UserError, first_line
 from .files import atomic_save, refuse_to_replace
 from .methods import attach_modules
-from .flags import TRAIN, TRAIN_DEFAULTS
+from .flags import TRAIN, run_settings
 from .model import ARCHS, STEMS, SimCLR
 from .names import RUN_SUFFIXES, config_path_for, run_base, run_name  # noqa: F401 (re-exported)
 
@@ -247,8 +247,8 @@ def original_head_fault(state: dict[str, torch.Tensor]) -> str | None:
         return "g.0.bias is there, but the head's first Linear has no bias"
     if w3 is None or w3.dim() != 2 or w3.shape[1] != hidden:
         return f"g.3.weight is {shape('g.3.weight')}, not (D, {hidden}) (H = {hidden} from g.0.weight)"
-    fault = (out_of_bounds("proj_hidden_dim", hidden, "hidden width H", "g.0.weight")
-             or out_of_bounds("feature_dim", w3.shape[0], "feature dimension D", "g.3.weight"))
+    fault = (out_of_bounds("proj_hidden_dim", size=hidden, words="hidden width H", key="g.0.weight")
+             or out_of_bounds("feature_dim", size=w3.shape[0], words="feature dimension D", key="g.3.weight"))
     if fault is not None:
         return fault
     expected = {**{f"g.1.{k}": (hidden,) for k in ("weight", "bias", "running_mean", "running_var")},
@@ -355,14 +355,14 @@ def data_location(config: dict, dataset: str | None = None, data_root: str | Non
     The config's cache folder holds the decoded images of the config's data folder; another data
     folder (a copy elsewhere, the full set instead of a subset) keeps its own cache.
     """
-    require_labeled(config, dataset, data_root)
+    refuse_unlabeled_run(config, dataset, data_root)
     name, root = dataset or config["dataset"], data_root or config["data_root"]
     same = name == config["dataset"] and os.path.abspath(root) == os.path.abspath(config["data_root"])
     return dict(name=name, root=root, image_size=image_size or config["image_size"],
                 cache_dir=config.get("cache_dir") if same else None)
 
 
-def require_labeled(saved: dict, dataset: str | None, data_root: str | None) -> None:
+def refuse_unlabeled_run(saved: dict, dataset: str | None, data_root: str | None) -> None:
     """Refuse to evaluate a run of an unlabeled-only folder on its own data: it has no classes to score."""
     if saved.get("num_classes") == 0 and dataset is None and data_root is None:
         raise UserError(f"the run trained on unlabeled images only ({saved.get('data_root')}/unlabeled/), which "
@@ -375,7 +375,8 @@ HEAD_KEYS = ("feature_dim", "proj_hidden_dim", "proj_layers")
 def head_sizes(saved: dict, source: str) -> tuple[int, int, int]:
     """(feature_dim, proj_hidden_dim, proj_layers) of a run config, checked as main.py checks them; main.py's
     defaults where it names none (a config written before --proj_layers means the 2-layer head)."""
-    sizes = tuple(TRAIN[key].check(saved.get(key, TRAIN_DEFAULTS[key]), source) for key in HEAD_KEYS)
+    settings = run_settings(saved)
+    sizes = tuple(TRAIN[key].check(settings[key], source) for key in HEAD_KEYS)
     if sizes[1] is None:  # main.py writes the width it built, never the 'encoder's width' it was asked for
         raise UserError(f"proj_hidden_dim in {source} is null, not the width of a head; the file is damaged")
     return sizes
@@ -384,17 +385,18 @@ def head_sizes(saved: dict, source: str) -> tuple[int, int, int]:
 def model_from_config(saved: dict, source: str, arch: str | None = None, stem: str | None = None) -> SimCLR:
     """A randomly initialised SimCLR model of a run config's encoder and head; arch and stem (not None) stand in
     for the config's."""
+    settings = run_settings(saved)
     arch = arch if arch is not None else saved.get("arch")
-    stem = stem if stem is not None else saved.get("stem", TRAIN_DEFAULTS["stem"])
+    stem = stem if stem is not None else settings["stem"]
     if arch not in ARCHS or stem not in STEMS:
         raise UserError(f"{source} has arch {arch!r} and stem {stem!r}, not a model of this project")
     feature_dim, hidden, layers = head_sizes(saved, source)
     # the config says which last layer the head has: a config without `head` (older runs) means the original's
-    head = TRAIN["head"].check(saved.get("head", TRAIN_DEFAULTS["head"]), source)
+    head = TRAIN["head"].check(settings["head"], source)
     # and the modules of the config's method (nnclr: its predictor), so NAME_model.pth loads strictly
-    model = SimCLR(arch, feature_dim, hidden, stem, proj_layers=layers, head=head)
+    model = SimCLR(arch, feature_dim=feature_dim, proj_hidden_dim=hidden, stem=stem, proj_layers=layers, head=head)
     try:
-        return attach_modules(model, {**TRAIN_DEFAULTS, **saved, "feature_dim": feature_dim})
+        return attach_modules(model, {**settings, "feature_dim": feature_dim})
     except (ValueError, TypeError) as e:
         raise UserError(f"{source} names no method of this project ({first_line(e)[:120]})") from None
 
@@ -428,12 +430,12 @@ def open_run(weights: str, config_path: str | None = None, arch: str | None = No
     missing = [key for key in needs if key not in saved]
     if missing:
         raise UserError(f"{source} lacks {', '.join(missing)}: pass the NAME_config.json written by main.py")
-    model = model_from_config(saved, source, arch, stem)
-    stem = stem if stem is not None else saved.get("stem", TRAIN_DEFAULTS["stem"])
+    model = model_from_config(saved, source=source, arch=arch, stem=stem)
+    stem = stem if stem is not None else run_settings(saved)["stem"]
     if encoder_only:
-        load_strict(model.f, encoder_state(weights), weights, f"{model.arch} ({stem} stem) encoder")
+        load_strict(model.f, state=encoder_state(weights), path=weights, what=f"{model.arch} ({stem} stem) encoder")
     else:
-        load_strict(model, model_state(weights), weights, describe_model(model, stem), prefix="")
+        load_strict(model, state=model_state(weights), path=weights, what=describe_model(model, stem), prefix="")
     return model.eval(), saved
 
 
@@ -481,7 +483,7 @@ def resolve_encoder(saved: dict, arch: str | None = None, stem: str | None = Non
     def pick(key: str, flag, default=None):
         return flag if flag is not None else saved.get(key, default)
 
-    require_labeled(saved, dataset, data_root)
+    refuse_unlabeled_run(saved, dataset, data_root)
     arch, dataset, stem = pick("arch", arch), pick("dataset", dataset), pick("stem", stem, "cifar")
     if arch is None or dataset is None:
         raise UserError("the run config names no arch or dataset: pass --arch and --dataset")
@@ -530,13 +532,13 @@ def source_id(model_path: str | None, config: str | None, untrained: bool) -> st
 
 
 def check_not_taken(paths: dict[str, str], source: str, what: str, overwrite: bool, continue_hint: str = "") -> None:
-    """Refuse to write over the files of an earlier `what` (paths["config"] says of which weights) unless
+    """Refuse to write over the files of an earlier `what` (paths["config.json"] says of which weights) unless
     --overwrite: an evaluation's files are never replaced without being asked to (continue_hint: how to
     continue it, where it can be)."""
     if overwrite:
         return
     try:
-        with open(paths["config"]) as f:
+        with open(paths["config.json"]) as f:
             previous = json.load(f).get("source")
     except (OSError, ValueError, AttributeError, RecursionError):
         previous = None

@@ -82,7 +82,7 @@ class ImageSet:
 class DataBundle:
     name: str                  # 'cifar10' | 'cifar100' | 'stl10' | 'folder'
     train: ImageSet            # images for self-supervised training
-    memory: ImageSet           # labeled kNN memory bank
+    labeled: ImageSet          # the labeled training images: the kNN bank, linear.py's and finetune.py's set
     test: ImageSet
     classes: list[str]
     mean: tuple[float, float, float]   # per-channel, of images scaled to [0,1]
@@ -103,15 +103,15 @@ def load_dataset(name: str, root: str, image_size: int | None = None, download: 
     if size <= 0:
         raise DataError(f"image size must be a positive number of pixels, got {image_size}")
     if name in ('cifar10', 'cifar100'):
-        return _load_cifar(name, root, size, download, log)
+        return _load_cifar(name, root=root, size=size, download=download, log=log)
     if name == 'stl10':
-        return _load_stl10(root, size, download, log)
-    return _load_folder(root, size, cache_dir, log)
+        return _load_stl10(root, size=size, download=download, log=log)
+    return _load_folder(root, size=size, cache_dir=cache_dir, log=log)
 
 
-def require_labeled(bundle: DataBundle, root: str) -> DataBundle:
+def evaluable(bundle: DataBundle, root: str) -> DataBundle:
     """The bundle, if it has labeled training and test images (an evaluation needs both); else a DataError."""
-    if len(bundle.memory) == 0 or len(bundle.test) == 0:
+    if len(bundle.labeled) == 0 or len(bundle.test) == 0:
         raise DataError(f'{_shown(root)} has no labeled train/<class>/ or no test/<class>/ images (unlabeled/ alone '
                         f'cannot be evaluated on): pass --data_root a folder with both')
     return bundle
@@ -193,7 +193,8 @@ def _ignore_sigint(worker_id: int) -> None:
 def pil_view_batches(images: torch.Tensor, transform: Callable, batches: list[list[int]], seed: int, epoch: int,
                      workers: int, pin_memory: bool) -> Iterator[torch.Tensor]:
     """(2b, 3, S, S) batches of PIL-pipeline views, one per list of image indices, built in `workers` processes."""
-    loader = torch.utils.data.DataLoader(PilViews(images, transform, seed, epoch), batch_sampler=batches,
+    loader = torch.utils.data.DataLoader(PilViews(images, transform=transform, seed=seed, epoch=epoch),
+                                         batch_sampler=batches,
                                          num_workers=workers, pin_memory=pin_memory, collate_fn=collate_views,
                                          worker_init_fn=_ignore_sigint)
     return iter(loader)
@@ -246,10 +247,10 @@ def _resize_images(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.
 
 
 def _load_cifar(name: str, root: str, size: int, download: bool, log: Callable[[str], Any]) -> DataBundle:
-    """CIFAR-10/100 with memory = train (same object); images uint8 (N, size, size, 3)."""
-    train_ds = _open_torchvision(name, root, download, log, train=True)
+    """CIFAR-10/100 with labeled = train (same object); images uint8 (N, size, size, 3)."""
+    train_ds = _open_torchvision(name, root=root, download=download, log=log, train=True)
     # The first call downloaded/extracted if needed; the test split must now be on disk.
-    test_ds = _open_torchvision(name, root, False, log, train=False)
+    test_ds = _open_torchvision(name, root=root, download=False, log=log, train=False)
 
     def to_set(ds: Any) -> ImageSet:
         """torchvision's HWC view (N, 32, 32, 3) -> contiguous ImageSet."""
@@ -258,7 +259,7 @@ def _load_cifar(name: str, root: str, size: int, download: bool, log: Callable[[
 
     train = to_set(train_ds)
     mean, std = CHANNEL_STATS[name]
-    return DataBundle(name=name, train=train, memory=train, test=to_set(test_ds), classes=list(train_ds.classes),
+    return DataBundle(name=name, train=train, labeled=train, test=to_set(test_ds), classes=list(train_ds.classes),
                       mean=mean, std=std, image_size=size)
 
 
@@ -269,9 +270,9 @@ def _chw_to_hwc(data: np.ndarray) -> torch.Tensor:
 
 
 def _load_stl10(root: str, size: int, download: bool, log: Callable[[str], Any]) -> DataBundle:
-    """STL-10: train = train+unlabeled (105,000), memory = the 5,000 labeled train images, test = 8,000."""
-    train_ds = _open_torchvision('stl10', root, download, log, split='train+unlabeled')
-    test_ds = _open_torchvision('stl10', root, False, log, split='test')
+    """STL-10: train = train+unlabeled (105,000), labeled = the 5,000 labeled train images, test = 8,000."""
+    train_ds = _open_torchvision('stl10', root=root, download=download, log=log, split='train+unlabeled')
+    test_ds = _open_torchvision('stl10', root=root, download=False, log=log, split='test')
     # torchvision concatenates (train, unlabeled) in that order, so the labeled images are the
     # first n_labeled rows; train_y.bin holds one byte per labeled image.
     n_labeled = os.path.getsize(os.path.join(root, train_ds.base_folder, 'train_y.bin'))
@@ -281,13 +282,13 @@ def _load_stl10(root: str, size: int, download: bool, log: Callable[[str], Any])
     labels[n_labeled:] = -1
     del train_ds  # drop torchvision's CHW copy (several GB for the full unlabeled split)
     train = ImageSet(train_images, labels)
-    # Views, not copies: the memory bank shares storage with the first n_labeled training rows.
-    memory = ImageSet(train_images[:n_labeled], labels[:n_labeled])
+    # Views, not copies: the labeled set shares storage with the first n_labeled training rows.
+    labeled = ImageSet(train_images[:n_labeled], labels[:n_labeled])
     test = ImageSet(_resize_images(_chw_to_hwc(test_ds.data), size),
                     torch.from_numpy(np.asarray(test_ds.labels, dtype=np.int64).copy()))
     classes = list(getattr(test_ds, 'classes', _STL10_CLASSES))
     mean, std = CHANNEL_STATS['stl10']
-    return DataBundle(name='stl10', train=train, memory=memory, test=test, classes=classes, mean=mean, std=std,
+    return DataBundle(name='stl10', train=train, labeled=labeled, test=test, classes=classes, mean=mean, std=std,
                       image_size=size)
 
 
@@ -421,7 +422,7 @@ def _scan_split(split_dir: str, classes: list[str], unlabeled_dir: str | None = 
         if n_images == 0:
             raise DataError(f'{unlabeled_dir} has no image files ({", ".join(IMAGE_EXTENSIONS)}) at any depth: '
                             f'add images or remove the folder')
-    return _Scan(paths, np.asarray(labels, dtype=np.int64), skipped, digest.hexdigest())
+    return _Scan(paths, labels=np.asarray(labels, dtype=np.int64), skipped=skipped, fingerprint=digest.hexdigest())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,9 +605,9 @@ def _build_cache(directory: str, stem: str, split_dir: str, size: int, scan: _Sc
         # Rows are filled in order; failed files only shift later rows up, so n rows always suffice.
         out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(len(scan.paths), size, size, 3))
         _reserve(tmp, directory)  # a full disk under a memory map is a bus error, not an exception
-        count, keep, skipped, mean, std = _decode_into(out, scan, split_dir, log)
+        count, keep, skipped, mean, std = _decode_into(out, scan=scan, split_dir=split_dir, log=log)
         labels = scan.labels[keep]
-        _check_decoded(split_dir, classes, labels, std, unlabeled_dir)
+        _check_decoded(split_dir, classes=classes, labels=labels, std=std, unlabeled_dir=unlabeled_dir)
         out.flush()
         checksum = _checksum(out[:count])
         del out
@@ -714,7 +715,8 @@ def _folder_split(split_dir: str, size: int, cache_dir: str | None, log: Callabl
     what = f'{split_dir} and {unlabeled_dir}' if both else split_dir
     candidates = _cache_candidates(split_dir, cache_dir)
     for directory in candidates:
-        found = _read_cache(directory, stem, split_dir, size, scan, classes, unlabeled_dir)
+        found = _read_cache(directory, stem=stem, split_dir=split_dir, size=size, scan=scan, classes=classes,
+                            unlabeled_dir=unlabeled_dir)
         if found is not None:
             images, man = found
             note = f', {len(man["skipped"])} files were skipped' if man['skipped'] else ''
@@ -727,19 +729,21 @@ def _folder_split(split_dir: str, size: int, cache_dir: str | None, log: Callabl
     os.makedirs(directory, exist_ok=True)
     log(f'decoding {len(scan.paths)} images of {what} into cache {directory} ...')
     with _sigterm_raises():
-        man = _build_cache(directory, stem, split_dir, size, scan, classes, log, unlabeled_dir)
-    found = _read_cache(directory, stem, split_dir, size, scan, classes, unlabeled_dir)
+        man = _build_cache(directory, stem=stem, split_dir=split_dir, size=size, scan=scan, classes=classes, log=log,
+                           unlabeled_dir=unlabeled_dir)
+    found = _read_cache(directory, stem=stem, split_dir=split_dir, size=size, scan=scan, classes=classes,
+                        unlabeled_dir=unlabeled_dir)
     if found is None:  # only if the folder changed while we were decoding it
         raise DataError(f'{what} changed while its cache was being built: run again')
     return found[0], classes, tuple(man['mean']), tuple(man['std'])
 
 
 def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str], Any]) -> DataBundle:
-    """ImageFolder-style root/{train,test}/<class>/*; memory = train (same object), mean/std from train.
+    """ImageFolder-style root/{train,test}/<class>/*; labeled = train (same object), mean/std from train.
 
     With root/unlabeled/ (images at any depth, STL-10's name): train = train/ + unlabeled/ (label -1), one
-    cache, labeled rows first, memory = those rows (a view), mean/std of both. With root/unlabeled/ alone:
-    train = its images, memory and test empty, no classes: a run without evaluation."""
+    cache, labeled rows first, labeled = those rows (a view), mean/std of both. With root/unlabeled/ alone:
+    train = its images, labeled and test empty, no classes: a run without evaluation."""
     if os.path.exists(root) and not os.path.isdir(root):
         raise DataError(f'data folder {root} is a file, not a folder: pass the folder that holds train/ and test/')
     if os.path.islink(root) and not os.path.exists(root):
@@ -759,10 +763,11 @@ def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str
         unlabeled_dir = None
     as3 = lambda v: (float(v[0]), float(v[1]), float(v[2]))  # noqa: E731
     if unlabeled_dir is not None and len(missing) == 2:
-        train, _, mean, std = _folder_split(unlabeled_dir, size, cache_dir, log, unlabeled_dir)
+        train, _, mean, std = _folder_split(unlabeled_dir, size=size, cache_dir=cache_dir, log=log,
+                                            unlabeled_dir=unlabeled_dir)
         train = _without_unlabeled_copies(train, _pixel_digests(train.images), log)
         none = ImageSet(torch.zeros((0, size, size, 3), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
-        return DataBundle(name='folder', train=train, memory=none, test=none, classes=[], mean=as3(mean),
+        return DataBundle(name='folder', train=train, labeled=none, test=none, classes=[], mean=as3(mean),
                           std=as3(std), image_size=size)
     if missing:
         raise DataError(f'{_shown(root)} has no {" or ".join(missing)} folder: expected '
@@ -775,16 +780,17 @@ def _load_folder(root: str, size: int, cache_dir: str | None, log: Callable[[str
         raise DataError(f'class folders differ between {_shown(root)}train/ and test/: '
                         f'only in train: {", ".join(only_train) or "-"}; only in test: {", ".join(only_test) or "-"}; '
                         f'make both hold the same class folders')
-    train, classes, mean, std = _folder_split(split_dirs['train'], size, cache_dir, log, unlabeled_dir)
-    test, _, _, _ = _folder_split(split_dirs['test'], size, cache_dir, log)
-    memory = train
+    train, classes, mean, std = _folder_split(split_dirs['train'], size=size, cache_dir=cache_dir, log=log,
+                                              unlabeled_dir=unlabeled_dir)
+    test, _, _, _ = _folder_split(split_dirs['test'], size=size, cache_dir=cache_dir, log=log)
+    labeled = train
     digests = _pixel_digests(train.images)  # once: the copies left out and the test images seen in training
     if unlabeled_dir is not None:  # the labeled rows come first: the bank is a view of them, never a copy
         train = _without_unlabeled_copies(train, digests, log)
         n_labeled = int((train.labels >= 0).sum())
-        memory = ImageSet(train.images[:n_labeled], train.labels[:n_labeled])
-    _note_test_copies(set(digests), test, _shown(root), log)
-    return DataBundle(name='folder', train=train, memory=memory, test=test, classes=classes, mean=as3(mean),
+        labeled = ImageSet(train.images[:n_labeled], train.labels[:n_labeled])
+    _note_test_copies(set(digests), test=test, root=_shown(root), log=log)
+    return DataBundle(name='folder', train=train, labeled=labeled, test=test, classes=classes, mean=as3(mean),
                       std=as3(std), image_size=size)
 
 

@@ -133,10 +133,13 @@ def sequential_features(f, x, recompute: bool = False):
 
 
 for _name, _width in (("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)):
-    ENCODERS[_name] = EncoderSpec(_name, f"ResNet-{_name[6:]}, {_width}-d features",
-                                  lambda stem, arch=_name: resnet_encoder(arch, stem), resnet_features, _width)
+    ENCODERS[_name] = EncoderSpec(_name, summary=f"ResNet-{_name[6:]}, {_width}-d features",
+                                  build=lambda stem, arch=_name: resnet_encoder(arch,
+                                                                                stem), features=resnet_features,
+                                                                                width=_width)
 
-ENCODERS["tiny"] = EncoderSpec("tiny", "Tiny CNN, 64-d features: 3 conv layers for smoke tests, not for results",
-                               tiny_encoder, sequential_features, 64)
+ENCODERS["tiny"] = EncoderSpec("tiny",
+                               summary="Tiny CNN, 64-d features: 3 conv layers for smoke tests, not for results",
+                               build=tiny_encoder, features=sequential_features, width=64)
 
 ARCHS = tuple(ENCODERS)

@@ -114,7 +114,7 @@ def make_runtime(device: str | torch.device, precision: str = "auto", channels_l
         torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # input shapes never change: let cuDNN pick its fastest kernels
-    return Runtime(device, resolve_precision(precision, device), channels_last, compile)
+    return Runtime(device, precision=resolve_precision(precision, device), channels_last=channels_last, compile=compile)
 
 
 def versions() -> dict[str, str]:

@@ -32,7 +32,8 @@ def run(args) -> int:
     temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".tmp", dir=parent)
     try:
         for split, (images, indices) in splits.items():
-            write_split(os.path.join(temporary, split), images, indices, bundle.classes, args.format, args.quality)
+            write_split(os.path.join(temporary, split), images=images, indices=indices, classes=bundle.classes,
+                        fmt=args.format, quality=args.quality)
         os.chmod(temporary, 0o755)  # mkdtemp makes it 0700: the folder should read like any other
         move_into_place(temporary, out)
     except BaseException:  # Ctrl-C, SIGTERM, a full disk: nothing half-written is left behind

@@ -206,8 +206,10 @@ def run(args) -> int:
         require_tensorboard()
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731 -- stdout only says what was written
     # fp32: t-SNE's neighbourhoods are computed to within rounding, not to bf16 noise
-    model, config, runtime, bundle = open_for_features(args.model_path, args.config, args.dataset, args.data_root,
-                                                       args.image_size, args.device, args.threads, log)
+    model, config, runtime, bundle = open_for_features(args.model_path, config=args.config, dataset=args.dataset,
+                                                       data_root=args.data_root,
+                                                       image_size=args.image_size, device=args.device,
+                                                       threads=args.threads, log=log)
     n_test = len(bundle.test)
     if n_test < MIN_POINTS:
         raise UserError(f"the test split has {n_test} images; a map needs at least {MIN_POINTS}")
@@ -216,14 +218,15 @@ def run(args) -> int:
 
     from tqdm import tqdm
     bar = lambda it: tqdm(it, desc="features of the test images", leave=False, file=sys.stderr)  # noqa: E731
-    h = encoder_features(model.to(runtime.device), images, bundle.mean, bundle.std, runtime, args.eval_batch_size,
-                         bar).cpu()                                                      # (n, d)
+    h = encoder_features(model.to(runtime.device), images=images, mean=bundle.mean, std=bundle.std, runtime=runtime,
+                         batch_size=args.eval_batch_size,
+                         progress=bar).cpu()                                                      # (n, d)
     x = F.normalize(h, dim=1)
     t0, cpu0 = time.perf_counter(), time.process_time()
     if args.method == "tsne":
         perplexity = usable_perplexity(args.perplexity, len(picked))
         log(f"t-SNE of {len(picked)} points ({x.shape[1]}-d), perplexity {perplexity:g} ...")
-        coords = tsne_2d(x, perplexity, args.seed, args.threads or usable_cores())
+        coords = tsne_2d(x, perplexity=perplexity, seed=args.seed, threads=args.threads or usable_cores())
         what, axes = f"t-SNE (openTSNE, perplexity {perplexity:g})", ("t-SNE 1", "t-SNE 2")
     else:
         coords, share = pca_2d(x)
@@ -236,9 +239,9 @@ def run(args) -> int:
     csv_path = os.path.splitext(out)[0] + ".csv"
     thumbs = []
     if args.thumbnails:
-        thumbs = [(i, images[i]) for i in spread_sample(coords, THUMBNAILS, THUMBNAIL_GAP, args.seed)]
+        thumbs = [(i, images[i]) for i in spread_sample(coords, count=THUMBNAILS, gap=THUMBNAIL_GAP, seed=args.seed)]
     title = f"{name}: {what} of encoder features h, {len(picked)} test images"
-    picture = draw_map(coords, labels, bundle.classes, title, axes, thumbs)
+    picture = draw_map(coords, labels=labels, classes=bundle.classes, title=title, axis_names=axes, thumbnails=thumbs)
     rows = [{"index": int(i), "label": int(c), "class": bundle.classes[int(c)], "x": float(a), "y": float(b)}
             for i, c, (a, b) in zip(picked.tolist(), labels.tolist(), coords.tolist())]
     try:
@@ -247,8 +250,9 @@ def run(args) -> int:
     except OSError as e:  # e.g. --out in a folder that cannot be written
         raise UserError(f"cannot write {out}: {first_line(e)}") from None
     if args.tensorboard:
-        write_projector(args.tensorboard_dir or f"{run_base(args.model_path)}_tb", h, labels, picked, images,
-                        bundle.classes, log)
+        write_projector(args.tensorboard_dir or f"{run_base(args.model_path)}_tb", h=h, labels=labels, picked=picked,
+                        images=images,
+                        classes=bundle.classes, log=log)
 
     in_map, in_features = class_agreement(coords, labels), class_agreement(x, labels)
     # CPU seconds too: on a shared machine the wall time says more about the neighbours than about t-SNE

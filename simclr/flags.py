@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Iterable
 
 from .cli import OneLineParser, UserError
@@ -66,6 +66,7 @@ class Flag:
     name: str
     default: Any
     help: str
+    _: KW_ONLY                         # everything after the help text is named at the call
     type: type | None = None           # int, float or str; None for an on/off flag
     choices: tuple | None = None
     group: str = "run"
@@ -223,42 +224,45 @@ def by_name(flags: Iterable[Flag]) -> dict[str, Flag]:
 
 def _shared() -> dict[str, Flag]:
     flags = [
-        Flag("model_path", None, "weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)", str,
+        Flag("model_path", None, "weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)", type=str,
              group="input", optional=True),
-        Flag("config", None, "run config JSON; None means NAME_config.json beside --model_path", str,
+        Flag("config", None, "run config JSON; None means NAME_config.json beside --model_path", type=str,
              group="input", optional=True),
-        Flag("arch", "resnet50", "encoder", str, ARCHS, "model and loss", "run"),
+        Flag("arch", "resnet50", "encoder", type=str, choices=ARCHS, group="model and loss", role="run"),
         Flag("stem", "cifar", "first layer: cifar (3x3 conv, no max-pool) or imagenet (7x7/2 conv + max-pool)",
-             str, STEMS, "model and loss", "run"),
+             type=str, choices=STEMS, group="model and loss", role="run"),
         Flag("dataset", "cifar10", "data set; folder reads DATA_ROOT/train/<class>/* and DATA_ROOT/test/<class>/*, "
              "and images without classes at any depth of DATA_ROOT/unlabeled/",
-             str, DATASETS, "data", "run"),
-        Flag("data_root", "data", "where the data set is (downloaded to, for torchvision sets)", str, group="data"),
-        Flag("image_size", None, "image side; None means the data set's (32; stl10: 96)", int, group="data",
+             type=str, choices=DATASETS, group="data", role="run"),
+        Flag("data_root", "data", "where the data set is (downloaded to, for torchvision sets)", type=str,
+             group="data"),
+        Flag("image_size", None, "image side; None means the data set's (32; stl10: 96)", type=int, group="data",
              role="run", ge=8, le=MAX_IMAGE_SIZE, optional=True),
         Flag("cache_dir", None, "folder data: where to keep the decoded-image cache when DATA_ROOT is read-only",
-             str, group="data", optional=True),
-        Flag("train_subset", None, "use a fixed random subset of N training images (quick runs)", int,
+             type=str, group="data", optional=True),
+        Flag("train_subset", None, "use a fixed random subset of N training images (quick runs)", type=int,
              group="data", role="run", ge=1, le=BIG, optional=True),
-        Flag("eval_batch_size", 1024, "images per forward pass when computing features", int, group="speed",
+        Flag("eval_batch_size", 1024, "images per forward pass when computing features", type=int, group="speed",
              ge=1, le=2 ** 20, aliases=("feature_batch_size",)),
-        Flag("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", str, group="speed",
+        Flag("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", type=str, group="speed",
              role="machine"),
         Flag("precision", "auto", "network autocast: auto is bf16 on CUDA (fp16 before Ampere), bf16 on a CPU with "
-             "native bf16 (AVX512-BF16 or AMX), else fp32; bf16, fp16 or fp32; losses, kNN and similarities stay fp32", str, PRECISIONS, "speed", "machine"),
+             "native bf16 (AVX512-BF16 or AMX), else fp32; bf16, fp16 or fp32; losses, kNN and similarities stay fp32",
+             type=str, choices=PRECISIONS, group="speed", role="machine"),
         Flag("channels_last", True, "channels-last memory format for the network", group="speed", role="machine"),
-        Flag("threads", 0, "CPU threads for PyTorch; 0 keeps PyTorch's default (one per core)", int, group="speed",
+        Flag("threads", 0, "CPU threads for PyTorch; 0 keeps PyTorch's default (one per core)", type=int, group="speed",
              role="machine", ge=0, le=MAX_THREADS),
-        Flag("workers", min(8, usable_cores()), "DataLoader worker processes of the pil backend", int, group="speed",
+        Flag("workers", min(8, usable_cores()), "DataLoader worker processes of the pil backend", type=int,
+             group="speed",
              role="machine", ge=0, le=256),
-        Flag("seed", 0, "seed of everything random", int, group="run", role="run", ge=0, le=2 ** 63 - 1),
-        Flag("results_dir", "results", "where results files go", str, group="run"),
-        Flag("name", None, "run name; None means DATASET_ARCH_FEATUREDIM_TEMPERATURE_K_BATCH_EPOCHS", str,
+        Flag("seed", 0, "seed of everything random", type=int, group="run", role="run", ge=0, le=2 ** 63 - 1),
+        Flag("results_dir", "results", "where results files go", type=str, group="run"),
+        Flag("name", None, "run name; None means DATASET_ARCH_FEATUREDIM_TEMPERATURE_K_BATCH_EPOCHS", type=str,
              group="run", optional=True),
         Flag("tensorboard", False, "also write TensorBoard event files (tensorboard --logdir RESULTS_DIR)",
              group="logging"),
         Flag("tensorboard_dir", None, "folder of the TensorBoard event files; None means RESULTS_DIR/NAME_tb",
-             str, group="logging", optional=True),
+             type=str, group="logging", optional=True),
         # taken afresh at every start (role machine): replacing a run's files is a decision of this command only
         Flag("overwrite", False, "replace the files of an earlier run of the same name (without it, a run whose "
              "files exist is refused)", group="run", role="machine"),
@@ -286,46 +290,47 @@ def check_name(name: str) -> str:
 TRAIN_FLAGS: tuple[Flag, ...] = (
     shared("arch"),
     shared("stem"),
-    Flag("feature_dim", 128, "projection output size", int, group="model and loss", role="run", ge=1, le=65536),
+    Flag("feature_dim", 128, "projection output size", type=int, group="model and loss", role="run", ge=1, le=65536),
     Flag("proj_hidden_dim", 512, "projection head hidden width; None means the encoder's width (SimCLRv2's, "
-         "--recipe simclrv2: 512 for ResNet-18, 2048 for ResNet-50)", int, group="model and loss", role="run",
+         "--recipe simclrv2: 512 for ResNet-18, 2048 for ResNet-50)", type=int, group="model and loss", role="run",
          ge=1, le=65536, optional=True),
     Flag("proj_layers", 2, "Linear layers of the projection head, with BatchNorm and ReLU between them "
-         "(2: the original tool's head; 3: SimCLRv2's depth)", int, group="model and loss", role="run", ge=1,
+         "(2: the original tool's head; 3: SimCLRv2's depth)", type=int, group="model and loss", role="run", ge=1,
          le=MAX_PROJ_LAYERS),
     Flag("head", "original", "the projection head's last layer: original (Linear with a bias, the original "
          "tool's) or v2 (SimCLRv2's: Linear without a bias, then BatchNorm1d with a scale and no shift); the "
-         "hidden layers are the same", str, HEADS, "model and loss", "run"),
+         "hidden layers are the same", type=str, choices=HEADS, group="model and loss", role="run"),
     Flag("method", "simclr", "simclr (SimCLR and its family: the loss of --loss); nnclr (Dwibedi et al. 2021: each "
          "view's positive is its projection's nearest neighbour in a support queue of earlier projections, "
-         "against a prediction head's output for the other view)", str, TRAIN_METHODS, "model and loss", "run"),
+         "against a prediction head's output for the other view)", type=str, choices=TRAIN_METHODS,
+         group="model and loss", role="run"),
     Flag("queue_size", 65536, "nnclr: projections in the support queue; 65,536 as solo-learn's CIFAR setting "
          "(the paper's 98,304 is for ImageNet's batch of 4,096); the neighbours are looked up in its filled slots",
-         int, group="model and loss", role="run", ge=1, le=2 ** 22, method="nnclr"),
+         type=int, group="model and loss", role="run", ge=1, le=2 ** 22, method="nnclr"),
     Flag("pred_hidden_dim", 4096, "nnclr: hidden width of the prediction head on z (Linear, BatchNorm, ReLU, "
-         "Linear), the paper's 4,096", int, group="model and loss", role="run", ge=1, le=65536, method="nnclr"),
+         "Linear), the paper's 4,096", type=int, group="model and loss", role="run", ge=1, le=65536, method="nnclr"),
     Flag("loss", "ntxent", "ntxent (SimCLR); supcon (supervised contrastive, Khosla et al. 2020: views of the same "
          "label are positives, an unlabeled image's only positive is its other view); dcl (decoupled "
-         "contrastive, Yeh et al. 2022: the positive is left out of the denominator)", str, LOSSES,
-         "model and loss", "run", method="simclr"),
+         "contrastive, Yeh et al. 2022: the positive is left out of the denominator)", type=str, choices=LOSSES,
+         group="model and loss", role="run", method="simclr"),
     Flag("dcl_sigma", None, "dcl: weight each positive term as DCLW does, 2 - N softmax(sim / sigma) over the "
          "batch's pairs (a coefficient: no gradient through it); None means plain DCL; from 2^-126 on, the "
-         "smallest normal float32, the weight is finite", float, group="model and loss", role="run",
+         "smallest normal float32, the weight is finite", type=float, group="model and loss", role="run",
          ge=MIN_DCL_SIGMA, le=100, optional=True, loss="dcl"),
     Flag("supcon_base_temperature", None, "supcon: scale the loss by --temperature / this, as SupContrast does "
-         "(its base_temperature, 0.07: x1.43 at temperature 0.1); None means no scale", float,
+         "(its base_temperature, 0.07: x1.43 at temperature 0.1); None means no scale", type=float,
          group="model and loss", role="run", gt=0, le=100, optional=True, loss="supcon"),
-    Flag("temperature", 0.5, "temperature of the loss", float, group="model and loss", role="run", gt=0, le=100),
+    Flag("temperature", 0.5, "temperature of the loss", type=float, group="model and loss", role="run", gt=0, le=100),
     Flag("bn_stats", "per_view", "BatchNorm statistics in training: per_view (each view its own, as the original tool's two "
          "forward passes) or joint (both views together); the convolutions run once over both views either way",
-         str, BN_STATS, "model and loss", "run"),
+         type=str, choices=BN_STATS, group="model and loss", role="run"),
     Flag("grad_checkpoint", False, "recompute encoder activations in backward: less memory, ~30% slower",
          group="model and loss", role="machine"),
 
-    Flag("k", 200, "neighbours in the weighted kNN", int, group="evaluation", ge=1, le=BIG),
-    Flag("knn_temperature", None, "kNN vote weight exp(sim / t); None means --temperature", float,
+    Flag("k", 200, "neighbours in the weighted kNN", type=int, group="evaluation", ge=1, le=BIG),
+    Flag("knn_temperature", None, "kNN vote weight exp(sim / t); None means --temperature", type=float,
          group="evaluation", gt=0, le=100, optional=True),
-    Flag("knn_every", 1, "evaluate every N epochs (and always after the last)", int, group="evaluation",
+    Flag("knn_every", 1, "evaluate every N epochs (and always after the last)", type=int, group="evaluation",
          ge=1, le=BIG),
     shared("eval_batch_size", group="evaluation"),
     Flag("knn_at_start", False, "also evaluate the untrained encoder, as an epoch-0 row of the CSV",
@@ -336,30 +341,32 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
 
     Flag("recipe", "seed", "preset: seed (the original tool's: Adam 1e-3, constant), paper (LARS, lr 1.0 x B/256, "
          "10 warm-up epochs, cosine, head 2048), supcon (SupContrast's CIFAR recipe) or simclrv2 (paper + a "
-         "3-layer head); explicit flags override it (README: recipes)", str, RECIPE_NAMES, "optimisation", "run"),
-    Flag("batch_size", 1024, "images per step (global over all processes); two views each", int,
+         "3-layer head); explicit flags override it (README: recipes)", type=str, choices=RECIPE_NAMES,
+         group="optimisation", role="run"),
+    Flag("batch_size", 1024, "images per step (global over all processes); two views each", type=int,
          group="optimisation", role="run", ge=2, le=2 ** 20),
-    Flag("epochs", 500, "training epochs", int, group="optimisation", ge=1, le=10 ** 6),
-    Flag("optimizer", "adam", "optimizer", str, OPTIMIZERS, "optimisation", "run"),
-    Flag("lr", 1e-3, "learning rate before --lr_scaling", float, group="optimisation", role="run",
+    Flag("epochs", 500, "training epochs", type=int, group="optimisation", ge=1, le=10 ** 6),
+    Flag("optimizer", "adam", "optimizer", type=str, choices=OPTIMIZERS, group="optimisation", role="run"),
+    Flag("lr", 1e-3, "learning rate before --lr_scaling", type=float, group="optimisation", role="run",
          gt=0, le=MAX_LR),
-    Flag("lr_scaling", "none", "linear: lr x batch/256; sqrt: lr x sqrt(batch/256)", str, LR_SCALINGS,
-         "optimisation", "run"),
-    Flag("weight_decay", 1e-6, "weight decay (LARS: not on biases and BatchNorm)", float, group="optimisation",
+    Flag("lr_scaling", "none", "linear: lr x batch/256; sqrt: lr x sqrt(batch/256)", type=str, choices=LR_SCALINGS,
+         group="optimisation", role="run"),
+    Flag("weight_decay", 1e-6, "weight decay (LARS: not on biases and BatchNorm)", type=float, group="optimisation",
          role="run", ge=0, le=10),
-    Flag("momentum", 0.9, "momentum for sgd and lars", float, group="optimisation", role="run", ge=0, lt=1),
-    Flag("warmup_epochs", 0, "linear warm-up epochs", int, group="optimisation", role="run", ge=0, le=10 ** 6),
-    Flag("schedule", "constant", "after warm-up: constant or cosine (stepped every batch)", str, SCHEDULES,
-         "optimisation", "run"),
+    Flag("momentum", 0.9, "momentum for sgd and lars", type=float, group="optimisation", role="run", ge=0, lt=1),
+    Flag("warmup_epochs", 0, "linear warm-up epochs", type=int, group="optimisation", role="run", ge=0, le=10 ** 6),
+    Flag("schedule", "constant", "after warm-up: constant or cosine (stepped every batch)", type=str, choices=SCHEDULES,
+         group="optimisation", role="run"),
 
-    Flag("jitter_strength", 0.5, "colour jitter strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)", float,
+    Flag("jitter_strength", 0.5, "colour jitter strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)", type=float,
          group="augmentation", role="run", ge=0, le=2.5),
     Flag("blur", False, "Gaussian blur with p=0.5 (kernel ~10% of the image, sigma 0.1-2)",
          group="augmentation", role="run"),
-    Flag("min_crop_scale", 0.08, "smallest crop area fraction of RandomResizedCrop", float,
+    Flag("min_crop_scale", 0.08, "smallest crop area fraction of RandomResizedCrop", type=float,
          group="augmentation", role="run", gt=0, le=1),
     Flag("aug_backend", "tensor", "tensor: batched on the run's device; pil: torchvision per image in "
-         "DataLoader workers (the original tool's way, the reference)", str, AUG_BACKENDS, "augmentation", "run"),
+         "DataLoader workers (the original tool's way, the reference)", type=str, choices=AUG_BACKENDS,
+         group="augmentation", role="run"),
 
     shared("dataset"),
     shared("data_root"),
@@ -380,7 +387,7 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     shared("name"),
     shared("tensorboard"),
     shared("tensorboard_dir"),
-    Flag("resume", None, "continue from a NAME_last.pth checkpoint, or 'auto' for this run name's", str,
+    Flag("resume", None, "continue from a NAME_last.pth checkpoint, or 'auto' for this run name's", type=str,
          group="run", optional=True),
     shared("overwrite"),
 )
@@ -466,8 +473,15 @@ def derive(values: dict) -> dict:
 
 
 # Run-defining flags added after checkpoints were first written: the value an older checkpoint, which
-# lacks the key, was trained with (not today's default).
-LEGACY_VALUES = dict(bn_stats="joint", loss="ntxent", proj_layers=2, online_probe=False, method="simclr")
+# lacks the key, was trained with (not today's default). The one place that knows the project's older
+# files: every reader of a run config goes through run_settings, resume through train_resume_values.
+LEGACY_VALUES = dict(bn_stats="joint", loss="ntxent", proj_layers=2, online_probe=False, method="simclr",
+                     head="original", stem="cifar")
+
+
+def run_settings(saved: dict) -> dict:
+    """A run config with what an older one lacks filled in: as it was trained (LEGACY_VALUES), else the default."""
+    return {**TRAIN_DEFAULTS, **LEGACY_VALUES, **saved}
 
 
 def resume_values(flags: Iterable[Flag], explicit: dict, saved: dict, source: str,
@@ -499,7 +513,8 @@ def train_resume_values(explicit: dict, saved: dict, source: str) -> tuple[dict,
     older versions stored it, is kept and never used)."""
     run = {**LEGACY_VALUES, **saved, **explicit}
     check_loss_flags(explicit, run.get("loss"), run.get("method"))
-    return resume_values(TRAIN_FLAGS, explicit, saved, source, derive, LEGACY_VALUES)
+    return resume_values(TRAIN_FLAGS, explicit=explicit, saved=saved, source=source, derive_values=derive,
+                         legacy=LEGACY_VALUES)
 
 
 # ----------------------------------------------------------------------------- linear.py and finetune.py
@@ -535,14 +550,14 @@ LINEAR_FLAGS: tuple[Flag, ...] = (
     shared("image_size", help=f"override the image side; {FROM_CONFIG}"),
     shared("cache_dir", help=f"override the folder-data cache folder; {FROM_CONFIG}"),
     shared("train_subset", help="train the probe on a fixed random subset of N labeled images (quick runs)"),
-    Flag("batch_size", 512, "examples per step", int, group="probe training", ge=1, le=2 ** 20),
-    Flag("epochs", 100, "epochs over the labeled train split", int, group="probe training", ge=1, le=10 ** 6),
-    Flag("optimizer", "sgd", "sgd (with --momentum) or adam; cosine decay to 0 over all steps either way", str,
-         tuple(DEFAULT_LR), "probe training"),
-    Flag("lr", None, "learning rate; None means 0.1 for sgd, 1e-3 for adam", float, group="probe training",
+    Flag("batch_size", 512, "examples per step", type=int, group="probe training", ge=1, le=2 ** 20),
+    Flag("epochs", 100, "epochs over the labeled train split", type=int, group="probe training", ge=1, le=10 ** 6),
+    Flag("optimizer", "sgd", "sgd (with --momentum) or adam; cosine decay to 0 over all steps either way", type=str,
+         choices=tuple(DEFAULT_LR), group="probe training"),
+    Flag("lr", None, "learning rate; None means 0.1 for sgd, 1e-3 for adam", type=float, group="probe training",
          gt=0, le=MAX_LR, optional=True),
-    Flag("momentum", 0.9, "SGD momentum", float, group="probe training", ge=0, lt=1),
-    Flag("weight_decay", 0.0, "L2 penalty on the linear layer (the paper uses none on CIFAR)", float,
+    Flag("momentum", 0.9, "SGD momentum", type=float, group="probe training", ge=0, lt=1),
+    Flag("weight_decay", 0.0, "L2 penalty on the linear layer (the paper uses none on CIFAR)", type=float,
          group="probe training", ge=0, le=10),
     Flag("standardize", True, "scale each feature to zero mean, unit variance with train-split statistics only "
          "(folded into the saved layer, which stays linear in raw features)", group="probe training"),
@@ -565,15 +580,16 @@ LinearConfig = config_class("LinearConfig", LINEAR_FLAGS, "Every resolved flag o
 DEFAULT_FRACTION = 0.1
 
 FINETUNE_FLAGS: tuple[Flag, ...] = (
-    Flag("model_path", None, "weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)", str,
+    Flag("model_path", None, "weights of main.py: NAME_model.pth (or a NAME_last.pth checkpoint)", type=str,
          group="encoder", optional=True),
-    Flag("config", None, "run config JSON; None means NAME_config.json next to --model_path", str,
+    Flag("config", None, "run config JSON; None means NAME_config.json next to --model_path", type=str,
          group="encoder", optional=True),
     Flag("untrained", False, "start from a random initialisation of the same model (the baseline); the weights "
          "are not read, only the config", group="encoder", role="run"),
     Flag("from_layer", "encoder", "where the new linear classifier sits: encoder (on h) or headK (after the "
          "projection head's first K hidden layers, each Linear + BatchNorm + ReLU, loaded from the checkpoint; "
-         "SimCLRv2 fine-tunes from head1); K below the run's --proj_layers", str, FROM_LAYERS, "encoder", "run"),
+         "SimCLRv2 fine-tunes from head1); K below the run's --proj_layers", type=str, choices=FROM_LAYERS,
+         group="encoder", role="run"),
     shared("arch", default=None, optional=True, group="encoder", help=f"override the encoder; {FROM_CONFIG}"),
     shared("stem", default=None, optional=True, group="encoder", help=f"override the first layer; {FROM_CONFIG}"),
     shared("dataset", default=None, optional=True, help=f"override the data set; {FROM_CONFIG}"),
@@ -581,22 +597,22 @@ FINETUNE_FLAGS: tuple[Flag, ...] = (
     shared("image_size", help=f"override the image side; {FROM_CONFIG}"),
     shared("cache_dir", help=f"override the folder-data cache folder; {FROM_CONFIG}"),
     Flag("label_fraction", None, f"fraction of the labeled training images to use, the same number from every "
-         f"class (0.01, 0.1, ..., 1); None means {DEFAULT_FRACTION} unless --labels_per_class", float,
+         f"class (0.01, 0.1, ..., 1); None means {DEFAULT_FRACTION} unless --labels_per_class", type=float,
          group="labels", role="run", gt=0, le=1, optional=True),
-    Flag("labels_per_class", None, "use N labeled images of every class instead of a fraction", int,
+    Flag("labels_per_class", None, "use N labeled images of every class instead of a fraction", type=int,
          group="labels", role="run", ge=1, le=BIG, optional=True),
     Flag("batch_size", 64, "most labeled images per step: every label is used every epoch, in ceil(labels / N) "
-         "batches of nearly equal size (one batch of all labels when there are fewer than N)", int,
+         "batches of nearly equal size (one batch of all labels when there are fewer than N)", type=int,
          group="fine-tuning", role="run", ge=2, le=2 ** 20),
     Flag("epochs", None, "epochs over the labeled subset; None means 60 for --label_fraction 0.01 or less, else 30 "
-         "(SimCLR's 1% and 10% settings)", int, group="fine-tuning", role="run", ge=1, le=10 ** 6, optional=True),
+         "(SimCLR's 1% and 10% settings)", type=int, group="fine-tuning", role="run", ge=1, le=10 ** 6, optional=True),
     Flag("lr", None, "learning rate of SGD with Nesterov momentum, cosine decay to 0 over all steps; None means "
-         "0.05 x B / 256 with B the batch actually used (SimCLR's fine-tuning rule)", float, group="fine-tuning",
+         "0.05 x B / 256 with B the batch actually used (SimCLR's fine-tuning rule)", type=float, group="fine-tuning",
          role="run", gt=0, le=MAX_LR, optional=True),
-    Flag("momentum", 0.9, "Nesterov momentum (0: plain SGD)", float, group="fine-tuning", role="run", ge=0, lt=1),
-    Flag("weight_decay", 0.0, "L2 penalty on every weight (SimCLR's fine-tuning uses none)", float,
+    Flag("momentum", 0.9, "Nesterov momentum (0: plain SGD)", type=float, group="fine-tuning", role="run", ge=0, lt=1),
+    Flag("weight_decay", 0.0, "L2 penalty on every weight (SimCLR's fine-tuning uses none)", type=float,
          group="fine-tuning", role="run", ge=0, le=10),
-    Flag("min_crop_scale", 0.08, "smallest crop area fraction of the random resized crop", float,
+    Flag("min_crop_scale", 0.08, "smallest crop area fraction of the random resized crop", type=float,
          group="fine-tuning", role="run", gt=0, le=1),
     shared("eval_batch_size", help="images per forward pass when testing"),
     shared("device"),
@@ -605,7 +621,7 @@ FINETUNE_FLAGS: tuple[Flag, ...] = (
     shared("threads"),
     shared("seed", help="seed of the label subset, the batch order, the crops and --untrained's initialisation"),
     *evaluation_files("finetune_TAG", "finetune", " per epoch"),
-    Flag("resume", None, "continue from a NAME_finetune_TAG_last.pth checkpoint, or 'auto' for this run's", str,
+    Flag("resume", None, "continue from a NAME_finetune_TAG_last.pth checkpoint, or 'auto' for this run's", type=str,
          group="run", optional=True),
 )
 
@@ -620,10 +636,10 @@ FinetuneConfig = config_class("FinetuneConfig", FINETUNE_FLAGS, "Every resolved 
 NEIGHBORS_FLAGS: tuple[Flag, ...] = (
     shared("model_path"),
     shared("config"),
-    Flag("n", 8, "test images, one per row", int, group="picture", ge=1, le=10_000),
-    Flag("k", 8, "neighbours per test image", int, group="picture", ge=1, le=1_000),
+    Flag("n", 8, "test images, one per row", type=int, group="picture", ge=1, le=10_000),
+    Flag("k", 8, "neighbours per test image", type=int, group="picture", ge=1, le=1_000),
     shared("seed", group="picture", help="chooses the random test images"),
-    Flag("out", None, "PNG to write; None means NAME_neighbors.png beside the weights", str, group="picture",
+    Flag("out", None, "PNG to write; None means NAME_neighbors.png beside the weights", type=str, group="picture",
          optional=True),
     shared("dataset", default=None, optional=True, help="override the config's data set"),
     shared("data_root", default=None, optional=True, help="override the config's data folder (e.g. run from elsewhere)"),
@@ -644,16 +660,16 @@ EMBED_FLAGS: tuple[Flag, ...] = (
     shared("model_path"),
     shared("config"),
     Flag("method", "tsne", "tsne (openTSNE; about 70 s for 10,000 images on 2 CPU cores) or pca (torch SVD, "
-         "seconds)", str, METHODS, "map"),
-    Flag("n", None, "test images to draw, class-balanced and chosen by --seed; None means all", int, group="map",
+         "seconds)", type=str, choices=METHODS, group="map"),
+    Flag("n", None, "test images to draw, class-balanced and chosen by --seed; None means all", type=int, group="map",
          ge=MIN_POINTS, le=BIG, optional=True),
-    Flag("perplexity", 30.0, "t-SNE perplexity (lowered to (n - 1) / 3 for few images)", float, group="map",
+    Flag("perplexity", 30.0, "t-SNE perplexity (lowered to (n - 1) / 3 for few images)", type=float, group="map",
          ge=1, le=10_000),
     Flag("thumbnails", False, f"draw image thumbnails at up to {THUMBNAILS} points spread over the map",
          group="map"),
     shared("seed", group="map", help="chooses the --n test images, t-SNE's random state and the thumbnails"),
     Flag("out", None, "PNG to write; None means NAME_embed_METHOD.png beside the weights; the CSV of "
-         "coordinates goes beside it (same name, .csv)", str, group="map", optional=True),
+         "coordinates goes beside it (same name, .csv)", type=str, group="map", optional=True),
     shared("dataset", default=None, optional=True, help="override the config's data set"),
     shared("data_root", default=None, optional=True,
            help="override the config's data folder (moved data, or the full test set of a subset run)"),
@@ -670,22 +686,23 @@ EMBED_FLAGS: tuple[Flag, ...] = (
 # ----------------------------------------------------------------------------- bench.py
 
 BENCH_FLAGS: tuple[Flag, ...] = (
-    Flag("device", None, "cpu or cuda; None means cuda if available, else cpu", str, ("cpu", "cuda"), "bench",
+    Flag("device", None, "cpu or cuda; None means cuda if available, else cpu", type=str, choices=("cpu", "cuda"),
+         group="bench",
          optional=True),
     Flag("quick", False, "tiny sizes (CPU run under a minute; figures not meaningful; no bf16 step variants on a CPU without native bf16)", group="bench"),
     Flag("threads", None, "torch threads / PIL processes on both sides; None means all cores (1 with --quick)",
-         int, group="bench", ge=1, le=1024, optional=True),
-    Flag("arch", None, "arch of the step comparison; None means resnet18 (and resnet50 for CUDA epochs)", str,
-         ARCHS, "bench", optional=True),
-    Flag("batch_size", None, "images per step in the step comparison; None means cpu 32, cuda 512; quick 8", int,
+         type=int, group="bench", ge=1, le=1024, optional=True),
+    Flag("arch", None, "arch of the step comparison; None means resnet18 (and resnet50 for CUDA epochs)", type=str,
+         choices=ARCHS, group="bench", optional=True),
+    Flag("batch_size", None, "images per step in the step comparison; None means cpu 32, cuda 512; quick 8", type=int,
          group="bench", ge=2, le=2 ** 20, optional=True),
-    Flag("steps", None, "timed steps per variant after warm-up; None means cpu 3, cuda 10; quick 2", int,
+    Flag("steps", None, "timed steps per variant after warm-up; None means cpu 3, cuda 10; quick 2", type=int,
          group="bench", ge=1, le=10_000, optional=True),
     Flag("breakdown_batch", None, "images per step of the breakdown of main.py's step; None means cpu 256, cuda "
-         "512; quick 8", int, group="bench", ge=2, le=2 ** 20, optional=True),
+         "512; quick 8", type=int, group="bench", ge=2, le=2 ** 20, optional=True),
     Flag("sections", None, "comma-separated sections to run, of rates, augmentation, step, bn_stats, probe, "
-         "breakdown, epochs (cuda only); None means all", str, group="bench", optional=True),
-    Flag("json", None, "also write the JSON to this file", str, group="bench", optional=True),
+         "breakdown, epochs (cuda only); None means all", type=str, group="bench", optional=True),
+    Flag("json", None, "also write the JSON to this file", type=str, group="bench", optional=True),
     Flag("compile", False, "torch.compile the project's network (cuda epochs)", group="bench"),
 )
 
@@ -697,25 +714,25 @@ THEN_SCRIPTS = ("linear", "finetune")
 SWEEP_OWNED = ("seed", "name", "results_dir", "resume")
 
 SWEEP_FLAGS: tuple[Flag, ...] = (
-    Flag("seeds", "0", "seeds of every configuration: a range 0-4, a list 0,1,2, or both (0-2,7)", str,
+    Flag("seeds", "0", "seeds of every configuration: a range 0-4, a list 0,1,2, or both (0-2,7)", type=str,
          group="grid"),
     Flag("grid", None, "KEY=V1,V2,...: a flag of main.py and its values (given again for each key); every "
-         "combination runs for every seed; on/off flags take true,false", str, group="grid", optional=True,
+         "combination runs for every seed; on/off flags take true,false", type=str, group="grid", optional=True,
          repeat=True),
     Flag("baseline", None, "KEY=V,KEY=V: the configuration the others are compared with, paired by seed "
-         "(comparison.csv)", str, group="grid", optional=True),
-    Flag("name", None, "sweep name; None means the grid keys joined by _", str, group="files", optional=True),
-    Flag("out", None, "folder of the runs and the tables; None means results/sweep_NAME", str, group="files",
+         "(comparison.csv)", type=str, group="grid", optional=True),
+    Flag("name", None, "sweep name; None means the grid keys joined by _", type=str, group="files", optional=True),
+    Flag("out", None, "folder of the runs and the tables; None means results/sweep_NAME", type=str, group="files",
          optional=True),
     Flag("gpus", None, "GPU indices to use, e.g. 0,1,2,3: up to one run per GPU at once, each seeing only its "
-         "own; None means one run at a time on the default device", str, group="devices", optional=True),
+         "own; None means one run at a time on the default device", type=str, group="devices", optional=True),
     Flag("gpus_per_run", 1, "GPUs per run: more than 1 starts each run with torchrun on that many of --gpus "
-         "(of all GPUs when --gpus is not given)", int, group="devices", ge=1, le=1024),
+         "(of all GPUs when --gpus is not given)", type=int, group="devices", ge=1, le=1024),
     Flag("then", None, "evaluate each finished run's NAME_model.pth with linear.py or finetune.py and add its "
-         "final test top-1 to the tables", str, THEN_SCRIPTS, "evaluation", optional=True),
+         "final test top-1 to the tables", type=str, choices=THEN_SCRIPTS, group="evaluation", optional=True),
     dataclasses.replace(FINETUNE["label_fraction"], group="evaluation",
                         help=f"--then finetune: fraction of the labels; None means {DEFAULT_FRACTION}"),
-    Flag("then_args", None, "more flags of the evaluation script, in quotes (e.g. '--epochs 20')", str,
+    Flag("then_args", None, "more flags of the evaluation script, in quotes (e.g. '--epochs 20')", type=str,
          group="evaluation", optional=True),
     Flag("dry_run", False, "list the runs and their commands; start none, write nothing", group="files"),
 )
@@ -730,13 +747,14 @@ EXPORT_FLAGS: tuple[Flag, ...] = (
     shared("dataset", choices=EXPORT_DATASETS, help="the torchvision data set to write as image folders"),
     shared("data_root", help="where the data set is, or is downloaded to (offline: put its .tar.gz there)"),
     Flag("out", None, "the folder to write, OUT/train/<class>/ and OUT/test/<class>/ (absent or empty); None means "
-         "DATA_ROOT/DATASET-FORMAT, e.g. data/cifar10-jpg", str, group="output", optional=True),
-    Flag("train_per_class", None, "write only the first N training images of each class; None means all", int,
+         "DATA_ROOT/DATASET-FORMAT, e.g. data/cifar10-jpg", type=str, group="output", optional=True),
+    Flag("train_per_class", None, "write only the first N training images of each class; None means all", type=int,
          group="output", ge=1, le=BIG, optional=True),
-    Flag("test_per_class", None, "write only the first N test images of each class; None means all", int,
+    Flag("test_per_class", None, "write only the first N test images of each class; None means all", type=int,
          group="output", ge=1, le=BIG, optional=True),
-    Flag("format", "jpg", "jpg (smaller, lossy) or png (the exact pixels)", str, IMAGE_FORMATS, "output"),
-    Flag("quality", 95, "JPEG quality (full-resolution colour, no chroma subsampling)", int, group="output", ge=1,
+    Flag("format", "jpg", "jpg (smaller, lossy) or png (the exact pixels)", type=str, choices=IMAGE_FORMATS,
+         group="output"),
+    Flag("quality", 95, "JPEG quality (full-resolution colour, no chroma subsampling)", type=int, group="output", ge=1,
          le=100),
 )
 

@@ -45,7 +45,7 @@ def nearest_neighbors(query: torch.Tensor, bank: torch.Tensor, k: int,
     """Cosine top-k: query (n, d), bank (N, d) -> indices (n, k) int64, similarities (n, k) fp32, descending."""
     if not 0 < k <= bank.shape[0]:
         raise ValueError(f"k must be in 1..{bank.shape[0]} (the bank size), got {k}")
-    sims, indices = cosine_topk(query, bank, k, chunk_size)
+    sims, indices = cosine_topk(query, bank=bank, k=k, chunk_size=chunk_size)
     return indices, sims
 
 
@@ -58,7 +58,7 @@ def knn_scores(test_features: torch.Tensor, bank_features: torch.Tensor, bank_la
     exp(similarity / temperature).
     """
     k = min(k, bank_features.shape[0])
-    sims, indices = cosine_topk(test_features, bank_features, k, chunk_size)   # (T, k)
+    sims, indices = cosine_topk(test_features, bank=bank_features, k=k, chunk_size=chunk_size)   # (T, k)
     labels = bank_labels.to(sims.device)
     with _fp32(sims.device):
         weights = (sims / temperature).exp()
@@ -93,7 +93,8 @@ def knn_accuracy(test_features: torch.Tensor, test_labels: torch.Tensor, bank_fe
                  bank_labels: torch.Tensor, num_classes: int, k: int, temperature: float,
                  chunk_size: int = 1024) -> tuple[float, float]:
     """Weighted kNN top-1 and top-5 accuracy in percent."""
-    scores = knn_scores(test_features, bank_features, bank_labels, num_classes, k, temperature, chunk_size)
+    scores = knn_scores(test_features, bank_features=bank_features, bank_labels=bank_labels, num_classes=num_classes,
+                        k=k, temperature=temperature, chunk_size=chunk_size)
     top1, top5 = topk_accuracy(scores, test_labels, (1, 5))
     return top1, top5
 
@@ -123,7 +124,8 @@ def extract_features(encode: Callable[[torch.Tensor], torch.Tensor], images: tor
                      to_input: Callable[[torch.Tensor], torch.Tensor], runtime,
                      batch_size: int = 1024, progress: Callable[[Iterable], Iterable] | None = None) -> torch.Tensor:
     """Encoder features of uint8 images (N, H, W, 3) -> fp32 (N, d): forward_in_batches of `encode`."""
-    return forward_in_batches(encode, images, to_input, runtime, batch_size, progress)
+    return forward_in_batches(encode, images=images, to_input=to_input, runtime=runtime, batch_size=batch_size,
+                              progress=progress)
 
 
 def sharded_features(encode, images: torch.Tensor, to_input, runtime, batch_size: int, world: World,
@@ -131,8 +133,9 @@ def sharded_features(encode, images: torch.Tensor, to_input, runtime, batch_size
     """forward_in_batches with the images shared out over the processes and the rows gathered back on each."""
     n = images.shape[0]
     if n < world.world_size:  # too few to share out: every rank does all (no empty shards)
-        return forward_in_batches(encode, images, to_input, runtime, batch_size)
-    local = forward_in_batches(encode, images[shard(n, world)], to_input, runtime, batch_size, progress)
+        return forward_in_batches(encode, images=images, to_input=to_input, runtime=runtime, batch_size=batch_size)
+    local = forward_in_batches(encode, images=images[shard(n, world)], to_input=to_input, runtime=runtime,
+                               batch_size=batch_size, progress=progress)
     return gather_rows(local, n, world)
 
 
@@ -142,4 +145,5 @@ def encoder_features(model: torch.nn.Module, images: torch.Tensor, mean: Sequenc
     """Encoder features h of uint8 images (N, H, W, 3), normalised with mean/std -> fp32 (N, d), in eval mode."""
     model.eval()  # BatchNorm running statistics, as in the kNN evaluation
     to_input = lambda batch: normalize(batch, mean, std)  # noqa: E731
-    return forward_in_batches(model.encode, images, to_input, runtime, batch_size, progress)
+    return forward_in_batches(model.encode, images=images, to_input=to_input, runtime=runtime, batch_size=batch_size,
+                              progress=progress)

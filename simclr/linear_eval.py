@@ -21,13 +21,13 @@ from .checkpoint import (Encoder, check_not_taken, evaluated_name, evaluation_di
                          resolve_encoder, source_id)
 from .cli import InvalidResult, UserError
 from .curves import plot_run_or_warn
-from .data import load_dataset, require_labeled, subset
+from .data import evaluable, load_dataset, subset
 from .engine import Runtime, make_runtime, mix_seed, seed_everything, versions
 from .files import atomic_save, atomic_save_json, atomic_write_csv, existing, remove_files
 from .flags import LinearConfig
 from .knn import forward_in_batches, percent, topk_accuracy, topk_hits
 from .model import SimCLR
-from .names import LINEAR_COLUMNS
+from .names import LINEAR_COLUMNS, LINEAR_FILES, TENSORBOARD, run_paths
 from .optim import build_optimizer, lr_at, set_lr
 from .tblog import NoLog, config_markdown, open_log
 
@@ -100,7 +100,8 @@ def fit(batch_features: BatchFn, train_y: torch.Tensor, test_x: torch.Tensor, te
     # softmax regression is convex with no symmetry to break: zero start makes runs independent of init
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
-    optimizer = build_optimizer(linear, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    optimizer = build_optimizer(linear, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.momentum)
     rows: list[dict] = []
     epochs = tqdm(range(cfg.epochs), desc="linear probe", disable=not progress, dynamic_ncols=True)
     for epoch in epochs:
@@ -109,7 +110,9 @@ def fit(batch_features: BatchFn, train_y: torch.Tensor, test_x: torch.Tensor, te
         loss_sum, hits1, hits5 = 0.0, 0.0, 0.0
         for step in range(steps_per_epoch):
             idx = perm[step * batch:(step + 1) * batch]
-            set_lr(optimizer, lr_at(epoch * steps_per_epoch + step, cfg.lr, total_steps, 0, "cosine"))
+            set_lr(optimizer,
+                   lr_at(epoch * steps_per_epoch + step, base_lr=cfg.lr, total_steps=total_steps, warmup_steps=0,
+                         schedule="cosine"))
             x = batch_features(idx, epoch, step)                            # (B, d), fp32
             y = train_y[idx]
             logits = linear(x)
@@ -139,8 +142,9 @@ def train_on_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
     mean, std = standardizer(train_x) if cfg.standardize else (torch.zeros(train_x.shape[1], device=train_x.device),
                                                                 torch.ones(train_x.shape[1], device=train_x.device))
     train_z, test_z = (train_x - mean) / std, (test_x - mean) / std  # train statistics only, also for test
-    linear, rows = fit(lambda idx, epoch, step: train_z[idx], train_y, test_z, test_y, num_classes, cfg,
-                       on_epoch, progress)
+    linear, rows = fit(lambda idx, epoch, step: train_z[idx], train_y=train_y, test_x=test_z, test_y=test_y,
+                       num_classes=num_classes, cfg=cfg,
+                       on_epoch=on_epoch, progress=progress)
     return fold(linear, mean, std), rows
 
 
@@ -158,9 +162,9 @@ def run(cfg: LinearConfig) -> int:
     enc, name, paths, trained = plan(cfg)
     runtime = make_runtime(cfg.device, cfg.precision, cfg.channels_last, threads=cfg.threads)
     model, frozen = load_encoder(cfg, enc, trained, runtime)
-    bundle = require_labeled(load_dataset(enc.dataset, enc.data_root, enc.image_size, cache_dir=enc.cache_dir,
+    bundle = evaluable(load_dataset(enc.dataset, enc.data_root, enc.image_size, cache_dir=enc.cache_dir,
                                           log=say), enc.data_root)
-    train, test = subset(bundle.memory, cfg.train_subset, cfg.seed), bundle.test
+    train, test = subset(bundle.labeled, cfg.train_subset, cfg.seed), bundle.test
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"{enc.data_root} has no labeled train or no test images for the linear probe")
     mean, std = (enc.mean, enc.std) if enc.mean is not None else (bundle.mean, bundle.std)
@@ -169,24 +173,24 @@ def run(cfg: LinearConfig) -> int:
     say(f"linear probe on {enc.arch} ({enc.stem} stem) features ({model.feature_width}-d) of {source}: "
         f"{len(train)} train, {len(test)} test images, {num_classes} classes, {bundle.image_size}x{bundle.image_size}")
 
-    os.makedirs(os.path.dirname(paths["config"]) or ".", exist_ok=True)
+    os.makedirs(os.path.dirname(paths["config.json"]) or ".", exist_ok=True)
     if cfg.overwrite:  # the earlier evaluation's files go now, so none of them is left beside this one's
-        for path in remove_files(paths[k] for k in ("statistics", "model", "config", "curves")):
+        for path in remove_files(paths[k] for k in LINEAR_FILES):
             say(f"--overwrite: removed {path} of the earlier evaluation")
     source_key = source_id(cfg.model_path, cfg.config, cfg.untrained)
     atomic_save_json({**dataclasses.asdict(cfg), "source": source_key, "name": name,
-                      "results_dir": os.path.dirname(paths["config"]), "encoder": dataclasses.asdict(enc),
+                      "results_dir": os.path.dirname(paths["config.json"]), "encoder": dataclasses.asdict(enc),
                       "image_size": bundle.image_size, "mean": list(mean), "std": list(std),
                       "num_classes": num_classes, "classes": bundle.classes, "feature_width": model.feature_width,
-                      "precision": runtime.precision, **versions()}, paths["config"])
+                      "precision": runtime.precision, **versions()}, paths["config.json"])
 
     to_input = lambda batch: normalize(batch, mean, std)  # noqa: E731
     train_y, test_y = train.labels.to(runtime.device), test.labels.to(runtime.device)
     # a run again under the same name starts its log afresh: purge_step 0 hides the earlier one
-    log = open_log(cfg.tensorboard_dir or paths["tensorboard"], purge_step=0) if cfg.tensorboard else NoLog()
+    log = open_log(cfg.tensorboard_dir or paths[TENSORBOARD], purge_step=0) if cfg.tensorboard else NoLog()
     try:
         log.text("linear/config", config_markdown(dataclasses.asdict(cfg)), 0)
-        on_epoch = epoch_writer(paths, name, cfg.epochs, say, log)
+        on_epoch = epoch_writer(paths, name=name, epochs=cfg.epochs, say=say, log=log)
         t0 = time.perf_counter()
         test_x = features(model, test.images, to_input, runtime, cfg, "test set")
         # --augment --no-standardize never looks at un-augmented train features
@@ -194,10 +198,12 @@ def run(cfg: LinearConfig) -> int:
         train_x = features(model, train.images, to_input, runtime, cfg, "train set") if needs_train_x else None
         say(f"features extracted in {time.perf_counter() - t0:.1f} s; training the linear layer")
         if not cfg.augment:
-            linear, rows = train_on_features(train_x, train_y, test_x, test_y, num_classes, cfg, on_epoch, True)
+            linear, rows = train_on_features(train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+                                             num_classes=num_classes, cfg=cfg, on_epoch=on_epoch, progress=True)
         else:
-            linear, rows = train_augmented(model, train.images, train_x, train_y, test_x, test_y, num_classes,
-                                           (mean, std), runtime, cfg, on_epoch)
+            linear, rows = train_augmented(model, images=train.images, train_x=train_x, train_y=train_y,
+                                           test_x=test_x, test_y=test_y, num_classes=num_classes,
+                                           norm=(mean, std), runtime=runtime, cfg=cfg, on_epoch=on_epoch)
     finally:
         log.close()
 
@@ -205,12 +211,12 @@ def run(cfg: LinearConfig) -> int:
     if moved or model.training:
         raise EncoderChanged(f"the frozen encoder changed during the run ({len(moved)} tensors, e.g. "
                              f"{moved[0] if moved else 'train mode'}); the linear result is not valid")
-    atomic_save(linear.cpu().state_dict(), paths["model"])
+    atomic_save(linear.cpu().state_dict(), paths["model.pth"])
     last = rows[-1]
     best = max(rows, key=lambda r: r["test_acc@1"])
     say(f"encoder unchanged: {len(frozen)} parameters and buffers bit-identical to the loaded ones")
-    written = [paths[kind] for kind in ("statistics", "model", "config", "curves")]
-    say(f"files: {existing(written + [cfg.tensorboard_dir or paths['tensorboard']] if cfg.tensorboard else written)}")
+    written = [paths[kind] for kind in LINEAR_FILES]
+    say(f"files: {existing(written + [cfg.tensorboard_dir or paths[TENSORBOARD]] if cfg.tensorboard else written)}")
     print(f"linear probe: test top-1 {last['test_acc@1']:.2f}% top-5 {last['test_acc@5']:.2f}% "
           f"(last epoch {last['epoch']}); best test top-1 {best['test_acc@1']:.2f}% at epoch {best['epoch']} "
           f"(chosen on the test set, for reference only)", flush=True)
@@ -220,17 +226,19 @@ def run(cfg: LinearConfig) -> int:
 def plan(cfg: LinearConfig) -> tuple[Encoder, str, dict[str, str], SimCLR | None]:
     """What to evaluate and where its files go, checked before anything is written: (encoder, name, paths,
     the run's model loaded from the weights, or None for --untrained)."""
-    saved = find_run_config(cfg.model_path, cfg.config, cfg.arch, cfg.dataset)
-    enc = resolve_encoder(saved, cfg.arch, cfg.stem, cfg.dataset, cfg.data_root, cfg.image_size, cfg.cache_dir)
-    trained = None if cfg.untrained else open_run(cfg.model_path, cfg.config, enc.arch, enc.stem, saved, encoder_only=True)[0]
-    name = evaluated_name(cfg.name, cfg.model_path, cfg.config, cfg.untrained, enc)
+    saved = find_run_config(cfg.model_path, config=cfg.config, arch=cfg.arch, dataset=cfg.dataset)
+    enc = resolve_encoder(saved, arch=cfg.arch, stem=cfg.stem, dataset=cfg.dataset, data_root=cfg.data_root,
+                          image_size=cfg.image_size, cache_dir=cfg.cache_dir)
+    trained = None if cfg.untrained else open_run(cfg.model_path, config_path=cfg.config, arch=enc.arch,
+                                                  stem=enc.stem, saved=saved, encoder_only=True)[0]
+    name = evaluated_name(cfg.name, model_path=cfg.model_path, config=cfg.config, untrained=cfg.untrained, enc=enc)
     results_dir = evaluation_dir(cfg.results_dir, cfg.model_path, cfg.config)
     variant = "linear_augment" if cfg.augment else "linear"  # each probe its own files
-    paths = {kind: os.path.join(results_dir, f"{name}_{variant}_{kind}.{ext}")
-             for kind, ext in (("statistics", "csv"), ("model", "pth"), ("config", "json"), ("curves", "png"))}
+    paths = run_paths(results_dir, f"{name}_{variant}", LINEAR_FILES)
     what = "linear evaluation with --augment" if cfg.augment else "linear evaluation"
-    check_not_taken(paths, source_id(cfg.model_path, cfg.config, cfg.untrained), what, cfg.overwrite)
-    paths["tensorboard"] = os.path.join(results_dir, f"{name}_{variant}_tb")  # a folder, not one of the files checked
+    check_not_taken(paths, source=source_id(cfg.model_path, cfg.config, cfg.untrained), what=what,
+                    overwrite=cfg.overwrite)
+    paths[TENSORBOARD] = os.path.join(results_dir, f"{name}_{variant}_{TENSORBOARD}")  # a folder, never checked
     return enc, name, paths, trained
 
 
@@ -250,7 +258,8 @@ def features(model: SimCLR, images: torch.Tensor, to_input, runtime: Runtime, cf
     """Encoder features (N, d) fp32 of uint8 images, with a progress bar."""
     from tqdm import tqdm
     bar = lambda it: tqdm(it, desc=f"features of {what}", leave=False, dynamic_ncols=True)  # noqa: E731
-    return forward_in_batches(model.encode, images, to_input, runtime, cfg.eval_batch_size, bar)
+    return forward_in_batches(model.encode, images=images, to_input=to_input, runtime=runtime,
+                              batch_size=cfg.eval_batch_size, progress=bar)
 
 
 def train_augmented(model: SimCLR, images: torch.Tensor, train_x: torch.Tensor | None, train_y: torch.Tensor,
@@ -273,7 +282,8 @@ def train_augmented(model: SimCLR, images: torch.Tensor, train_x: torch.Tensor |
             h = model.encode(runtime.prepare(x))
         return (h.float() - f_mean) / f_std
 
-    linear, rows = fit(augmented, train_y, (test_x - f_mean) / f_std, test_y, num_classes, cfg, on_epoch, True)
+    linear, rows = fit(augmented, train_y=train_y, test_x=(test_x - f_mean) / f_std, test_y=test_y,
+                       num_classes=num_classes, cfg=cfg, on_epoch=on_epoch, progress=True)
     return fold(linear, f_mean, f_std), rows
 
 
@@ -284,11 +294,11 @@ def epoch_writer(paths: dict[str, str], name: str, epochs: int, say,
     last_plot = [0.0]
 
     def on_epoch(rows: list[dict]) -> None:
-        atomic_write_csv(paths["statistics"], LINEAR_COLUMNS, rows)
+        atomic_write_csv(paths["statistics.csv"], LINEAR_COLUMNS, rows)
         log.row("linear", rows[-1], rows[-1]["epoch"])
         now = time.perf_counter()
         if now - last_plot[0] >= PLOT_INTERVAL_S or rows[-1]["epoch"] == epochs:
-            plot_run_or_warn(rows, paths["curves"], f"{name}: linear probe", say, loss_key="train_loss",
+            plot_run_or_warn(rows, path=paths["curves.png"], title=f"{name}: linear probe", warn=say, loss_key="train_loss",
                              acc_keys=("train_acc@1", "test_acc@1"), acc_label="linear probe top-1 (%)")
             last_plot[0] = time.perf_counter()
 

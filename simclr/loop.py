@@ -30,7 +30,6 @@ from .optim import Schedule
 from .tblog import NoLog, config_markdown, open_log
 
 # The files of a run (main.py) and of a fine-tuning run (finetune.py), after NAME_ / NAME_finetune_TAG_.
-RESULT_FILES = ("statistics.csv", "model.pth", "last.pth", "config.json", "curves.png")
 # Under torchrun, ranks compare stop requests and non-finite losses every this many steps.
 AGREE_EVERY = 10
 # Seconds between two reads of the loss for the progress bar (and TensorBoard): each read waits for
@@ -52,7 +51,7 @@ class RunState:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     schedule: Schedule
-    paths: dict[str, str]              # RESULT_FILES -> path
+    paths: dict[str, str]              # names.RUN_FILES -> path
     csv_columns: tuple[str, ...]
     config: dict                       # the config saved in NAME_last.pth
     say: Callable[..., None]
@@ -111,13 +110,13 @@ def run_epochs(state: RunState, job: Job) -> int:
             # where we are; a checkpoint after the last step resumes with the evaluation
             if (result.done < state.steps_per_epoch
                     or any_rank([stop.requested], state.world, state.runtime.device)[0]):
-                return save_and_stop(state, stop, epoch, result)
+                return save_and_stop(state, stop=stop, epoch=epoch, result=result)
             try:
                 with stop.evaluation(interruptible=not state.world.distributed):
                     row = job.epoch_row(epoch, result)
             except EvaluationStopped:
-                return save_and_stop(state, stop, epoch, result)
-            end_epoch(state, job, epoch, row)
+                return save_and_stop(state, stop=stop, epoch=epoch, result=result)
+            end_epoch(state, job=job, epoch=epoch, row=row)
             state.say(job.describe(row))
             if epoch + 1 < state.epochs and any_rank([stop.requested], state.world, state.runtime.device)[0]:
                 return stopped(state, stop)
@@ -301,7 +300,7 @@ def restore(state: RunState, checkpoint: dict, path: str, what: str,
     if checkpoint["step_in_epoch"] > state.steps_per_epoch:  # == : every step done, the evaluation not yet
         raise UserError(f"--resume {path}: its step_in_epoch {checkpoint['step_in_epoch']} does not fit the "
                         f"{state.steps_per_epoch} steps per epoch of this data")
-    load_strict(state.model, checkpoint["model"], path, what, prefix="")
+    load_strict(state.model, state=checkpoint["model"], path=path, what=what, prefix="")
     for part, load in (("optimizer", state.optimizer.load_state_dict), ("rng", restore_rng),
                        ("scaler", state.scaler.load_state_dict if state.scaler is not None else None)):
         if load is None or (part == "scaler" and not checkpoint.get("scaler")):

@@ -132,7 +132,8 @@ class SupCon:
 
     def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None,
                  anchors: torch.Tensor | None = None) -> torch.Tensor:
-        loss = nt_xent(z, self.temperature, None if labels is None else label_ids(labels), anchors)
+        loss = nt_xent(z, temperature=self.temperature, ids=None if labels is None else label_ids(labels),
+                       anchors=anchors)
         if self.supcon_base_temperature is None:
             return loss
         return loss * (self.temperature / self.supcon_base_temperature)
@@ -147,7 +148,7 @@ class DCL:
 
     def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None,
                  anchors: torch.Tensor | None = None) -> torch.Tensor:
-        return dcl(z, self.temperature, self.dcl_sigma, anchors)
+        return dcl(z, temperature=self.temperature, sigma=self.dcl_sigma, anchors=anchors)
 
 
 # --loss NAME -> its class; the names are simclr.flags.LOSSES (a test holds the two equal)

@@ -60,7 +60,8 @@ class SimCLR(nn.Module):
             raise ValueError(f"unknown bn_stats {bn_stats!r}; choose one of {', '.join(BN_STATS)}")
         self.arch = arch
         self.f, self.feature_width = build_encoder(arch, stem)
-        self.g = projection_head(self.feature_width, proj_hidden_dim, feature_dim, proj_layers, head)
+        self.g = projection_head(self.feature_width, hidden=proj_hidden_dim, feature_dim=feature_dim,
+                                 layers=proj_layers, head=head)
         self.grad_checkpoint = grad_checkpoint
         if bn_stats == "per_view":
             # forward(x) gets x = [view 1; view 2]: each view is normalised with its own batch statistics,

@@ -8,12 +8,28 @@ from __future__ import annotations
 
 import os
 
-# The suffixes main.py gives a run's files; NAME is what stands before them.
-RUN_SUFFIXES = ("_model.pth", "_last.pth", "_config.json", "_statistics.csv")
+# A run's files are PREFIX_KIND, one key scheme for every script: PREFIX is main.py's NAME,
+# NAME_finetune_TAG or NAME_linear (NAME_linear_augment), and a script's `paths` dict is keyed by KIND.
+RUN_FILES = ("statistics.csv", "model.pth", "last.pth", "config.json", "curves.png")   # main.py, finetune.py
+LINEAR_FILES = ("statistics.csv", "model.pth", "config.json", "curves.png")            # linear.py: no resume
+TENSORBOARD = "tb"  # the TensorBoard folder PREFIX_tb beside them (a folder: never checked or removed)
+# what identifies a file of main.py's as one of a run's (curves.png is drawn from the CSV, so it does not)
+RUN_SUFFIXES = tuple(f"_{kind}" for kind in ("model.pth", "last.pth", "config.json", "statistics.csv"))
 
-# Columns of linear.py's NAME_linear_statistics.csv, in file order.
+# The columns of each script's PREFIX_statistics.csv, in file order: the one declaration every reader and
+# writer uses (docs/files.md describes them). The original tool's CSV had the first four of main.py's.
+PRETRAIN_COLUMNS = ("epoch", "train_loss", "test_acc@1", "test_acc@5", "lr", "epoch_seconds",
+                    "train_images_per_second", "knn_seconds", "probe_acc@1", "probe_acc@5")
+ORIGINAL_COLUMNS = PRETRAIN_COLUMNS[:4]
+FINETUNE_COLUMNS = ("epoch", "train_loss", "train_acc@1", "train_acc@5", "test_acc@1", "test_acc@5", "lr",
+                    "epoch_seconds")
 LINEAR_COLUMNS = ("epoch", "train_loss", "train_acc@1", "train_acc@5", "test_loss", "test_acc@1", "test_acc@5",
                   "lr", "epoch_seconds")
+
+
+def run_paths(folder: str, prefix: str, kinds: tuple[str, ...] = RUN_FILES) -> dict[str, str]:
+    """KIND -> FOLDER/PREFIX_KIND for each of `kinds`."""
+    return {kind: os.path.join(folder, f"{prefix}_{kind}") for kind in kinds}
 
 
 def run_base(path: str, suffixes: tuple[str, ...] = RUN_SUFFIXES) -> str:

@@ -37,7 +37,7 @@ MISMATCH_COLOUR = (220, 30, 30)
 class Neighbors:
     """The k nearest bank images of n test images."""
     queries: torch.Tensor       # (n,) int64 indices into bundle.test
-    indices: torch.Tensor       # (n, k) int64 indices into bundle.memory, most similar first
+    indices: torch.Tensor       # (n, k) int64 indices into bundle.labeled, most similar first
     similarities: torch.Tensor  # (n, k) fp32 cosine similarities, descending along each row
 
 
@@ -51,7 +51,7 @@ def pick_queries(n_test: int, n: int, seed: int) -> torch.Tensor:
 def find_neighbors(model: SimCLR, bundle: DataBundle, n: int, k: int, seed: int, runtime: Runtime,
                    batch_size: int = 256, progress: Callable[[Iterable], Iterable] | None = None) -> Neighbors:
     """n random test images (chosen by seed) and their k nearest bank images by cosine of encoder features."""
-    n_test, n_bank = len(bundle.test.labels), len(bundle.memory.labels)
+    n_test, n_bank = len(bundle.test.labels), len(bundle.labeled.labels)
     if n <= 0 or k <= 0:
         raise UserError(f"--n and --k must be positive, got --n {n} --k {k}")
     if n > n_test:
@@ -59,9 +59,11 @@ def find_neighbors(model: SimCLR, bundle: DataBundle, n: int, k: int, seed: int,
     if k > n_bank:
         raise UserError(f"--k {k} is more than the {n_bank} labeled training images; use --k {n_bank} or less")
     queries = pick_queries(n_test, n, seed)
-    query_features = encoder_features(model, bundle.test.images[queries], bundle.mean, bundle.std, runtime, batch_size)
-    bank_features = encoder_features(model, bundle.memory.images, bundle.mean, bundle.std, runtime, batch_size,
-                                     progress)
+    query_features = encoder_features(model, images=bundle.test.images[queries], mean=bundle.mean, std=bundle.std,
+                                      runtime=runtime, batch_size=batch_size)
+    bank_features = encoder_features(model, images=bundle.labeled.images, mean=bundle.mean, std=bundle.std,
+                                     runtime=runtime, batch_size=batch_size,
+                                     progress=progress)
     indices, similarities = nearest_neighbors(query_features, bank_features, k)
     return Neighbors(queries, indices.cpu(), similarities.cpu())
 
@@ -101,10 +103,11 @@ def draw_neighbors(bundle: DataBundle, result: Neighbors, title: str) -> bytes:
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=12)
     title_font = ImageFont.load_default(size=14)
-    draw.text((MARGIN, 4), _fit(draw, title, title_font, width - 2 * MARGIN), fill="black", font=title_font)
+    draw.text((MARGIN, 4), _fit(draw, text=title, font=title_font, width=width - 2 * MARGIN), fill="black",
+              font=title_font)
     legend = "first column: test image; then nearest labeled training images, green = same class, red = other; " \
              "number = cosine similarity"
-    draw.text((MARGIN, 22), _fit(draw, legend, font, width - 2 * MARGIN), fill=(90, 90, 90), font=font)
+    draw.text((MARGIN, 22), _fit(draw, text=legend, font=font, width=width - 2 * MARGIN), fill=(90, 90, 90), font=font)
 
     def tile(image: torch.Tensor, x: int, y: int, colour: tuple, lines: tuple[str, str]) -> None:
         draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=colour)
@@ -112,20 +115,21 @@ def draw_neighbors(bundle: DataBundle, result: Neighbors, title: str) -> bytes:
         pixels = Image.fromarray(image.numpy()).resize((side, side), Image.NEAREST)
         canvas.paste(pixels, (x + BORDER, y + BORDER))
         for i, line in enumerate(lines):
-            draw.text((x, y + cell + 1 + 14 * i), _fit(draw, line, font, cell), fill="black", font=font)
+            draw.text((x, y + cell + 1 + 14 * i), _fit(draw, text=line, font=font, width=cell), fill="black", font=font)
 
     classes = bundle.classes
     for row in range(n):
         y = HEADER + row * (cell + LABEL + PAD)
         q = int(result.queries[row])
         q_label = int(bundle.test.labels[q])
-        tile(bundle.test.images[q], MARGIN, y, QUERY_COLOUR, (classes[q_label], f"test #{q}"))
+        tile(bundle.test.images[q], x=MARGIN, y=y, colour=QUERY_COLOUR, lines=(classes[q_label], f"test #{q}"))
         for col in range(k):
             j = int(result.indices[row, col])
-            label = int(bundle.memory.labels[j])
+            label = int(bundle.labeled.labels[j])
             x = MARGIN + cell + GAP + col * (cell + PAD)
             colour = MATCH_COLOUR if label == q_label else MISMATCH_COLOUR
-            tile(bundle.memory.images[j], x, y, colour, (classes[label], f"{float(result.similarities[row, col]):.3f}"))
+            tile(bundle.labeled.images[j], x=x, y=y, colour=colour,
+                 lines=(classes[label], f"{float(result.similarities[row, col]):.3f}"))
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
@@ -134,7 +138,7 @@ def draw_neighbors(bundle: DataBundle, result: Neighbors, title: str) -> bytes:
 def same_class_fraction(bundle: DataBundle, result: Neighbors) -> float:
     """Fraction of the n x k neighbours whose label equals their query's."""
     query_labels = bundle.test.labels[result.queries]                 # (n,)
-    return (bundle.memory.labels[result.indices] == query_labels[:, None]).float().mean().item()
+    return (bundle.labeled.labels[result.indices] == query_labels[:, None]).float().mean().item()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -156,9 +160,12 @@ def search(args) -> tuple[DataBundle, Neighbors, str]:
     """Load config, weights and data, find the neighbours; returns (bundle, result, output path)."""
     from tqdm import tqdm
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731 -- stdout only says what was written
-    model, _, runtime, bundle = open_for_features(args.model_path, args.config, args.dataset, args.data_root,
-                                                  args.image_size, args.device, args.threads, log)
+    model, _, runtime, bundle = open_for_features(args.model_path, config=args.config, dataset=args.dataset,
+                                                  data_root=args.data_root,
+                                                  image_size=args.image_size, device=args.device,
+                                                  threads=args.threads, log=log)
     bar = lambda it: tqdm(it, desc="features of the labeled training images", leave=False, file=sys.stderr)  # noqa: E731
-    result = find_neighbors(model.to(runtime.device), bundle, args.n, args.k, args.seed, runtime,
-                            args.eval_batch_size, bar)
+    result = find_neighbors(model.to(runtime.device), bundle=bundle, n=args.n, k=args.k, seed=args.seed,
+                            runtime=runtime,
+                            batch_size=args.eval_batch_size, progress=bar)
     return bundle, result, args.out or run_base(args.model_path) + "_neighbors.png"

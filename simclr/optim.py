@@ -115,4 +115,5 @@ class Schedule:
 
     def lr(self, step: int) -> float:
         """Learning rate of the 0-based global step `step`."""
-        return lr_at(step, self.base_lr, self.total_steps, self.warmup_steps, self.kind)
+        return lr_at(step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                     schedule=self.kind)

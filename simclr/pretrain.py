@@ -25,16 +25,15 @@ from .engine import (Runtime, count_macs, make_runtime, mix_seed, resolve_device
 from .files import RunLock, atomic_save_json, check_name_fits, existing, refuse_to_replace, remove_files
 from .flags import TRAIN_FLAGS, TrainConfig, check_name, check_values, train_resume_values, train_values
 from .knn import knn_accuracy, percent, sharded_features
-from .loop import RESULT_FILES, EpochResult, RunState, finished, log_row, open_tensorboard, restore
+from .loop import EpochResult, RunState, finished, log_row, open_tensorboard, restore
 from .loop import run_epochs
 from .methods import attach_modules, build_method
 from .model import SimCLR
+from .names import PRETRAIN_COLUMNS, RUN_FILES, TENSORBOARD, run_paths
 from .optim import Schedule, build_optimizer, scaled_lr, set_lr
 from .step import train_step
 from .tblog import require_tensorboard
 
-CSV_COLUMNS = ("epoch", "train_loss", "test_acc@1", "test_acc@5", "lr", "epoch_seconds",
-               "train_images_per_second", "knn_seconds", "probe_acc@1", "probe_acc@5")
 PROBE_LR = 1e-3
 NAN_ADVICE = "try a lower --lr, more --warmup_epochs or --precision fp32"
 
@@ -48,7 +47,7 @@ def run(explicit: dict, world: World) -> int:
         say(note)
     job = Pretraining(cfg, world, say)
     # one process per run name and results folder, from here to the end (released by the kernel on any exit)
-    files = [f"{cfg.name}_{kind}" for kind in RESULT_FILES]
+    files = [f"{cfg.name}_{kind}" for kind in RUN_FILES]
     lock = RunLock(cfg.results_dir, cfg.name, files).acquire() if world.is_main else None
     try:
         return job.train(checkpoint)
@@ -78,12 +77,12 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
     values.update(device=str(device), precision=precision)
     cfg = TrainConfig(**check_values(values, TRAIN_FLAGS))
     check_name(cfg.name)
-    check_name_fits(cfg.results_dir, [f"{cfg.name}_{kind}" for kind in RESULT_FILES])
+    check_name_fits(cfg.results_dir, [f"{cfg.name}_{kind}" for kind in RUN_FILES])
     if cfg.overwrite and explicit.get("resume") is not None:
         raise UserError("--overwrite starts the run afresh and --resume continues it; pass one of them")
     if checkpoint is None and not cfg.overwrite:  # a new run never writes over an earlier one of its name
         last = resume_path(cfg)
-        refuse_to_replace(run_paths(cfg).values(), f"an earlier run named {cfg.name}",
+        refuse_to_replace(run_paths(cfg.results_dir, cfg.name).values(), f"an earlier run named {cfg.name}",
                           "continue it with --resume auto (a finished run trains on with a larger --epochs), "
                           if os.path.exists(last) else "")
     if cfg.warmup_epochs > cfg.epochs:
@@ -94,11 +93,6 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
         raise UserError(f"--batch_size {cfg.batch_size} (the global batch) must divide by the {world.world_size} "
                         f"processes; use a multiple of {world.world_size}")
     return cfg, checkpoint, notes
-
-
-def run_paths(cfg: TrainConfig) -> dict[str, str]:
-    """RESULT_FILES -> RESULTS/NAME_KIND: the files of the run `cfg` names."""
-    return {kind: os.path.join(cfg.results_dir, f"{cfg.name}_{kind}") for kind in RESULT_FILES}
 
 
 def precision_note(precision: str, device_type: str) -> str:
@@ -126,28 +120,31 @@ class Pretraining:
         self.bundle = load_data(cfg, world, say)
         self.data = data_identity(self.bundle)
         seed_everything(cfg.seed)  # the model's initialisation
-        model, self.params, self.macs = build_model(cfg, self.bundle, self.runtime, say)
+        model, self.params, self.macs = build_model(cfg, bundle=self.bundle, runtime=self.runtime, say=say)
         steps_per_epoch = len(self.bundle.train) // cfg.batch_size  # the last incomplete batch is dropped
-        schedule = Schedule(scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), steps_per_epoch,
-                            cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.schedule)
-        optimizer = build_optimizer(model, cfg.optimizer, schedule.base_lr, cfg.weight_decay, cfg.momentum)
+        schedule = Schedule(scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), steps_per_epoch=steps_per_epoch,
+                            total_steps=cfg.epochs * steps_per_epoch,
+                            warmup_steps=cfg.warmup_epochs * steps_per_epoch, kind=cfg.schedule)
+        optimizer = build_optimizer(model, name=cfg.optimizer, lr=schedule.base_lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum)
         # its loss with its own settings (temperature, dcl_sigma, ...: the step never sees them) and its state
         self.method = build_method(cfg, model, self.runtime.device)
         self.net, self.encode = wrap_for_speed(model, self.runtime, world)
-        self.train_images, self.bundle = place_images(cfg, self.bundle, self.runtime, say)
+        self.train_images, self.bundle = place_images(cfg, bundle=self.bundle, runtime=self.runtime, say=say)
         self.train_labels = self.bundle.train.labels.to(self.runtime.device)  # (N,), -1 for unlabeled images
         self.aug = AugmentConfig(image_size=self.bundle.image_size, mean=self.bundle.mean, std=self.bundle.std,
                                  min_crop_scale=cfg.min_crop_scale, jitter_strength=cfg.jitter_strength,
                                  blur=cfg.blur)
-        paths = run_paths(cfg)
+        paths = run_paths(cfg.results_dir, cfg.name)
         self.state = RunState(name=cfg.name, script="main.py", epochs=cfg.epochs, batch_size=cfg.batch_size,
                               world=world, runtime=self.runtime, model=model, optimizer=optimizer,
                               scaler=self.runtime.grad_scaler(), schedule=schedule, paths=paths,
-                              csv_columns=CSV_COLUMNS, config=dataclasses.asdict(cfg), say=say, nan_advice=NAN_ADVICE,
+                              csv_columns=PRETRAIN_COLUMNS, config=dataclasses.asdict(cfg), say=say, nan_advice=NAN_ADVICE,
                               extra=self.checkpoint_extra)
         self.probe = None
         if cfg.online_probe and self.evaluates and bool((self.bundle.train.labels >= 0).any()):
-            self.probe = OnlineProbe(model.feature_width, len(self.bundle.classes), self.runtime.device, world)
+            self.probe = OnlineProbe(model.feature_width, num_classes=len(self.bundle.classes),
+                                     device=self.runtime.device, world=world)
         elif cfg.online_probe:
             say("note: no labeled training images, so no online probe (its CSV columns stay empty)")
 
@@ -159,16 +156,16 @@ class Pretraining:
     @property
     def evaluates(self) -> bool:
         """False for a folder of unlabeled images only: nothing to evaluate against."""
-        return len(self.bundle.test) > 0 and len(self.bundle.memory) > 0
+        return len(self.bundle.test) > 0 and len(self.bundle.labeled) > 0
 
     def train(self, checkpoint: dict | None) -> int:
         """Restore if resuming, write the config, then train epoch by epoch; returns the exit code."""
         cfg, state, say = self.cfg, self.state, self.say
         if checkpoint is not None:
             path = resume_path(cfg) if cfg.resume == "auto" else cfg.resume
-            check_same_data(checkpoint, path, self.data, cfg.data_root)
-            restore(state, checkpoint, path, f"{cfg.arch} SimCLR model")
-            restore_method(self.method, checkpoint, path, cfg.method)
+            check_same_data(checkpoint, path=path, data=self.data, data_root=cfg.data_root)
+            restore(state, checkpoint=checkpoint, path=path, what=f"{cfg.arch} SimCLR model")
+            restore_method(self.method, checkpoint=checkpoint, path=path, name=cfg.method)
             if self.probe is not None:
                 self.probe.restore(checkpoint.get("online_probe"), path)
             if finished(state):  # nothing to train: the run's files stay as they are
@@ -200,11 +197,11 @@ class Pretraining:
 
     @property
     def tensorboard_dir(self) -> str:
-        return self.cfg.tensorboard_dir or os.path.join(self.cfg.results_dir, f"{self.cfg.name}_tb")
+        return self.cfg.tensorboard_dir or os.path.join(self.cfg.results_dir, f"{self.cfg.name}_{TENSORBOARD}")
 
     def written(self) -> str:
         """Every file (and the TensorBoard folder) this run has on disk, comma-separated, for the closing line."""
-        paths = [self.state.paths[kind] for kind in RESULT_FILES]
+        paths = [self.state.paths[kind] for kind in RUN_FILES]
         return existing(paths + [self.tensorboard_dir] if self.cfg.tensorboard else paths)
 
     def write_config(self) -> None:
@@ -227,8 +224,8 @@ class Pretraining:
         for step, views, labels in self.epoch_views(epoch, monitor.first):
             set_lr(state.optimizer, state.schedule.lr(epoch * state.steps_per_epoch + step))
             # views (2b, 3, S, S) = [view 1; view 2]; labels (b,), -1 unlabeled (supcon's positives, the probe's targets)
-            loss = train_step(self.net, state.optimizer, views, labels, method=self.method, runtime=self.runtime,
-                              scaler=state.scaler, probe=self.probe)
+            loss = train_step(self.net, optimizer=state.optimizer, views=views, labels=labels, method=self.method,
+                              runtime=self.runtime, scaler=state.scaler, probe=self.probe)
             if monitor.update(step, loss):
                 break
 
@@ -258,8 +255,9 @@ class Pretraining:
                 views = two_views(images[indices(step, on_images)].to(device, non_blocking=True), self.aug, generator)
                 yield step, views, self.train_labels[indices(step, on_device)]
         else:
-            batches = pil_view_batches(images, pil_transform(self.aug), [indices(s).tolist() for s in steps], cfg.seed,
-                                       epoch, cfg.workers, pin_memory=device.type == "cuda")
+            batches = pil_view_batches(images, transform=pil_transform(self.aug),
+                                       batches=[indices(s).tolist() for s in steps], seed=cfg.seed,
+                                       epoch=epoch, workers=cfg.workers, pin_memory=device.type == "cuda")
             for step, views in zip(steps, batches):
                 yield step, views.to(device, non_blocking=True), self.train_labels[indices(step, on_device)]
 
@@ -283,7 +281,7 @@ class Pretraining:
         return row
 
     def plot(self, history: list[dict]) -> None:
-        plot_run_or_warn(history, self.state.paths["curves.png"], self.cfg.name, self.say)
+        plot_run_or_warn(history, path=self.state.paths["curves.png"], title=self.cfg.name, warn=self.say)
 
     def describe(self, row: dict) -> str:
         acc = (f"kNN top-1 {row['test_acc@1']:.2f}% top-5 {row['test_acc@5']:.2f}%"
@@ -305,12 +303,14 @@ class Pretraining:
 
         def features(split: ImageSet, what: str) -> torch.Tensor:
             bar = lambda it: tqdm(it, desc=f"  features of {what}", leave=False, disable=not world.is_main)  # noqa: E731
-            return sharded_features(self.encode, split.images, to_input, self.runtime, cfg.eval_batch_size, world, bar)
+            return sharded_features(self.encode, images=split.images, to_input=to_input, runtime=self.runtime,
+                                    batch_size=cfg.eval_batch_size, world=world, progress=bar)
 
         try:
-            bank, test = features(bundle.memory, "kNN bank"), features(bundle.test, "test set")
-            top1, top5 = knn_accuracy(test, bundle.test.labels, bank, bundle.memory.labels, len(bundle.classes), cfg.k,
-                                      cfg.knn_temperature)
+            bank, test = features(bundle.labeled, "kNN bank"), features(bundle.test, "test set")
+            top1, top5 = knn_accuracy(test, test_labels=bundle.test.labels, bank_features=bank,
+                                      bank_labels=bundle.labeled.labels, num_classes=len(bundle.classes), k=cfg.k,
+                                      temperature=cfg.knn_temperature)
             probe = self.probe.accuracy(test, bundle.test.labels) if self.probe is not None else (None, None)
         finally:
             model.train(was_training)
@@ -434,7 +434,8 @@ def setup_runtime(cfg: TrainConfig, world: World) -> Runtime:
     device = torch.device(cfg.device)
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
-    return make_runtime(device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads)
+    return make_runtime(device, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
+                        threads=cfg.threads)
 
 
 def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
@@ -442,9 +443,9 @@ def load_data(cfg: TrainConfig, world: World, say) -> DataBundle:
     bundle = in_turn(lambda: load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cache_dir=cfg.cache_dir,
                                           log=say), world)
     train_set = subset(bundle.train, cfg.train_subset, cfg.seed)
-    shared_bank = bundle.memory is bundle.train
-    bundle = dataclasses.replace(bundle, train=train_set, memory=train_set if shared_bank else bundle.memory)
-    n_train, n_bank = len(bundle.train), len(bundle.memory)
+    shared_bank = bundle.labeled is bundle.train
+    bundle = dataclasses.replace(bundle, train=train_set, labeled=train_set if shared_bank else bundle.labeled)
+    n_train, n_bank = len(bundle.train), len(bundle.labeled)
     if cfg.batch_size > n_train:
         raise UserError(f"--batch_size {cfg.batch_size} is larger than the {n_train} training images; "
                         f"use --batch_size {n_train} or less")
@@ -484,8 +485,10 @@ def drop_last_note(n_train: int, batch_size: int, world_size: int = 1, share: fl
 
 def build_model(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> tuple[SimCLR, int, int]:
     """The SimCLR model on the run's device, with its size printed; returns (model, parameters, MACs)."""
-    model = attach_modules(SimCLR(cfg.arch, cfg.feature_dim, cfg.proj_hidden_dim, cfg.stem, cfg.grad_checkpoint,
-                                  cfg.bn_stats, cfg.proj_layers, cfg.head), cfg)  # and the method's (nnclr: predictor)
+    model = attach_modules(SimCLR(cfg.arch, feature_dim=cfg.feature_dim, proj_hidden_dim=cfg.proj_hidden_dim,
+                                  stem=cfg.stem, grad_checkpoint=cfg.grad_checkpoint,
+                                  bn_stats=cfg.bn_stats, proj_layers=cfg.proj_layers,
+                                  head=cfg.head), cfg)  # and the method's (nnclr: predictor)
     params, macs, counted = count_macs(model, bundle.image_size)
     widths = [model.feature_width] + [cfg.proj_hidden_dim] * (cfg.proj_layers - 1) + [cfg.feature_dim]
     last = " (SimCLRv2's last layer)" if cfg.head == "v2" else ""
@@ -517,7 +520,7 @@ def place_images(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) ->
         say(f"note: the {images.numel() / 2**30:.1f} GiB of training images stay in host memory (GPU too small)")
         return images, bundle
     images = images.to(runtime.device)
-    if bundle.memory is bundle.train:  # the kNN bank is the training set: share the GPU copy
+    if bundle.labeled is bundle.train:  # the kNN bank is the training set: share the GPU copy
         on_gpu = ImageSet(images, bundle.train.labels)
-        bundle = dataclasses.replace(bundle, train=on_gpu, memory=on_gpu)
+        bundle = dataclasses.replace(bundle, train=on_gpu, labeled=on_gpu)
     return images, bundle

@@ -83,15 +83,16 @@ def conv_kernel(precision: str, device: torch.device, batch: int = CONV_BATCH, c
     x = torch.randn(batch, channels, side, side, generator=g).to(device, dtype)
     w = torch.randn(channels, channels, 3, 3, generator=g).to(device, dtype) / (3 * channels ** 0.5)
     x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
-    return DenseKernel(f"conv3x3 {channels}ch {side}x{side} b{batch} channels-last", precision,
-                       conv_flops(batch, channels, side), lambda: F.conv2d(x, w, padding=1))
+    return DenseKernel(f"conv3x3 {channels}ch {side}x{side} b{batch} channels-last", precision=precision,
+                       flops=conv_flops(batch, channels, side), call=lambda: F.conv2d(x, w, padding=1))
 
 
 def matmul_kernel(precision: str, device: torch.device, n: int) -> DenseKernel:
     """An (n, n) @ (n, n) matmul in fp32, bf16, fp16 or tf32 (fp32 tensors, TF32 tensor cores allowed)."""
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(device, DTYPES[precision]) for _ in range(2))
-    return DenseKernel(f"matmul {n}x{n}", precision, matmul_flops(n), lambda: a @ b, tf32=precision == "tf32")
+    return DenseKernel(f"matmul {n}x{n}", precision=precision, flops=matmul_flops(n), call=lambda: a @ b,
+                       tf32=precision == "tf32")
 
 
 def matmul_size(device: torch.device, quick: bool = False) -> int:
@@ -180,7 +181,7 @@ def measure_rates(kernels: list[DenseKernel], device: torch.device, bursts: int,
     rates: list[list[float]] = [[] for _ in kernels]
     for _ in range(bursts):
         for i, kernel in enumerate(kernels):
-            rates[i] += burst_rates(kernel, calls[i], 1, device)
+            rates[i] += burst_rates(kernel, calls=calls[i], bursts=1, device=device)
     return [rate_row(k, r, c) for k, r, c in zip(kernels, rates, calls)]
 
 

@@ -5,7 +5,7 @@ import dataclasses
 from typing import Callable
 
 from .checkpoint import MODEL_CONFIG_KEYS, data_location, open_run
-from .data import DataBundle, load_dataset, require_labeled
+from .data import DataBundle, evaluable, load_dataset
 from .engine import Runtime, make_runtime
 from .model import SimCLR
 
@@ -23,8 +23,8 @@ def open_for_features(model_path: str, config: str | None, dataset: str | None, 
     runtime = make_runtime(device, "fp32", channels_last=False, threads=threads)
     if device == "auto" and runtime.device.type == "cpu":
         log("note: no CUDA GPU found, computing features on the CPU")
-    where = data_location(saved, dataset, data_root, image_size)
-    bundle = require_labeled(load_dataset(**where, log=log), where["root"])
+    where = data_location(saved, dataset=dataset, data_root=data_root, image_size=image_size)
+    bundle = evaluable(load_dataset(**where, log=log), where["root"])
     if saved.get("original_tool") is True and bundle.name == saved["dataset"]:  # its inputs' normalisation
         bundle = dataclasses.replace(bundle, mean=tuple(saved["mean"]), std=tuple(saved["std"]))
     return model, saved, runtime, bundle

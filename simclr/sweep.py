@@ -37,12 +37,13 @@ from .cli import OneLineParser, UserError, first_line
 from .files import RunLock, RunNameInUse, atomic_save_json, atomic_write_csv, check_name_fits
 from .flags import (FINETUNE_FLAGS, LINEAR_FLAGS, SWEEP_OWNED, TRAIN, TRAIN_FLAGS, build_parser, check_name,
                     parse_text, train_values)
+from .names import PRETRAIN_COLUMNS, RUN_FILES, TENSORBOARD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"main": "main.py", "linear": "linear.py", "finetune": "finetune.py"}
 # the kNN columns of NAME_statistics.csv, then the online probe's (present only in runs that have one)
-CSV_METRICS = ("test_acc@1", "test_acc@5", "probe_acc@1", "probe_acc@5")
-ALWAYS_METRICS = ("test_acc@1", "test_acc@5")
+CSV_METRICS = tuple(c for c in PRETRAIN_COLUMNS if c.startswith(("test_acc", "probe_acc")))
+ALWAYS_METRICS = CSV_METRICS[:2]
 STOP_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
 # flags of the evaluation scripts that the sweep sets itself: where the weights and files are, the seed
 THEN_OWNED = ("model_path", "config", "results_dir", "name", "seed", "resume", "untrained", "overwrite")
@@ -50,10 +51,9 @@ POLL_S = 0.2
 # the runs one sweep plans at most: far above any grid a researcher runs (and its tables stay readable), far
 # below what would make planning slow or its memory large
 MAX_RUNS = 10_000
-# what stands after NAME in the files of a run: main.py's (loop.RESULT_FILES and its TensorBoard folder), the
-# evaluation's (after its prefix) and the sweep's own
-RUN_FILES = ("statistics.csv", "model.pth", "last.pth", "config.json", "curves.png", "tb", "stdout.txt",
-             "stderr.txt", "sweep.json")
+# what stands after NAME in the files of a sweep's run: main.py's (names.RUN_FILES and its TensorBoard folder),
+# an evaluation's (after its prefix) and the sweep's own
+FILE_KINDS = RUN_FILES + (TENSORBOARD, "stdout.txt", "stderr.txt", "sweep.json")
 # NAME_sweep.json is a few kB; a larger one was not written by the sweep
 MAX_STATUS_BYTES = 1 << 20
 PATH_MAX = 4096  # Linux's limit on a path's length (bytes, with its terminating NUL)
@@ -141,12 +141,13 @@ def plan(values: dict, main_args: list[str]) -> Plan:
         args = [*main_args, *(arg for k, v in pairs for arg in as_args(k, dict(grid[k])[v])),
                 "--seed", str(seed), "--name", run_name, "--results_dir", folder]
         resolved = train_values(parse_main_args(parser, args, f"run {run_name}"))
-        runs.append(Run(pairs, seed, run_name, folder, tuple(args), resolved["epochs"]))
+        runs.append(Run(pairs, seed=seed, name=run_name, folder=folder, args=tuple(args), epochs=resolved["epochs"]))
     baseline = parse_baseline(values["baseline"], grid) if values["baseline"] is not None else None
     then = parse_then(values, shared)
     check_files(out, runs, then)
     slots = device_slots(values["gpus"], values["gpus_per_run"])
-    return Plan(name, out, keys, configs, tuple(seeds), tuple(runs), baseline, then, slots, values["gpus_per_run"])
+    return Plan(name, out=out, keys=keys, configs=configs, seeds=tuple(seeds), runs=tuple(runs), baseline=baseline,
+                then=then, slots=slots, gpus_per_run=values["gpus_per_run"])
 
 
 SEED_ITEM = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
@@ -327,12 +328,12 @@ def parse_then(values: dict, shared: dict) -> Then | None:
         extra = ["--device", shared["device"], *extra]
     if script == "linear":
         prefix = "_linear_augment" if given.get("augment") else "_linear"  # linear.py's own file names
-        return Then("linear", tuple(extra), prefix, "linear_acc@1")
+        return Then("linear", args=tuple(extra), prefix=prefix, metric="linear_acc@1")
     if given.get("labels_per_class") is not None:
         tag = f"{given['labels_per_class']}perclass"
     else:
         tag = f"{given.get('label_fraction') or 0.1:g}"
-    return Then("finetune", tuple(extra), f"_finetune_{tag}", "finetune_acc@1")
+    return Then("finetune", args=tuple(extra), prefix=f"_finetune_{tag}", metric="finetune_acc@1")
 
 
 def check_files(out: str, runs: list[Run], then: Then | None) -> None:
@@ -342,7 +343,7 @@ def check_files(out: str, runs: list[Run], then: Then | None) -> None:
         return
     longest = max(runs, key=lambda r: len(os.fsencode(r.name)))  # names differ only in the runs' values
     prefixes = ["", *([then.prefix] if then is not None else [])]
-    names = [f"{longest.name}{prefix}_{kind}" for prefix in prefixes for kind in RUN_FILES]
+    names = [f"{longest.name}{prefix}_{kind}" for prefix in prefixes for kind in FILE_KINDS]
     check_name_fits(out, names, "--grid value")
     # every run's folder is OUT/NAME: the longest name has the longest path, with its temporary's name
     deepest = os.path.join(os.path.abspath(longest.folder), f".{max(names, key=len)}.00000000.tmp")
@@ -697,12 +698,13 @@ class Sweep:
             "resumed" if "--resume" in cmd[-2:] else "started"
         print(f"[{task.index}/{len(self.plan.runs)}] {run.name}: {what} (log {err_path})", flush=True)
         try:
-            proc = launch(cmd, self.plan.slots[slot], out, err)
+            proc = launch(cmd, env=self.plan.slots[slot], stdout=out, stderr=err)
         except BaseException:
             out.close()
             err.close()
             raise
-        active = self.running[slot] = Active(task, slot, proc, err_path, offset, time.monotonic(), [out, err])
+        active = self.running[slot] = Active(task, slot=slot, proc=proc, err_path=err_path, err_offset=offset,
+                                             started=time.monotonic(), files=[out, err])
         if self.signum is not None and not active.signalled:  # the signal came while it was being started
             self._forward(active, self.signum)
 
@@ -1005,7 +1007,7 @@ def run(values: dict, main_args: list[str]) -> int:
         summary, comparison, metrics = write_tables(the_plan)
     finally:
         lock.release()
-    print_tables(the_plan, summary, comparison, metrics)
+    print_tables(the_plan, summary=summary, comparison=comparison, metrics=metrics)
     if sweep.failed:
         print(f"{sweep.failed} run{'s' * (sweep.failed != 1)} failed: runs.csv has the exit code and last line "
               f"of each; NAME_stderr.txt in its folder the whole output", file=sys.stderr)

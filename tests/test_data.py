@@ -90,7 +90,7 @@ def test_folder_shapes_labels_stats(tmp_path):
     assert b.train.images.dtype == torch.uint8 and b.train.labels.dtype == torch.int64
     assert tuple(b.train.images.shape) == (3 * 3 + 2 + 2, SIZE, SIZE, 3)
     assert tuple(b.test.images.shape) == (3 * 2, SIZE, SIZE, 3)
-    assert b.memory is b.train
+    assert b.labeled is b.train
     # files are class-major in sorted order: ant (3 + 2 extra), bee (3 + gray), cat (3 + rgba)
     assert b.train.labels.tolist() == [0] * 5 + [1] * 4 + [2] * 4
     assert b.test.labels.tolist() == [0, 0, 1, 1, 2, 2]
@@ -306,7 +306,7 @@ def test_cifar10_from_disk(tmp_path, monkeypatch):
     ref = _write_cifar10(tmp_path, np.random.default_rng(0))
     b = load_dataset('cifar10', str(tmp_path), download=True, log=_Log())
     assert b.name == 'cifar10' and b.image_size == 32 and b.classes == ref['classes']
-    assert b.memory is b.train
+    assert b.labeled is b.train
     assert b.train.images.dtype == torch.uint8 and b.train.images.is_contiguous()
     assert torch.equal(b.train.images, torch.from_numpy(ref['train']))
     assert b.train.labels.dtype == torch.int64 and b.train.labels.tolist() == ref['train_y']
@@ -360,7 +360,7 @@ def test_cifar100_from_disk(tmp_path, monkeypatch):
     names = [f'class{i:02d}' for i in range(100)]
     _pickle(folder / 'meta', {'fine_label_names': names, 'coarse_label_names': [f'c{i}' for i in range(20)]})
     b = load_dataset('cifar100', str(tmp_path), log=_Log())
-    assert b.classes == names and b.memory is b.train
+    assert b.classes == names and b.labeled is b.train
     assert torch.equal(b.train.images, torch.from_numpy(train)) and b.train.labels.tolist() == train_y
     assert torch.equal(b.test.images, torch.from_numpy(test)) and b.test.labels.tolist() == test_y
     assert b.mean == pytest.approx((0.5071, 0.4865, 0.4409), abs=1e-3)
@@ -385,21 +385,21 @@ def test_stl10_from_disk(tmp_path, monkeypatch):
 
     b = load_dataset('stl10', str(tmp_path), log=_Log())
     assert b.name == 'stl10' and b.image_size == 96 and b.classes == names
-    assert len(b.train) == 7 and len(b.memory) == 4 and len(b.test) == 2
+    assert len(b.train) == 7 and len(b.labeled) == 4 and len(b.test) == 2
     assert b.train.images.is_contiguous() and b.train.images.dtype == torch.uint8
     # pixels round-trip in the right orientation (a transposed image would differ: they are random)
     assert torch.equal(b.train.images[:4], torch.from_numpy(train))
     assert torch.equal(b.train.images[4:], torch.from_numpy(unlabeled))
     assert torch.equal(b.test.images, torch.from_numpy(test))
     assert b.train.labels.dtype == torch.int64 and b.train.labels.tolist() == [0, 9, 2, 2, -1, -1, -1]
-    assert b.memory.labels.tolist() == [0, 9, 2, 2] and (b.memory.labels >= 0).all()
-    assert torch.equal(b.memory.images, torch.from_numpy(train))
+    assert b.labeled.labels.tolist() == [0, 9, 2, 2] and (b.labeled.labels >= 0).all()
+    assert torch.equal(b.labeled.images, torch.from_numpy(train))
     # the memory bank is a view of the labeled training rows, not a second copy
-    assert b.memory.images.data_ptr() == b.train.images.data_ptr()
+    assert b.labeled.images.data_ptr() == b.train.images.data_ptr()
     assert b.test.labels.tolist() == [1, 6]
 
     small = load_dataset('stl10', str(tmp_path), image_size=32, log=_Log())
-    assert tuple(small.train.images.shape) == (7, 32, 32, 3) and tuple(small.memory.images.shape) == (4, 32, 32, 3)
+    assert tuple(small.train.images.shape) == (7, 32, 32, 3) and tuple(small.labeled.images.shape) == (4, 32, 32, 3)
     assert tuple(small.test.images.shape) == (2, 32, 32, 3)
 
 

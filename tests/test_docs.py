@@ -96,3 +96,24 @@ def test_relative_links_exist(page):
     base = os.path.dirname(page)
     broken = [link for link in links if not os.path.exists(os.path.join(base, link))]
     assert not broken, f"{os.path.relpath(page, ROOT)} links to missing files: {broken}"
+
+
+def _documented_columns(text: str, heading: str) -> list[str]:
+    """The backticked column names that docs/files.md gives after `heading`: a table's first cells, or the
+    comma-separated list after the file's name in a bullet."""
+    start = text.index(heading)
+    if heading.startswith("###"):
+        rows = re.findall(r"^\| (`[^|]+`) \|", text[start:].split("\n\n")[1], flags=re.M)
+        return [name for cell in rows for name in re.findall(r"`([^`]+)`", cell) if cell != "`column`"]
+    listed = re.search(r"`([^`]+)`", text[start + len(heading):]).group(1)
+    return [name.strip() for name in listed.split(",")]
+
+
+def test_files_md_lists_each_csvs_columns_in_file_order():
+    """docs/files.md is the public description of the CSVs: its columns are names.*_COLUMNS, in order."""
+    from simclr.names import FINETUNE_COLUMNS, LINEAR_COLUMNS, PRETRAIN_COLUMNS, ORIGINAL_COLUMNS
+    text = _read(os.path.join(ROOT, "docs", "files.md"))
+    assert _documented_columns(text, "### `NAME_statistics.csv`") == list(PRETRAIN_COLUMNS)
+    assert _documented_columns(text, "- `NAME_linear_statistics.csv`:") == list(LINEAR_COLUMNS)
+    assert _documented_columns(text, "- `NAME_finetune_TAG_statistics.csv`:") == list(FINETUNE_COLUMNS)
+    assert ORIGINAL_COLUMNS == ("epoch", "train_loss", "test_acc@1", "test_acc@5")  # the original tool's CSV

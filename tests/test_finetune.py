@@ -71,12 +71,12 @@ def test_the_script_draws_balanced_labels_by_seed_disjoint_from_test(trained, ti
     bundle = load_dataset("folder", str(tiny_folder), 16)
     chosen = torch.tensor(a["label_indices"])
     assert len(chosen) == 12 and a["labels"] == 12
-    assert torch.bincount(bundle.memory.labels[chosen]).tolist() == [4, 4, 4] == a["labels_by_class"]
+    assert torch.bincount(bundle.labeled.labels[chosen]).tolist() == [4, 4, 4] == a["labels_by_class"]
     assert base["label_indices"] == a["label_indices"]        # the baseline trains on the same labels
     assert other["label_indices"] != a["label_indices"]       # another seed, other labels
     # none of the chosen images is a test image (the test images are distinct random pixels)
     test = bundle.test.images.reshape(len(bundle.test), -1)
-    for image in bundle.memory.images[chosen].reshape(len(chosen), -1):
+    for image in bundle.labeled.images[chosen].reshape(len(chosen), -1):
         assert not (test == image).all(dim=1).any()
 
 
@@ -86,10 +86,11 @@ def build(trained, tiny_folder, *extra: str) -> finetuning.FineTuning:
     """The job finetune.py builds for these flags (nothing trained, nothing written)."""
     parser = build_parser(FINETUNE_FLAGS, "finetune.py", explicit_only=True)
     explicit = vars(parser.parse_args(quick(trained / "run_model.pth", "unused", *extra)))
-    cfg, job = finetuning.plan(explicit, print)
+    cfg, setup = finetuning.plan(explicit, print)
     bundle = load_dataset("folder", str(tiny_folder), 16)
     runtime = make_runtime("cpu", "fp32", False)
-    return finetuning.FineTuning(cfg, job, bundle, finetuning.choose_labels(bundle, cfg), runtime, print)
+    return finetuning.FineTuning(cfg, setup=setup, bundle=bundle, label_indices=finetuning.choose_labels(bundle, cfg),
+                                 runtime=runtime, say=print)
 
 
 def test_from_layer_encoder_puts_the_classifier_on_h(trained, tiny_folder):

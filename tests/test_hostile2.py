@@ -191,7 +191,7 @@ def test_links_to_an_ancestor_or_another_class_are_skipped(tmp_path):
     lines = []
     bundle = load_dataset("folder", str(root), 16, log=lines.append)
     assert torch.bincount(bundle.train.labels).tolist() == [16, 16, 16]
-    assert torch.bincount(bundle.memory.labels).tolist() == [16, 16, 16]
+    assert torch.bincount(bundle.labeled.labels).tolist() == [16, 16, 16]
     assert sum("holds this class folder" in line for line in lines) == 2
     assert sum("into another class folder" in line for line in lines) == 1
 

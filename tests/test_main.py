@@ -47,9 +47,9 @@ def test_end_to_end_subprocess(tiny_folder, tmp_path):
     # the last row's kNN accuracy is the saved model's: recomputed here from the weights and the images
     bundle = load_dataset("folder", str(tiny_folder), 16, log=lambda line: None)
     runtime = Runtime(torch.device("cpu"), "fp32")
-    bank = encoder_features(fresh, bundle.memory.images, config["mean"], config["std"], runtime)
+    bank = encoder_features(fresh, bundle.labeled.images, config["mean"], config["std"], runtime)
     test = encoder_features(fresh, bundle.test.images, config["mean"], config["std"], runtime)
-    top1, _ = knn_accuracy(test, bundle.test.labels, bank, bundle.memory.labels, 3, 5, 0.5)
+    top1, _ = knn_accuracy(test, bundle.test.labels, bank, bundle.labeled.labels, 3, 5, 0.5)
     # a bf16 run's features differ from these fp32 ones in rounding: one test image may fall the other way
     assert frame["test_acc@1"].iloc[-1] == pytest.approx(top1, abs=0 if config["precision"] == "fp32" else 5.6)
     assert not [p for p in os.listdir(results) if p.endswith(".tmp")]

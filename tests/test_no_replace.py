@@ -198,7 +198,7 @@ def test_unlabeled_copies_of_train_images_are_trained_on_once(tmp_path):
     shutil.copy(root / "train" / "frog" / "002.png", root / "test" / "frog" / "copy.png")  # a test image seen in training
     notes = []
     bundle = data.load_dataset("folder", str(root), 16, log=notes.append)
-    assert len(bundle.train) == 48 + 1 and len(bundle.memory) == 48
+    assert len(bundle.train) == 48 + 1 and len(bundle.labeled) == 48
     assert (bundle.train.labels < 0).sum() == 1
     said = " ".join(notes)
     assert "2 are copies of train/ images and 1 repeat other unlabeled/ images" in said, notes

@@ -15,7 +15,8 @@ import main
 from conftest import tiny_run_args
 import neighbors
 import plot
-from simclr import curves, neighbor_grid, pretrain
+from simclr import curves, neighbor_grid
+from simclr.names import PRETRAIN_COLUMNS
 from simclr.checkpoint import open_run
 from simclr.data import load_dataset
 from simclr.knn import nearest_neighbors
@@ -121,7 +122,7 @@ def test_compare_one_and_several_runs(tmp_path, capsys):
 def test_compare_reads_main_py_statistics(tmp_path):
     from simclr.files import atomic_write_csv
     path = tmp_path / "r_statistics.csv"
-    atomic_write_csv(str(path), pretrain.CSV_COLUMNS, ROWS)
+    atomic_write_csv(str(path), PRETRAIN_COLUMNS, ROWS)
     rows = plot.read_statistics(str(path)).rows
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[1]["test_acc@1"] is None
     assert plot.run_name(str(path)) == "r"
@@ -475,7 +476,7 @@ def test_find_neighbors_matches_brute_force_on_a_trained_model(tiny_run, tiny_fo
     model.eval()
     with torch.no_grad():
         query = model.encode(to_input(bundle.test.images[result.queries]))
-        bank = model.encode(to_input(bundle.memory.images))
+        bank = model.encode(to_input(bundle.labeled.images))
     assert_same_neighbors(query, bank, result.indices, result.similarities, 4)
 
 
@@ -513,7 +514,7 @@ def test_grid_borders_show_whether_the_class_matches(tiny_folder, tmp_path):
         assert image.getpixel((neighbor_grid.MARGIN + neighbor_grid.BORDER, top(row) + neighbor_grid.BORDER)) == \
             tuple(bundle.test.images[q, 0, 0].tolist())
         for col in range(2):
-            same = int(bundle.memory.labels[result.indices[row, col]]) == int(q_labels[row])
+            same = int(bundle.labeled.labels[result.indices[row, col]]) == int(q_labels[row])
             expected = neighbor_grid.MATCH_COLOUR if same else neighbor_grid.MISMATCH_COLOUR
             assert image.getpixel((left(col) + 1, top(row) + 1)) == expected, (row, col)
     assert neighbor_grid.same_class_fraction(bundle, result) == pytest.approx(0.5)  # (0,1) and (1,17) match

@@ -11,7 +11,7 @@ from references import brute_force_knn_scores, naive_nt_xent
 from simclr import engine
 from simclr.engine import cpu_has_native_bf16
 from simclr.knn import knn_scores, nearest_neighbors
-from simclr.loop import RESULT_FILES
+from simclr.names import RUN_FILES
 from simclr.pretrain import precision_note
 from simclr.model import SimCLR, nt_xent
 
@@ -118,7 +118,7 @@ def test_a_tiny_run_records_and_says_the_precision_it_chose(tiny_folder, tmp_pat
     done = [line for line in out.splitlines() if line.startswith("done:")][-1]
     named = {os.path.basename(p) for p in done.split("files ", 1)[1].split(", ")}
     assert named == {p for p in os.listdir(tmp_path) if not p.startswith(".")}, done
-    assert named == {f"p_{kind}" for kind in RESULT_FILES}
+    assert named == {f"p_{kind}" for kind in RUN_FILES}
 
 
 @pytest.mark.parametrize("precision,device,hint", [("bf16", "cpu", True), ("fp32", "cpu", False),

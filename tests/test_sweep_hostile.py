@@ -108,8 +108,8 @@ def test_an_out_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch):
 
 
 def test_the_names_checked_are_every_file_main_py_writes():
-    from simclr.loop import RESULT_FILES
-    assert set(RESULT_FILES) <= set(sweep_lib.RUN_FILES)
+    from simclr.names import LINEAR_FILES, RUN_FILES
+    assert set(RUN_FILES) | set(LINEAR_FILES) <= set(sweep_lib.FILE_KINDS)
 
 
 def test_planning_many_seeds_and_values_is_linear():
@@ -130,7 +130,7 @@ EXACT = [(int, 2 ** 63 - 1, 2 ** 63, "must be >= 0 and <= 9223372036854775807, g
 def test_bound_messages_print_numbers_exactly(kind, bound, value, text):
     """Integers in full (not 9.22337e+18), floats short where that is exact (not 2.5 for 2.5000001)."""
     with pytest.raises(sweep_lib.UserError) as e:
-        Flag("x", 0, "", kind, ge=0, le=bound).check(value)
+        Flag("x", 0, "", type=kind, ge=0, le=bound).check(value)
     assert str(e.value) == f"--x {text}"
 
 

@@ -10,12 +10,13 @@ import linear
 import main
 from conftest import TINY_ARCH, tiny_run_args
 from simclr import loop, pretrain, tblog
+from simclr.names import PRETRAIN_COLUMNS
 from simclr.cli import UserError
 
 # 24 training images at batch 8: 3 steps per epoch
 STEPS = 3
 STEP_TAGS = {"step/loss", "step/loss_epoch_mean", "step/lr", "step/images_per_second"}
-EPOCH_TAGS = {f"epoch/{c}" for c in pretrain.CSV_COLUMNS if c != "epoch"}
+EPOCH_TAGS = {f"epoch/{c}" for c in PRETRAIN_COLUMNS if c != "epoch"}
 
 
 def args(data, results, name, *extra, **overrides):

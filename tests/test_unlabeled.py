@@ -15,6 +15,7 @@ import main
 import neighbors
 from conftest import tiny_run_args, write_folder
 from simclr import pretrain
+from simclr.names import PRETRAIN_COLUMNS
 from simclr.cli import DataError
 from simclr.data import load_dataset
 from simclr.distributed import World
@@ -52,9 +53,9 @@ def test_train_is_train_plus_unlabeled_and_the_bank_train_only(three_splits, tmp
     bundle = load_dataset("folder", str(three_splits), 16, log=lines.append)
     labeled = load_dataset("folder", str(write_folder(tmp_path / "labeled_only")), 16, **QUIET)
     assert len(bundle.train) == 48 + 24 and int((bundle.train.labels == -1).sum()) == 24
-    assert torch.equal(bundle.memory.labels, labeled.train.labels) and (bundle.memory.labels >= 0).all()
-    assert torch.equal(bundle.memory.images, labeled.train.images)
-    assert bundle.memory.images.data_ptr() == bundle.train.images.data_ptr()  # a view of the cache, no copy
+    assert torch.equal(bundle.labeled.labels, labeled.train.labels) and (bundle.labeled.labels >= 0).all()
+    assert torch.equal(bundle.labeled.images, labeled.train.images)
+    assert bundle.labeled.images.data_ptr() == bundle.train.images.data_ptr()  # a view of the cache, no copy
     assert torch.equal(bundle.test.images, labeled.test.images) and bundle.classes == labeled.classes
     # every unlabeled image at any depth, in path order (walked sorted, folders in place)
     unlabeled = bundle.train.images[bundle.train.labels == -1].numpy()
@@ -87,7 +88,7 @@ def test_unlabeled_alone_has_no_classes_bank_or_test(tmp_path):
     root = write_unlabeled(tmp_path / "data")
     bundle = load_dataset("folder", str(root), 16, **QUIET)
     assert len(bundle.train) == 24 and (bundle.train.labels == -1).all()
-    assert bundle.classes == [] and len(bundle.memory) == 0 and len(bundle.test) == 0
+    assert bundle.classes == [] and len(bundle.labeled) == 0 and len(bundle.test) == 0
 
 
 @pytest.mark.parametrize("make,needle", [
@@ -166,7 +167,7 @@ def test_the_probe_never_changes_what_the_encoder_learns(three_splits, tmp_path)
     for a, b in zip(on["optimizer"]["state"].values(), off["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
     frames = {n: pd.read_csv(tmp_path / f"{n}_statistics.csv") for n in ("on", "off")}
-    assert list(frames["on"].columns) == list(pretrain.CSV_COLUMNS)
+    assert list(frames["on"].columns) == list(PRETRAIN_COLUMNS)
     assert frames["on"][["probe_acc@1", "probe_acc@5"]].notna().all().all()
     assert frames["off"][["probe_acc@1", "probe_acc@5"]].isna().all().all()
     pd.testing.assert_series_equal(frames["on"]["test_acc@1"], frames["off"]["test_acc@1"])

@@ -73,7 +73,7 @@ class NNCLR:
         with torch.no_grad():  # stop-gradient: nothing flows through the neighbour
             zn = F.normalize(at_least_fp32(z), dim=1)
             neighbours = zn if self.filled == 0 else nearest(zn, self.queue[:self.filled].to(zn.dtype))
-        return nnclr_loss(neighbours, p, self.temperature, anchors)
+        return nnclr_loss(neighbours, p=p, temperature=self.temperature, anchors=anchors)
 
     @torch.no_grad()
     def after_step(self, z: torch.Tensor) -> None:
