@@ -597,6 +597,148 @@ def report_breakdown(bd: dict) -> list[str]:
             f"{fmt(share, 1)}%, {verdict(share is not None and share >= TARGET_RATE_PERCENT)}"]
 
 
+# ----------------------------------------------------------------------------- a profile of the step
+
+# op-name pieces -> the kind of kernel they are, first match wins (torch.profiler's aten names, CPU and CUDA)
+OP_KINDS = (("convolution backward", ("convolution_backward",)),
+            ("convolution forward", ("convolution", "conv2d")),
+            ("BatchNorm", ("batch_norm",)),
+            ("matmul (head, loss, probe)", ("addmm", "::mm", "bmm", "matmul", "linear")),
+            ("optimizer (Adam)", ("_foreach", "adam", "lerp", "addcdiv", "addcmul")),
+            ("copies and layout", ("copy_", "::to", "contiguous", "clone", "empty", "cat", "index", "gather")),
+            ("element-wise", ("relu", "threshold", "add", "mul", "div", "sub", "exp", "log", "where", "clamp",
+                              "fill", "zero", "sum", "mean", "max", "sqrt", "norm", "pow")))
+
+
+def op_kind(name: str) -> str:
+    """The OP_KINDS kind of a profiler op name; 'other' when none matches."""
+    lower = name.lower()
+    return next((kind for kind, pieces in OP_KINDS if any(piece in lower for piece in pieces)), "other")
+
+
+def profile_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: int, device: torch.device,
+                    warmup: int, steps: int, num_classes: int = 10) -> dict:
+    """torch.profiler over `steps` of main.py's step (after `warmup`): each kind of kernel's share of the ops'
+    own time (self time, so nothing is counted twice), and the ten ops of most self time."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    runtime = make_runtime(device, "auto", True)
+    net = default_model(arch, bn_stats=TRAIN_DEFAULTS["bn_stats"]).to(device).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(net, name="adam", lr=LR, weight_decay=WEIGHT_DECAY)
+    probe = OnlineProbe(net.feature_width, num_classes=num_classes, device=device, world=World())
+    data = images[:batch].to(device)
+    labels = torch.randint(0, num_classes, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
+    generator = torch.Generator(device=device)
+
+    def step(i: int) -> None:
+        views = two_views(data, cfg, generator.manual_seed(mix_seed(0, i)))
+        train_step(net, optimizer=optimizer, views=views, labels=labels, method=METHOD, runtime=runtime, probe=probe)
+        sync(device)
+
+    for i in range(warmup):
+        step(i)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step(warmup + i)
+    wall = (time.perf_counter() - t0) / steps
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = [(e.key, getattr(e, key, 0.0) or 0.0) for e in prof.key_averages()]
+    total = sum(t for _, t in ops) or 1.0
+    kinds: dict[str, float] = {}
+    for name, t in ops:
+        kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + t
+    top = sorted(ops, key=lambda o: -o[1])[:10]
+    return {"arch": arch, "batch_size": batch, "precision": runtime.precision, "steps": steps,
+            "seconds_per_step": wall, "ops_seconds_per_step": total / 1e6 / steps,
+            "kinds": {k: {"share": t / total, "seconds": t / 1e6 / steps} for k, t in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_ops": [{"op": name, "share": t / total, "kind": op_kind(name)} for name, t in top]}
+
+
+def report_profile(pr: dict) -> None:
+    """Print the profile's kinds and top ops."""
+    rows = [(f"  {kind}", 100 * k["share"], f"% of op time ({1e3 * k['seconds']:.1f} ms a step)")
+            for kind, k in pr["kinds"].items()]
+    rows += [(f"    top: {o['op'][:48]}", 100 * o["share"], f"% ({o['kind']})") for o in pr["top_ops"]]
+    print_table(f"profile of main.py's step ({pr['arch']}, batch {pr['batch_size']}, {pr['precision']}, "
+                f"{pr['steps']} steps, {1e3 * pr['seconds_per_step']:.0f} ms a step under the profiler; ops' own "
+                f"time {1e3 * pr['ops_seconds_per_step']:.0f} ms, summed over threads)", rows)
+
+
+# ----------------------------------------------------------------------------- main.py itself, end to end
+
+def write_synthetic_folder(root: str, n_train: int, n_test: int, classes: int = 10, size: int = 32) -> None:
+    """root/train/<class>/*.png and root/test/<class>/*.png of random pixels (the section's stand-in for real
+    images when --main_data is not given: decoding is cached by main.py, so speed does not depend on content)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            folder = os.path.join(root, split, f"class{i % classes}")
+            os.makedirs(folder, exist_ok=True)
+            pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(os.path.join(folder, f"{i:05d}.png"))
+
+
+def main_section(arch: str, batch: int, device: torch.device, threads: int, data_root: str | None,
+                 reference: RateProbe, epochs: int = 2, steps_per_epoch: int = 10, bursts: int = 5) -> dict:
+    """main.py as a user runs it (a fresh process, its defaults, folder data), `epochs` epochs of
+    `steps_per_epoch` steps: the last epoch's train_images_per_second from its CSV (the first one warms up),
+    beside bursts of the reference rate measured just before and just after it."""
+    import csv
+    import subprocess
+    import sys
+    import tempfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    synthetic = data_root is None
+    with tempfile.TemporaryDirectory(prefix="bench_main_") as tmp:
+        if synthetic:
+            data_root = os.path.join(tmp, "data")
+            write_synthetic_folder(data_root, n_train=batch * steps_per_epoch, n_test=100)
+        command = [sys.executable, os.path.join(root, "main.py"), "--dataset", "folder", "--data_root", data_root,
+                   "--arch", arch, "--batch_size", str(batch), "--epochs", str(epochs), "--knn_every", str(epochs),
+                   "--train_subset", str(batch * steps_per_epoch), "--device", device.type,
+                   "--threads", str(threads), "--results_dir", os.path.join(tmp, "results"), "--name", "bench",
+                   "--cache_dir", os.path.join(tmp, "cache"), "--k", str(min(200, batch * steps_per_epoch))]
+        for i in range(bursts):
+            reference(i)
+        done = subprocess.run(command, capture_output=True, text=True)
+        for i in range(bursts):
+            reference(bursts + i)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise UserError(f"the main section's main.py run exited {done.returncode} ({last}); fix --main_data, "
+                            f"or leave it out for synthetic images")
+        with open(os.path.join(tmp, "results", "bench_statistics.csv")) as f:
+            rows = list(csv.DictReader(f))
+    images_per_second = float(rows[-1]["train_images_per_second"])
+    macs = count_macs(default_model(arch), 32)[1]
+    flops_per_pair = step_flops(macs, batch) / batch
+    rate = reference.record(0)
+    achieved = gflops(flops_per_pair * images_per_second, 1.0)
+    return {"arch": arch, "batch_size": batch, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+            "data": "synthetic" if synthetic else data_root,
+            "train_images_per_second": images_per_second, "gflops": achieved, "reference": rate,
+            "percent_of_rate": percent(achieved, rate["median_gflops"]),
+            "percent_of_best_rate": percent(achieved, rate["best_gflops"])}
+
+
+def report_main(m: dict) -> list[str]:
+    """Print main.py's end-to-end figures; returns the target line."""
+    ref = m["reference"]
+    print_table(f"main.py end to end ({m['arch']}, batch {m['batch_size']}, {m['steps_per_epoch']} steps an epoch, "
+                f"epoch {m['epochs']} of {m['epochs']}, {m['data']} images; rate: {ref['kernel']} {ref['precision']}, "
+                f"median {ref['median_gflops']:.1f}, best {ref['best_gflops']:.1f} GFLOP/s just before and after)",
+                [("train images/s (the CSV's)", m["train_images_per_second"], "pairs/s"),
+                 ("achieved", m["gflops"], f"GFLOP/s = {fmt(m['percent_of_rate'], 1)}% of the rate "
+                                          f"({fmt(m['percent_of_best_rate'], 1)}% of its best burst)")])
+    share = m["percent_of_rate"]
+    return [f"main.py end to end >= {TARGET_RATE_PERCENT:g}% of the {ref['precision']} {ref['kernel'].split()[0]} rate "
+            f"({m['arch']}, batch {m['batch_size']}): {fmt(share, 1)}%, "
+            f"{verdict(share is not None and share >= TARGET_RATE_PERCENT)}"]
+
+
 # ----------------------------------------------------------------------------- GPU epoch section
 
 class StepTimer:
@@ -838,7 +980,7 @@ def settings(args, device: torch.device) -> dict:
     return s
 
 
-SECTIONS = ("rates", "augmentation", "step", "bn_stats", "probe", "breakdown", "epochs")
+SECTIONS = ("rates", "augmentation", "step", "bn_stats", "probe", "breakdown", "profile", "main", "epochs")
 
 
 def chosen_sections(text: str | None, device: torch.device) -> tuple[str, ...]:
@@ -916,6 +1058,18 @@ def measure(args) -> dict:
                                                 device=device, warmup=s["warmup"],
                                                 steps=s["steps"], reference=reference)
         targets += report_breakdown(record["breakdown"])
+
+    if "profile" in sections:
+        record["profile"] = profile_section(s["arch"], images=images, cfg=cfg, batch=s["breakdown_batch"],
+                                            device=device, warmup=s["warmup"], steps=s["steps"])
+        report_profile(record["profile"])
+
+    if "main" in sections:
+        reference = RateProbe(reference_kernel(device, step_precision, args.quick), device, burst)
+        record["main"] = main_section(s["arch"], batch=s["breakdown_batch"], device=device, threads=s["threads"],
+                                      data_root=args.main_data, reference=reference,
+                                      steps_per_epoch=2 if args.quick else 10, bursts=2 if args.quick else 5)
+        targets += report_main(record["main"])
 
     if "epochs" in sections:
         batches = (512, 1024) if args.batch_size is None else (args.batch_size,)

@@ -701,7 +701,10 @@ BENCH_FLAGS: tuple[Flag, ...] = (
     Flag("breakdown_batch", None, "images per step of the breakdown of main.py's step; None means cpu 256, cuda "
          "512; quick 8", type=int, group="bench", ge=2, le=2 ** 20, optional=True),
     Flag("sections", None, "comma-separated sections to run, of rates, augmentation, step, bn_stats, probe, "
-         "breakdown, epochs (cuda only); None means all", type=str, group="bench", optional=True),
+         "breakdown, profile, main, epochs (cuda only); None means all", type=str, group="bench", optional=True),
+    Flag("main_data", None, "the main section's data: a folder with train/<class>/ and test/<class>/ images "
+         "(data/cifar10-jpg); None means random-pixel PNGs written to a temporary folder", type=str,
+         group="bench", optional=True),
     Flag("json", None, "also write the JSON to this file", type=str, group="bench", optional=True),
     Flag("compile", False, "torch.compile the project's network (cuda epochs)", group="bench"),
 )

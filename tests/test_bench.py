@@ -28,8 +28,9 @@ ROWS = ("aug tensor two_views, 1 thread(s)", "aug pil per image, 1 process(es)",
         "step ratio per_view/joint", "step --no-online_probe", "step --online_probe", "step ratio probe on/off",
         "== dense rates of", "conv3x3 16ch 8x8 b4 channels-last fp32", "matmul 64x64 bf16", "== where the time goes",
         "end to end (main.py's step)", "model forward+backward", "of which --bn_stats per_view over joint",
-        "what is left", "pipeline around the model", "== targets")
-SECTIONS = {"rates", "augmentation", "train_step", "bn_stats", "online_probe", "breakdown"}
+        "what is left", "pipeline around the model", "== profile of main.py's step", "convolution backward",
+        "== main.py end to end", "train images/s (the CSV's)", "== targets")
+SECTIONS = {"rates", "augmentation", "train_step", "bn_stats", "online_probe", "breakdown", "profile", "main"}
 
 
 def positive(value) -> bool:
@@ -101,7 +102,7 @@ def test_quick_run_figures_are_positive_and_consistent(quick_run):
     # the printed ratios are the record's
     assert f"{step['ratio']:.2f}x" in stdout and f"{aug['ratio']:.2f}x" in stdout and f"{bn['ratio']:.3f}x" in stdout
     assert f"{probe['paired_ratio']:.3f}x" in stdout
-    assert len(record["targets"]) == 6 and all(t.endswith(("met", "NOT met")) for t in record["targets"])
+    assert len(record["targets"]) == 7 and all(t.endswith(("met", "NOT met")) for t in record["targets"])
 
 
 def test_quick_run_rates_and_breakdown_are_consistent(quick_run):
@@ -130,6 +131,39 @@ def test_quick_run_rates_and_breakdown_are_consistent(quick_run):
     assert bd["end_to_end_percent_of_rate"] == pytest.approx(
         100 * bd["end_to_end_gflops"] / bd["reference"]["median_gflops"])
     assert f"{100 * bd['pipeline_overhead']:.1f}%" in stdout
+
+
+def test_quick_run_profile_and_main_py_are_consistent(quick_run):
+    _, stdout, record = quick_run
+    pr = record["profile"]
+    assert pr["arch"] == "resnet18" and pr["batch_size"] == 8 and pr["steps"] == 2
+    assert sum(k["share"] for k in pr["kinds"].values()) == pytest.approx(1.0)
+    # a ResNet step's own time is mostly its convolutions, forward and backward, whatever the machine
+    assert {"convolution forward", "convolution backward", "BatchNorm", "optimizer (Adam)"} <= set(pr["kinds"])
+    shares = [o["share"] for o in pr["top_ops"]]
+    assert shares == sorted(shares, reverse=True) and len(shares) == 10
+    assert all(o["kind"] == benchmark.op_kind(o["op"]) for o in pr["top_ops"])
+
+    m = record["main"]  # main.py itself, in a fresh process, on synthetic PNGs
+    assert m["arch"] == "resnet18" and m["batch_size"] == 8 and m["data"] == "synthetic"
+    assert positive(m["train_images_per_second"])
+    macs = benchmark.count_macs(benchmark.default_model("resnet18"), 32)[1]
+    # 2 views x (forward + backward: 3 forwards) x 2 FLOPs a MAC
+    assert m["gflops"] == pytest.approx(2 * 3 * 2 * macs * m["train_images_per_second"] / 1e9)
+    assert m["percent_of_rate"] == pytest.approx(100 * m["gflops"] / m["reference"]["median_gflops"])
+    assert m["reference"]["bursts"] == 4  # two just before main.py and two just after
+    assert f"{m['train_images_per_second']:,.2f}" in stdout
+
+
+def test_op_kinds_of_profiler_names():
+    kinds = {name: benchmark.op_kind(name) for name in (
+        "aten::convolution_backward", "aten::mkldnn_convolution", "aten::native_batch_norm_backward", "aten::addmm",
+        "aten::_foreach_addcdiv_", "aten::copy_", "aten::threshold_backward", "aten::randperm")}
+    assert kinds == {"aten::convolution_backward": "convolution backward",
+                     "aten::mkldnn_convolution": "convolution forward",
+                     "aten::native_batch_norm_backward": "BatchNorm", "aten::addmm": "matmul (head, loss, probe)",
+                     "aten::_foreach_addcdiv_": "optimizer (Adam)", "aten::copy_": "copies and layout",
+                     "aten::threshold_backward": "element-wise", "aten::randperm": "other"}
 
 
 def test_rate_arithmetic_against_a_hand_computation():
