@@ -2,8 +2,9 @@
 # One prepared check of the CUDA path, for a GPU machine with a preinstalled PyTorch and no package
 # index. Installs nothing from the internet; writes every piece of evidence into --out (8 files at most):
 #   gpu_check.log   every command's output, in order
-#   bench.json      python bench.py --device cuda (matmul rates, the step's breakdown, epoch times, TFLOP/s and
-#                   MFU of resnet18 and resnet50 at batch 512 and 1024 with the data pipeline's share, memory, kNN)
+#   bench.json      python bench.py --device cuda (matmul rates, the step's breakdown and profile, main.py end to
+#                   end against the rate, epoch times, TFLOP/s and MFU of resnet18 and resnet50 at batch 512 and
+#                   1024 with the data pipeline's share, memory, kNN)
 #   run_statistics.csv, run_curves.png     the real run (ResNet-18 on the real CIFAR-10 images)
 #   run_linear_statistics.csv              linear.py on the run's best weights
 #   compare_statistics.csv                 the same minutes with the other --bn_stats mode (if it exists)

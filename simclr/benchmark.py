@@ -30,10 +30,10 @@ from .flags import TRAIN_DEFAULTS
 from .knn import forward_in_batches, knn_accuracy
 from .loss import NTXent
 from .methods.simclr import SimCLRMethod
-from .model import SimCLR, per_view_batchnorm
+from .model import PerViewStatistics, SimCLR, one_view_per_pass, per_view_batchnorm
 from .optim import build_optimizer, set_lr
 from .loss import nt_xent
-from .pretrain import OnlineProbe
+from .pretrain import OnlineProbe, view_passes
 from .rates import (DenseKernel, burst_rates, burst_seconds, calls_per_burst, cpu_kind, datasheet_tflops, gflops,
                     machine_kernels, measure_rates, percent, rate_row, reference_kernel, step_flops, sync)
 from .step import apply_gradients, train_step
@@ -77,6 +77,15 @@ def synthetic_images(n: int, seed: int = 0) -> torch.Tensor:
 def aug_config(image_size: int) -> AugmentConfig:
     """The original tool's augmentation (jitter 0.5, no blur) at the given output side."""
     return AugmentConfig(image_size=image_size, mean=CIFAR_MEAN, std=CIFAR_STD)
+
+
+def as_main_py_runs(net: torch.nn.Module, device: torch.device) -> int:
+    """The forward passes main.py's step makes over the two views with `net` on `device` (--view_passes auto:
+    a view a pass for per-view BatchNorm on a CPU), `net`'s per-view BatchNorm told so; train_step's passes."""
+    per_view = any(isinstance(m, PerViewStatistics) for m in net.modules())
+    passes = view_passes(0, device, "per_view" if per_view else "joint", distributed=False)
+    one_view_per_pass(net, passes == 2)
+    return passes
 
 
 def median(values: list[float]) -> float:
@@ -281,12 +290,13 @@ def make_step(v: Variant, net: torch.nn.Module, optimizer: torch.optim.Optimizer
             sync(device)  # perf_counter timing: the step must be finished, not just queued
         return step
     runtime = make_runtime(device, v.precision, v.channels_last)
+    passes = as_main_py_runs(net, device)
     generator = torch.Generator(device=device)
 
     def step(i: int) -> None:
         generator.manual_seed(mix_seed(0, i))
         views = two_views(data[(i % n_batches) * batch:((i % n_batches) + 1) * batch], cfg, generator)
-        train_step(net, optimizer, views, method=METHOD, runtime=runtime)
+        train_step(net, optimizer, views, method=METHOD, runtime=runtime, passes=passes)
         sync(device)
     return step
 
@@ -308,9 +318,10 @@ def bn_stats_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch:
 
     def timed_step(net: torch.nn.Module) -> Callable[[int], None]:
         optimizer = build_optimizer(net, name="adam", lr=LR, weight_decay=WEIGHT_DECAY)
+        passes = as_main_py_runs(net, device)
 
         def run(i: int) -> None:
-            train_step(net, optimizer, views[i % len(views)], method=METHOD, runtime=runtime)
+            train_step(net, optimizer, views[i % len(views)], method=METHOD, runtime=runtime, passes=passes)
             sync(device)
         return run
 
@@ -476,6 +487,7 @@ def breakdown_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch
     def main_step() -> Callable[[int], None]:
         """main.py's step: lr, the batch's images, two views, train_step, the probe, the monitor's sums."""
         net = copy.deepcopy(models[default_bn])
+        passes = as_main_py_runs(net, device)
         optimizer = build_optimizer(net, name="adam", lr=LR, weight_decay=WEIGHT_DECAY)
         probe = OnlineProbe(net.feature_width, num_classes=num_classes, device=device, world=World())
         sums, first_bad = torch.zeros(1, device=device), torch.tensor(-1, device=device)
@@ -486,20 +498,22 @@ def breakdown_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch
             generator.manual_seed(mix_seed(0, i))
             batch_views = two_views(data[idx].to(device, non_blocking=True), cfg, generator)
             loss = train_step(net, optimizer=optimizer, views=batch_views, labels=labels[idx], method=METHOD,
-                              runtime=runtime, probe=probe)
+                              runtime=runtime, probe=probe, passes=passes)
             sums.add_(loss.reshape(1))  # the monitor's bookkeeping on the device (no sync)
             first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad))
             sync(device)
         return run
 
     def forward_backward(mode: str) -> Callable[[int], None]:
-        """The network alone: forward of the fixed views, backward of a fixed gradient of z."""
+        """The network alone, as main.py runs it: forward of the fixed views (a view a pass where main.py makes
+        two), backward of a fixed gradient of z."""
         net = copy.deepcopy(models[mode])
+        passes = as_main_py_runs(net, device)
 
         def run(i: int) -> None:
             net.zero_grad(set_to_none=True)
             with runtime.autocast():
-                _, out = net(net_views)
+                out = torch.cat([net(part)[1] for part in net_views.chunk(passes)])
             out.backward(grad_z)
             sync(device)
         return run
@@ -624,6 +638,7 @@ def profile_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: 
     torch.manual_seed(0)
     runtime = make_runtime(device, "auto", True)
     net = default_model(arch, bn_stats=TRAIN_DEFAULTS["bn_stats"]).to(device).to(memory_format=torch.channels_last)
+    passes = as_main_py_runs(net, device)
     optimizer = build_optimizer(net, name="adam", lr=LR, weight_decay=WEIGHT_DECAY)
     probe = OnlineProbe(net.feature_width, num_classes=num_classes, device=device, world=World())
     data = images[:batch].to(device)
@@ -632,7 +647,8 @@ def profile_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: 
 
     def step(i: int) -> None:
         views = two_views(data, cfg, generator.manual_seed(mix_seed(0, i)))
-        train_step(net, optimizer=optimizer, views=views, labels=labels, method=METHOD, runtime=runtime, probe=probe)
+        train_step(net, optimizer=optimizer, views=views, labels=labels, method=METHOD, runtime=runtime, probe=probe,
+                   passes=passes)
         sync(device)
 
     for i in range(warmup):

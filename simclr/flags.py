@@ -322,7 +322,7 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
          group="model and loss", role="run", gt=0, le=100, optional=True, loss="supcon"),
     Flag("temperature", 0.5, "temperature of the loss", type=float, group="model and loss", role="run", gt=0, le=100),
     Flag("bn_stats", "per_view", "BatchNorm statistics in training: per_view (each view its own, as the original tool's two "
-         "forward passes) or joint (both views together); the convolutions run once over both views either way",
+         "forward passes) or joint (both views together); see --view_passes for how the network runs over them",
          type=str, choices=BN_STATS, group="model and loss", role="run"),
     Flag("grad_checkpoint", False, "recompute encoder activations in backward: less memory, ~30% slower",
          group="model and loss", role="machine"),
@@ -379,6 +379,10 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     shared("channels_last"),
     Flag("compile", False, "torch.compile the model (first steps are slow while it compiles)", group="speed",
          role="machine"),
+    Flag("view_passes", 0, "forward passes of a step over its two views: 1 (both views as one batch) or 2 (a view a "
+         "pass: half the batch, which fits a CPU's caches; with --bn_stats per_view the same arithmetic, rounding "
+         "aside); 0 means auto: 2 on a CPU with --bn_stats per_view outside torchrun, else 1 (docs/speed.md)",
+         type=int, group="speed", role="machine", ge=0, le=2),
     shared("threads"),
     shared("workers"),
 

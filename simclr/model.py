@@ -148,8 +148,10 @@ class PerViewStatistics:
     buffers are the base class's, so the `state_dict` is a plain BatchNorm's.
     """
 
+    one_view = False  # True: every input is one view (the step runs a view a pass), so plain BatchNorm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _uses_batch_statistics(self):
+        if not _uses_batch_statistics(self) or self.one_view:
             return super().forward(x)
         _check_two_views(x)
         # chunks along the batch dimension are views, contiguous or channels-last alike. chunk(), not
@@ -172,7 +174,8 @@ class PerViewBatchNorm(PerViewStatistics, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2-d input, got {x.dim()}-d")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _uses_batch_statistics(self) or not self.affine or torch.compiler.is_compiling():
+        if (not _uses_batch_statistics(self) or not self.affine or self.one_view
+                or torch.compiler.is_compiling()):
             return super().forward(x)
         _check_two_views(x)
         factors = (self._next_average_factor(), self._next_average_factor())  # view 1's update, then view 2's
@@ -273,3 +276,13 @@ def per_view_batchnorm(module: nn.Module) -> nn.Module:
         return PerViewBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                                 device="meta")
     return swap_batchnorm(module, make)
+
+
+def one_view_per_pass(module: nn.Module, on: bool = True) -> nn.Module:
+    """Tell every per-view BatchNorm below `module` that its input is one view (on) or two (off). With a view a
+    pass (train_step's passes=2) plain BatchNorm over each pass gives each view its own statistics, the running
+    statistics updated with view 1 and then view 2: what per-view BatchNorm computes over both at once."""
+    for child in module.modules():
+        if isinstance(child, PerViewStatistics):
+            child.one_view = on
+    return module

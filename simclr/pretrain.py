@@ -28,7 +28,7 @@ from .knn import knn_accuracy, percent, sharded_features
 from .loop import EpochResult, RunState, finished, log_row, open_tensorboard, restore
 from .loop import run_epochs
 from .methods import attach_modules, build_method
-from .model import SimCLR
+from .model import SimCLR, one_view_per_pass
 from .names import PRETRAIN_COLUMNS, RUN_FILES, TENSORBOARD, run_paths
 from .optim import Schedule, build_optimizer, scaled_lr, set_lr
 from .step import train_step
@@ -85,6 +85,12 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
         refuse_to_replace(run_paths(cfg.results_dir, cfg.name).values(), f"an earlier run named {cfg.name}",
                           "continue it with --resume auto (a finished run trains on with a larger --epochs), "
                           if os.path.exists(last) else "")
+    if cfg.view_passes == 2 and cfg.bn_stats != "per_view":
+        raise UserError("--view_passes 2 (a view a pass) gives each view its own BatchNorm statistics, which is "
+                        "--bn_stats per_view; with --bn_stats joint use --view_passes 1 (or 0, auto)")
+    if cfg.view_passes == 2 and world.distributed:
+        raise UserError("--view_passes 2 runs one process only (DDP takes one forward pass a step); under torchrun "
+                        "use --view_passes 1 (or 0, auto)")
     if cfg.warmup_epochs > cfg.epochs:
         raise UserError(f"--warmup_epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}")
     if cfg.tensorboard and world.is_main:
@@ -129,6 +135,11 @@ class Pretraining:
                                     momentum=cfg.momentum)
         # its loss with its own settings (temperature, dcl_sigma, ...: the step never sees them) and its state
         self.method = build_method(cfg, model, self.runtime.device)
+        self.passes = view_passes(cfg.view_passes, self.runtime.device, cfg.bn_stats, world.distributed)
+        one_view_per_pass(model, self.passes == 2)  # a view a pass: each per-view BatchNorm sees one view
+        if self.passes == 2 and not cfg.view_passes:
+            say("views: a view a pass (auto on a CPU, where half the batch fits the caches; --view_passes 1 runs "
+                "both at once)")
         self.net, self.encode = wrap_for_speed(model, self.runtime, world)
         self.train_images, self.bundle = place_images(cfg, bundle=self.bundle, runtime=self.runtime, say=say)
         self.train_labels = self.bundle.train.labels.to(self.runtime.device)  # (N,), -1 for unlabeled images
@@ -225,7 +236,7 @@ class Pretraining:
             set_lr(state.optimizer, state.schedule.lr(epoch * state.steps_per_epoch + step))
             # views (2b, 3, S, S) = [view 1; view 2]; labels (b,), -1 unlabeled (supcon's positives, the probe's targets)
             loss = train_step(self.net, optimizer=state.optimizer, views=views, labels=labels, method=self.method,
-                              runtime=self.runtime, scaler=state.scaler, probe=self.probe)
+                              runtime=self.runtime, scaler=state.scaler, probe=self.probe, passes=self.passes)
             if monitor.update(step, loss):
                 break
 
@@ -495,6 +506,15 @@ def build_model(cfg: TrainConfig, bundle: DataBundle, runtime: Runtime, say) -> 
     say(f"model: {cfg.arch} ({cfg.stem} stem) + head {'-'.join(map(str, widths))}{last}: {params / 1e6:.2f} M parameters, "
         f"{macs / 1e9:.3f} G MACs per {bundle.image_size}x{bundle.image_size} image ({counted})")
     return runtime.place(model), params, macs
+
+
+def view_passes(asked: int, device: torch.device, bn_stats: str, distributed: bool) -> int:
+    """--view_passes with 0 (auto) resolved: a view a pass on a CPU, where a batch of one view's activations fits
+    the caches that both views' overflow (docs/speed.md), when per-view BatchNorm makes it the same arithmetic
+    and no DDP needs one pass; else both views in one pass."""
+    if asked:
+        return asked
+    return 2 if device.type == "cpu" and bn_stats == "per_view" and not distributed else 1
 
 
 def wrap_for_speed(model: SimCLR, runtime: Runtime, world: World):

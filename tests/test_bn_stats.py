@@ -293,3 +293,57 @@ def test_resume_of_a_checkpoint_from_before_the_flag_keeps_joint():
     assert (values["loss"], values["proj_layers"]) == ("ntxent", 2)
     with pytest.raises(UserError, match="loss"):
         flags.train_resume_values({"resume": "x", "loss": "dcl"}, older, "x")
+
+
+# ----------------------------------------------------------------------------- --view_passes: a view a pass
+
+@pytest.mark.parametrize("momentum", ["default", None])
+def test_a_view_a_pass_equals_per_view_in_one_pass(momentum):
+    """train_step's passes=2 on a per-view model told so (one_view_per_pass) computes what one pass of per-view
+    BatchNorm computes: h, z, gradients and running statistics, float64, over two steps of Adam."""
+    from simclr.engine import make_runtime
+    from simclr.loss import NTXent
+    from simclr.methods.simclr import SimCLRMethod
+    from simclr.model import one_view_per_pass
+    from simclr.optim import build_optimizer
+    from simclr.step import train_step
+    _, one_pass = stock_and("per_view", momentum=momentum)
+    _, view_a_pass = stock_and("per_view", momentum=momentum)
+    one_view_per_pass(view_a_pass)
+    runtime, method = make_runtime("cpu", "fp32", False), SimCLRMethod(NTXent(0.5))
+    losses = {}
+    for name, model, passes in (("one", one_pass, 1), ("two", view_a_pass, 2)):
+        optimizer = build_optimizer(model, name="adam", lr=1e-3, weight_decay=1e-6)
+        losses[name] = [train_step(model, optimizer=optimizer, views=batch(seed=s), method=method, runtime=runtime,
+                                   passes=passes).item() for s in (1, 2)]
+    assert losses["one"] == pytest.approx(losses["two"], rel=1e-12, abs=0)
+    assert_models_match(one_pass, view_a_pass, atol=1e-12, rtol=1e-10)
+    for (name, a), (_, b) in zip(one_pass.named_parameters(), view_a_pass.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0), name
+    # told it gets two views again, it splits its input as before (a view a pass is the model's setting only)
+    one_view_per_pass(view_a_pass, False)
+    x = batch(seed=3)
+    assert torch.allclose(view_a_pass(x)[1], one_pass(x)[1], atol=1e-10)
+    # without being told, one view alone is split into halves: the step must tell the model
+    one_view_per_pass(view_a_pass)
+    h_alone = view_a_pass(x[:B])[0]
+    one_view_per_pass(view_a_pass, False)
+    assert not torch.allclose(view_a_pass(x[:B])[0], h_alone, atol=1e-6)
+
+
+def test_view_passes_auto_and_refusals(tiny_folder, tmp_path, capsys):
+    import main
+    from conftest import tiny_run_args
+    from simclr.pretrain import view_passes
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert view_passes(0, cpu, "per_view", distributed=False) == 2  # auto on a CPU: half the batch fits the caches
+    assert view_passes(0, cpu, "joint", distributed=False) == 1     # joint statistics need both views in one pass
+    assert view_passes(0, cpu, "per_view", distributed=True) == 1   # DDP: one forward pass a step
+    assert view_passes(0, cuda, "per_view", distributed=False) == 1
+    assert view_passes(1, cpu, "per_view", distributed=False) == 1 and view_passes(2, cuda, "per_view", False) == 2
+    for extra, word in ((["--view_passes", "2", "--bn_stats", "joint"], "bn_stats"),
+                        (["--view_passes", "3"], "view_passes")):
+        assert main.main(tiny_run_args(tiny_folder, str(tmp_path), None, *extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0], err
+    assert not list(tmp_path.glob("**/*.csv"))  # refused before anything was written

@@ -37,7 +37,7 @@ def test_dry_run_writes_all_the_evidence(tmp_path):
     assert 60 <= summary["knn_top1"] <= 100 and 60 <= summary["linear_top1"] <= 100, summary
     assert summary["seconds_per_epoch"] > 0 and summary["images_per_second"] > 0 and summary["knn_seconds"] > 0
     # augmentation, training step, BatchNorm statistics, online probe, the breakdown's two (pipeline, conv rate)
-    assert len(summary["bench_targets"]) == 6
+    assert len(summary["bench_targets"]) == 7
     bench = json.loads((out / "bench.json").read_text())
     assert bench["device"] == "cpu" and bench["quick"] is True and bench["targets"] == summary["bench_targets"]
     assert "BENCH_JSON" in log and "unpacked 54 images" in log  # at most 12 per class and split: 12 + 6, 3 classes
