@@ -347,3 +347,15 @@ def test_view_passes_auto_and_refusals(tiny_folder, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and word in err[0], err
     assert not list(tmp_path.glob("**/*.csv"))  # refused before anything was written
+
+
+def test_a_view_a_pass_with_grad_checkpoint_updates_running_statistics_once():
+    from simclr.model import one_view_per_pass
+    stock, _ = stock_and("per_view")
+    _, checkpointed = stock_and("per_view", grad_checkpoint=True)
+    one_view_per_pass(checkpointed)
+    x = batch()
+    _, z_ref = step(stock, two_passes, x)
+    _, z = step(checkpointed, two_passes, x)  # a view a pass, each recomputed in backward
+    assert torch.allclose(z, z_ref, atol=1e-10)
+    assert_models_match(stock, checkpointed, atol=1e-10, rtol=1e-8)
