@@ -129,7 +129,8 @@ def read_statistics(path: str) -> Statistics:
     for line, cells in lines:
         if len(cells) > len(header):
             raise UserError(f"{path}: line {line} has {len(cells)} cells, the header {len(header)}; {PASS}")
-        row = {c: number(cells[i], path, c, line) if i < len(cells) else None for c, i in where.items()}
+        row = {c: number(cells[i], path=path, column=c, line=line) if i < len(cells) else None
+               for c, i in where.items()}
         if drawable(row):
             rows.append(row)
         else:

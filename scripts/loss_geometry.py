@@ -34,8 +34,9 @@ from simclr.knn import forward_in_batches, knn_accuracy  # noqa: E402
 def embed(model, images: torch.Tensor, mean, std, runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, S, S, 3) -> L2-normalised h (N, d) and z (N, feature_dim), eval mode (knn.forward_in_batches)."""
     model.eval()
-    both = forward_in_batches(lambda x: torch.cat(model(x), dim=1), images, lambda b: normalize(b, mean, std),
-                              runtime, batch_size=250)
+    both = forward_in_batches(lambda x: torch.cat(model(x), dim=1), images=images,
+                              to_input=lambda b: normalize(b, mean, std),
+                              runtime=runtime, batch_size=250)
     h, z = both.split([model.feature_width, both.shape[1] - model.feature_width], dim=1)
     return F.normalize(h, dim=1), F.normalize(z, dim=1)
 
@@ -51,12 +52,13 @@ def class_gap(features: torch.Tensor, labels: torch.Tensor) -> float:
 def measure(model, bundle, k: int, knn_temperature: float) -> dict:
     """kNN top-1 on h and z, class gap in h and z (fp32 on the CPU)."""
     runtime = make_runtime("cpu", "fp32", channels_last=False)
-    bank_h, bank_z = embed(model, bundle.labeled.images, bundle.mean, bundle.std, runtime)
-    test_h, test_z = embed(model, bundle.test.images, bundle.mean, bundle.std, runtime)
+    bank_h, bank_z = embed(model, images=bundle.labeled.images, mean=bundle.mean, std=bundle.std, runtime=runtime)
+    test_h, test_z = embed(model, images=bundle.test.images, mean=bundle.mean, std=bundle.std, runtime=runtime)
     row = {}
     for name, bank, test in (("h", bank_h, test_h), ("z", bank_z, test_z)):
-        row[f"knn_{name}"] = knn_accuracy(test, bundle.test.labels, bank, bundle.labeled.labels,
-                                          len(bundle.classes), k, knn_temperature)[0]
+        row[f"knn_{name}"] = knn_accuracy(test, test_labels=bundle.test.labels, bank_features=bank,
+                                          bank_labels=bundle.labeled.labels,
+                                          num_classes=len(bundle.classes), k=k, temperature=knn_temperature)[0]
         row[f"gap_{name}"] = class_gap(test, bundle.test.labels)
     return row
 
@@ -78,12 +80,13 @@ def main() -> int:
         config = json.load(f)
     torch.manual_seed(0)
     rows.append({"run": "initialisation (seed 0)", "loss": "init",
-                 **measure(model_from_config(config, "the run config"), bundle, args.k, args.knn_temperature)})
+                 **measure(model_from_config(config, "the run config"), bundle=bundle, k=args.k,
+                             knn_temperature=args.knn_temperature)})
     for path in runs:
         model, saved = open_run(path, config_path=path.replace("_last.pth", "_config.json"))
         label = f"{saved.get('loss', 'ntxent')} t={saved['temperature']:g}"
         rows.append({"run": os.path.basename(os.path.dirname(path)), "loss": label,
-                     **measure(model, bundle, args.k, args.knn_temperature)})
+                     **measure(model, bundle=bundle, k=args.k, knn_temperature=args.knn_temperature)})
     print(f"{'run':34s} {'kNN h':>7s} {'kNN z':>7s} {'gap h':>7s} {'gap z':>7s}")
     groups = defaultdict(list)
     for row in rows:

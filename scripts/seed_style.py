@@ -89,7 +89,8 @@ def project_batches(images: torch.Tensor, transform, args) -> Callable[[int], It
     def batches(epoch: int) -> Iterable[torch.Tensor]:
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(mix_seed(args.seed, epoch - 1)))
         sampler = [order[s * args.batch_size:(s + 1) * args.batch_size].tolist() for s in range(steps)]
-        return torch.utils.data.DataLoader(PilViews(images, transform, args.seed, epoch - 1), batch_sampler=sampler,
+        return torch.utils.data.DataLoader(PilViews(images, transform=transform, seed=args.seed, epoch=epoch - 1),
+                                           batch_sampler=sampler,
                                            num_workers=args.workers, worker_init_fn=_one_thread,
                                            collate_fn=collate_views)
     return batches
@@ -100,10 +101,13 @@ def knn_top1_top5(model: SimCLR, bundle, k: int, knn_temperature: float, runtime
     """The project's weighted kNN of test images against the memory bank, on features h."""
     model.eval()
     to_input = lambda batch: normalize(batch, bundle.mean, bundle.std)  # noqa: E731
-    bank = extract_features(model.encode, bundle.labeled.images, to_input, runtime, batch_size)
-    test = extract_features(model.encode, bundle.test.images, to_input, runtime, batch_size)
-    return knn_accuracy(test, bundle.test.labels, bank, bundle.labeled.labels, len(bundle.classes), k,
-                        knn_temperature)
+    bank = extract_features(model.encode, images=bundle.labeled.images, to_input=to_input, runtime=runtime,
+                            batch_size=batch_size)
+    test = extract_features(model.encode, images=bundle.test.images, to_input=to_input, runtime=runtime,
+                            batch_size=batch_size)
+    return knn_accuracy(test, test_labels=bundle.test.labels, bank_features=bank, bank_labels=bundle.labeled.labels,
+                        num_classes=len(bundle.classes), k=k,
+                        temperature=knn_temperature)
 
 
 def main() -> int:
@@ -140,9 +144,10 @@ def main() -> int:
           f"epoch, seed {args.seed}, {args.stream} stream", flush=True)
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
-        loss = train_epoch(model, batches(epoch), optimizer, args.temperature, device)
+        loss = train_epoch(model, loader=batches(epoch), optimizer=optimizer, temperature=args.temperature,
+                           device=device)
         seconds = time.perf_counter() - t0
-        top1, top5 = knn_top1_top5(model, bundle, args.k, knn_temperature, runtime)
+        top1, top5 = knn_top1_top5(model, bundle=bundle, k=args.k, knn_temperature=knn_temperature, runtime=runtime)
         print(f"epoch {epoch}: loss {loss:.6f}, kNN top-1 {top1:.2f}% top-5 {top5:.2f}%, {seconds:.1f} s",
               flush=True)
     return 0

@@ -282,7 +282,8 @@ def write_projector(logdir: str, h: torch.Tensor, labels: torch.Tensor, picked: 
         board = open_log(tmp)
         try:
             metadata = [[classes[int(c)], str(int(c)), str(int(i))] for c, i in zip(labels, picked)]
-            board.embedding(h, metadata, ["class", "label", "test_index"], sprite_images(images), "encoder_h")
+            board.embedding(h, metadata=metadata, header=["class", "label", "test_index"],
+                            images=sprite_images(images), tag="encoder_h")
         finally:
             board.close()
         os.makedirs(logdir, exist_ok=True)

@@ -161,7 +161,7 @@ def run(cfg: LinearConfig) -> int:
     # Everything that can fail on the user's input is checked before any file is written.
     enc, name, paths, trained = plan(cfg)
     runtime = make_runtime(cfg.device, cfg.precision, cfg.channels_last, threads=cfg.threads)
-    model, frozen = load_encoder(cfg, enc, trained, runtime)
+    model, frozen = load_encoder(cfg, enc=enc, trained=trained, runtime=runtime)
     bundle = evaluable(load_dataset(enc.dataset, enc.data_root, enc.image_size, cache_dir=enc.cache_dir,
                                           log=say), enc.data_root)
     train, test = subset(bundle.labeled, cfg.train_subset, cfg.seed), bundle.test
@@ -192,10 +192,11 @@ def run(cfg: LinearConfig) -> int:
         log.text("linear/config", config_markdown(dataclasses.asdict(cfg)), 0)
         on_epoch = epoch_writer(paths, name=name, epochs=cfg.epochs, say=say, log=log)
         t0 = time.perf_counter()
-        test_x = features(model, test.images, to_input, runtime, cfg, "test set")
+        test_x = features(model, images=test.images, to_input=to_input, runtime=runtime, cfg=cfg, what="test set")
         # --augment --no-standardize never looks at un-augmented train features
         needs_train_x = not cfg.augment or cfg.standardize
-        train_x = features(model, train.images, to_input, runtime, cfg, "train set") if needs_train_x else None
+        train_x = (features(model, images=train.images, to_input=to_input, runtime=runtime, cfg=cfg, what="train set")
+                   if needs_train_x else None)
         say(f"features extracted in {time.perf_counter() - t0:.1f} s; training the linear layer")
         if not cfg.augment:
             linear, rows = train_on_features(train_x, train_y=train_y, test_x=test_x, test_y=test_y,

@@ -273,8 +273,8 @@ def per_view_batchnorm(module: nn.Module) -> nn.Module:
     def make(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module | None:
         if isinstance(bn, PerViewStatistics):
             return None
-        return PerViewBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                                device="meta")
+        return PerViewBatchNorm(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                                track_running_stats=bn.track_running_stats, device="meta")
     return swap_batchnorm(module, make)
 
 

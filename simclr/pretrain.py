@@ -135,7 +135,8 @@ class Pretraining:
                                     momentum=cfg.momentum)
         # its loss with its own settings (temperature, dcl_sigma, ...: the step never sees them) and its state
         self.method = build_method(cfg, model, self.runtime.device)
-        self.passes = view_passes(cfg.view_passes, self.runtime.device, cfg.bn_stats, world.distributed)
+        self.passes = view_passes(cfg.view_passes, device=self.runtime.device, bn_stats=cfg.bn_stats,
+                                  distributed=world.distributed)
         one_view_per_pass(model, self.passes == 2)  # a view a pass: each per-view BatchNorm sees one view
         if self.passes == 2 and not cfg.view_passes:
             say("views: a view a pass (auto on a CPU, where half the batch fits the caches; --view_passes 1 runs "

@@ -463,17 +463,17 @@ def status_problem(status) -> str | None:
 
     if not isinstance(status, dict):
         return f"{describe_json(status)}, not an object"
-    problem = (text_list(status, "args") or bad(status, "exit_code", int, "an exit code")
-               or bad(status, "last_line", str, "a text", optional=True))
+    problem = (text_list(status, "args") or bad(status, "exit_code", kind=int, what="an exit code")
+               or bad(status, "last_line", kind=str, what="a text", optional=True))
     if problem is None and status.get("status") not in STATES:
         state = describe_json(status["status"]) if "status" in status else "missing"
         problem = f"'status' is {state}, not one of {', '.join(STATES)}"
     then = status.get("then")
     if problem is None and then is not None:
-        problem = bad(status, "then", dict, "an object") or (
-            bad(then, "script", str, "a text", "then's ") or text_list(then, "args", "then's ")
-            or bad(then, "exit_code", int, "an exit code", "then's ")
-            or bad(then, "last_line", str, "a text", "then's ", optional=True))
+        problem = bad(status, "then", kind=dict, what="an object") or (
+            bad(then, "script", kind=str, what="a text", where="then's ") or text_list(then, "args", "then's ")
+            or bad(then, "exit_code", kind=int, what="an exit code", where="then's ")
+            or bad(then, "last_line", kind=str, what="a text", where="then's ", optional=True))
     return problem
 
 
