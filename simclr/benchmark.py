@@ -7,11 +7,15 @@ a dict of figures, so the tests run them at tiny sizes.
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 import multiprocessing
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -664,7 +668,8 @@ def profile_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch: 
     total = sum(t for _, t in ops) or 1.0
     kinds: dict[str, float] = {}
     for name, t in ops:
-        kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + t
+        kind = op_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + t
     top = sorted(ops, key=lambda o: -o[1])[:10]
     return {"arch": arch, "batch_size": batch, "precision": runtime.precision, "steps": steps,
             "seconds_per_step": wall, "ops_seconds_per_step": total / 1e6 / steps,
@@ -702,10 +707,6 @@ def main_section(arch: str, batch: int, device: torch.device, threads: int, data
     """main.py as a user runs it (a fresh process, its defaults, folder data), `epochs` epochs of
     `steps_per_epoch` steps: the last epoch's train_images_per_second from its CSV (the first one warms up),
     beside bursts of the reference rate measured just before and just after it."""
-    import csv
-    import subprocess
-    import sys
-    import tempfile
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     synthetic = data_root is None
     with tempfile.TemporaryDirectory(prefix="bench_main_") as tmp:

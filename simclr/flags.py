@@ -515,7 +515,7 @@ def train_resume_values(explicit: dict, saved: dict, source: str) -> tuple[dict,
     """resume_values of main.py: its flags, derived values filled in, older checkpoints' LEGACY_VALUES; a setting
     of another loss than the run's is refused when given (one the checkpoint holds beside another loss, as
     older versions stored it, is kept and never used)."""
-    run = {**LEGACY_VALUES, **saved, **explicit}
+    run = {**run_settings(saved), **explicit}
     check_loss_flags(explicit, run.get("loss"), run.get("method"))
     return resume_values(TRAIN_FLAGS, explicit=explicit, saved=saved, source=source, derive_values=derive,
                          legacy=LEGACY_VALUES)

@@ -43,18 +43,20 @@ def _called_name(call: ast.Call) -> str | None:
     return None
 
 
-def test_no_file_imports_a_script():
-    offenders = []
-    for name, tree in _sources().items():
+def _script_imports(trees: dict[str, ast.Module]) -> list[str]:
+    """'FILE: imports SCRIPT' for every import of a root script."""
+    found = []
+    for name, tree in trees.items():
         for node in ast.walk(tree):
             modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
                        else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            offenders += [f"{name}: imports {m}" for m in modules if m and m.split(".")[0] in SCRIPTS]
-    assert not offenders, offenders
+            found += [f"{name}: imports {m}" for m in modules if m and m.split(".")[0] in SCRIPTS]
+    return found
 
 
-def test_wide_calls_of_the_projects_functions_name_their_arguments():
-    trees = _sources()
+def _wide_calls(trees: dict[str, ast.Module]) -> list[str]:
+    """'FILE:LINE: f with N positional' for every call of a project function with more than three positional
+    arguments."""
     ours = _project_functions(trees)
     wide = []
     for name, tree in trees.items():
@@ -62,18 +64,27 @@ def test_wide_calls_of_the_projects_functions_name_their_arguments():
             if not isinstance(node, ast.Call) or len(node.args) <= 3 or any(
                     isinstance(a, ast.Starred) for a in node.args):
                 continue
-            called = _called_name(node)
-            if called in ours and ast.unparse(node.func) not in POSITIONAL_ONLY:
+            if _called_name(node) in ours and ast.unparse(node.func) not in POSITIONAL_ONLY:
                 wide.append(f"{name}:{node.lineno}: {ast.unparse(node.func)} with {len(node.args)} positional")
+    return wide
+
+
+def test_no_file_imports_a_script():
+    offenders = _script_imports(_sources())
+    assert not offenders, offenders
+
+
+def test_wide_calls_of_the_projects_functions_name_their_arguments():
+    wide = _wide_calls(_sources())
     assert not wide, wide
 
 
 def test_the_checks_see_a_wide_call_and_a_script_import():
     """The two source checks above find what they look for (so their silence means something)."""
-    tree = ast.parse("import main\n\ndef f(a, b, c, d):\n    pass\n\nf(1, 2, 3, 4)\nf(1, 2, 3, d=4)\n")
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
-    assert [len(c.args) > 3 and _called_name(c) in _project_functions({"x": tree}) for c in calls] == [True, False]
-    assert any(isinstance(n, ast.Import) and n.names[0].name in SCRIPTS for n in ast.walk(tree))
+    tree = ast.parse("import main\nfrom plot import x\n\ndef f(a, b, c, d):\n    pass\n\n"
+                     "def g(*parts):\n    pass\n\nf(1, 2, 3, 4)\nf(1, 2, 3, d=4)\ng(1, 2, 3, 4)\n")
+    assert _wide_calls({"x.py": tree}) == ["x.py:10: f with 4 positional"]
+    assert _script_imports({"x.py": tree}) == ["x.py: imports main", "x.py: imports plot"]
 
 
 def test_flag_takes_keywords_after_its_help():
