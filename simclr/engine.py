@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import random
 from dataclasses import dataclass
 
@@ -82,10 +83,25 @@ def resolve_device(name: str) -> tuple[torch.device, str | None]:
     return device, None
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) from which it runs bf16 convolutions natively; a lower limit,
+# e.g. AVX2, makes them emulated and slower than fp32.
+BF16_ONEDNN_ISAS = frozenset({"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX",
+                              "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "ALL", "DEFAULT"})
+KERNEL_LIMIT_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def kernel_limits(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment variables set that cap which instructions the CPU kernels use (oneDNN's, ATen's)."""
+    environ = os.environ if environ is None else environ
+    return {name: environ[name] for name in KERNEL_LIMIT_VARIABLES if environ.get(name)}
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None, environ: dict[str, str] | None = None) -> bool:
     """True when the CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 autocast is then faster than fp32.
 
     cpuinfo: the text of /proc/cpuinfo (read when None; elsewhere than Linux the answer is False).
+    environ: the environment (os.environ when None): ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (say AVX2)
+    keeps oneDNN off the bf16 units, so the CPU then counts as one without them.
     """
     if cpuinfo is None:
         try:
@@ -94,6 +110,10 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
         except OSError:  # not Linux: no cheap way to know, stay exact
             return False
     flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "").split()
+    limits = kernel_limits(environ)
+    isa = limits.get("ONEDNN_MAX_CPU_ISA", limits.get("DNNL_MAX_CPU_ISA"))
+    if isa is not None and isa.strip().upper() not in BF16_ONEDNN_ISAS:
+        return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -20,8 +20,8 @@ from .cli import UserError, first_line
 from .curves import plot_run_or_warn
 from .data import DataBundle, ImageSet, content_fingerprint, load_dataset, pil_view_batches, subset
 from .distributed import World, convert_batchnorm, in_turn
-from .engine import (Runtime, count_macs, make_runtime, mix_seed, resolve_device, resolve_precision, seed_everything,
-                     versions)
+from .engine import (Runtime, count_macs, cpu_has_native_bf16, make_runtime, mix_seed, resolve_device,
+                     resolve_precision, seed_everything, versions)
 from .files import RunLock, atomic_save_json, check_name_fits, existing, refuse_to_replace, remove_files
 from .flags import TRAIN_FLAGS, TrainConfig, check_name, check_values, train_resume_values, train_values
 from .knn import knn_accuracy, percent, sharded_features
@@ -104,7 +104,9 @@ def configure(explicit: dict, world: World) -> tuple[TrainConfig, dict | None, l
 def precision_note(precision: str, device_type: str) -> str:
     """The line that says what --precision auto chose and why; the way to exact arithmetic only when it is not."""
     why = {"cuda": "this GPU's fastest safe autocast",
-           "cpu": "this CPU computes bf16 natively" if precision == "bf16" else "this CPU has no native bf16"}
+           "cpu": "this CPU computes bf16 natively" if precision == "bf16" else
+                  "ONEDNN_MAX_CPU_ISA keeps the kernels off this CPU's bf16 units" if cpu_has_native_bf16(environ={})
+                  else "this CPU has no native bf16"}
     hint = "" if precision == "fp32" else "; --precision fp32 for exact arithmetic"
     return f"precision: {precision} (auto: {why[device_type]}{hint})"
 

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .engine import bf16_peak_tflops
+from .engine import bf16_peak_tflops, kernel_limits
 
 # The shapes of the CPU rates: a ResNet stage's 3x3 convolution at the step's sizes (layer2 of a
 # CIFAR-stem ResNet on 32x32 images is 128 channels at 16x16) and a matmul big enough to be compute-bound.
@@ -185,8 +185,12 @@ def measure_rates(kernels: list[DenseKernel], device: torch.device, bursts: int,
     return [rate_row(k, r, c) for k, r, c in zip(kernels, rates, calls)]
 
 
-def cpu_kind(cpuinfo: str | None = None, cores: int | None = None) -> str:
-    """'MODEL NAME, AVX512-BF16 | AMX | AVX2 only | ..., N cores' from /proc/cpuinfo (cpuinfo: its text)."""
+def cpu_kind(cpuinfo: str | None = None, cores: int | None = None, environ: dict[str, str] | None = None) -> str:
+    """'MODEL NAME, AVX512-BF16 | AMX | AVX2 only | ..., N cores' from /proc/cpuinfo (cpuinfo: its text).
+
+    Any variable that caps the kernels' instructions (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY; read from
+    environ, os.environ when None) is named after it: such figures are of the capped kernels.
+    """
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
@@ -198,4 +202,6 @@ def cpu_kind(cpuinfo: str | None = None, cores: int | None = None) -> str:
     flags = set(next((line for line in lines if line.startswith("flags")), "").split())
     vector = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
               else "AVX-512, no bf16" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2")
-    return f"{model}, {vector}, {cores or os.cpu_count()} cores"
+    kind = f"{model}, {vector}, {cores or os.cpu_count()} cores"
+    limits = kernel_limits(environ)
+    return kind + "".join(f", {name}={value}" for name, value in limits.items())

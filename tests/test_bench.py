@@ -207,9 +207,12 @@ def test_breakdown_figures_against_a_hand_computation():
 def test_cpu_kind_names_the_vector_units():
     from simclr.rates import cpu_kind
     info = "model name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
-    assert cpu_kind(info, 2) == "AMD EPYC 9R14, AVX512-BF16, 2 cores"
-    assert cpu_kind("model name : Xeon\nflags : avx2 avx512f amx_bf16\n", 4) == "Xeon, AMX, 4 cores"
-    assert cpu_kind("model name : Core\nflags : sse4_2 avx2\n", 8) == "Core, AVX2 only, 8 cores"
+    assert cpu_kind(info, 2, {}) == "AMD EPYC 9R14, AVX512-BF16, 2 cores"
+    assert cpu_kind("model name : Xeon\nflags : avx2 avx512f amx_bf16\n", 4, {}) == "Xeon, AMX, 4 cores"
+    assert cpu_kind("model name : Core\nflags : sse4_2 avx2\n", 8, {}) == "Core, AVX2 only, 8 cores"
+    capped = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "2"}
+    assert (cpu_kind("model name : Xeon\nflags : avx2 amx_bf16\n", 2, capped)
+            == "Xeon, AMX, 2 cores, ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2")
 
 
 def test_sections_pick_what_runs_and_a_bad_one_is_one_line(capsys):

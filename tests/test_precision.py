@@ -1,6 +1,7 @@
 """fp32 where it is promised, also inside a caller's autocast region; compile-clean gradient checkpointing."""
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,8 +94,29 @@ OLD_CPU = "flags\t\t: fpu sse2 avx2 fma\n"
 
 
 def test_native_bf16_is_read_from_the_cpu_flags():
-    assert cpu_has_native_bf16(AMD_ZEN4) and cpu_has_native_bf16(INTEL_SPR)
-    assert not cpu_has_native_bf16(OLD_CPU) and not cpu_has_native_bf16("")
+    assert cpu_has_native_bf16(AMD_ZEN4, {}) and cpu_has_native_bf16(INTEL_SPR, {})
+    assert not cpu_has_native_bf16(OLD_CPU, {}) and not cpu_has_native_bf16("", {})
+
+
+def test_a_kernel_isa_cap_below_bf16_makes_the_cpu_count_as_one_without_it():
+    assert not cpu_has_native_bf16(INTEL_SPR, {"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert not cpu_has_native_bf16(AMD_ZEN4, {"DNNL_MAX_CPU_ISA": "avx512_core_vnni"})
+    assert cpu_has_native_bf16(INTEL_SPR, {"ONEDNN_MAX_CPU_ISA": "avx512_core_amx"})
+    assert cpu_has_native_bf16(AMD_ZEN4, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})
+    # ATen's own cap leaves oneDNN's convolutions on the bf16 units
+    assert cpu_has_native_bf16(INTEL_SPR, {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": ""})
+    assert not cpu_has_native_bf16(OLD_CPU, {"ONEDNN_MAX_CPU_ISA": "ALL"})
+
+
+def test_auto_precision_reads_the_isa_cap_from_the_environment(tmp_path):
+    import subprocess
+    import sys
+    code = ("import torch; from simclr.engine import resolve_precision; "
+            "print(resolve_precision('auto', torch.device('cpu')))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "fp32"
 
 
 @pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
