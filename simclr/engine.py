@@ -87,11 +87,11 @@ def resolve_device(name: str) -> tuple[torch.device, str | None]:
 # e.g. AVX2, makes them emulated and slower than fp32.
 BF16_ONEDNN_ISAS = frozenset({"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX",
                               "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "ALL", "DEFAULT"})
-KERNEL_LIMIT_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+KERNEL_LIMIT_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def kernel_limits(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment variables set that cap which instructions the CPU kernels use (oneDNN's, ATen's)."""
+    """The environment variables set that cap which instructions the CPU kernels use (oneDNN, ATen, MKL)."""
     environ = os.environ if environ is None else environ
     return {name: environ[name] for name in KERNEL_LIMIT_VARIABLES if environ.get(name)}
 
