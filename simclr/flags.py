@@ -247,7 +247,8 @@ def _shared() -> dict[str, Flag]:
         Flag("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", type=str, group="speed",
              role="machine"),
         Flag("precision", "auto", "network autocast: auto is bf16 on CUDA (fp16 before Ampere), bf16 on a CPU with "
-             "native bf16 (AVX512-BF16 or AMX), else fp32; bf16, fp16 or fp32; losses, kNN and similarities stay fp32",
+             "native bf16 (AVX512-BF16 or AMX, unless ONEDNN_MAX_CPU_ISA caps oneDNN below them), else fp32; bf16, fp16 "
+             "or fp32; losses, kNN and similarities stay fp32",
              type=str, choices=PRECISIONS, group="speed", role="machine"),
         Flag("channels_last", True, "channels-last memory format for the network", group="speed", role="machine"),
         Flag("threads", 0, "CPU threads for PyTorch; 0 keeps PyTorch's default (one per core)", type=int, group="speed",
