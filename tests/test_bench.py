@@ -25,7 +25,8 @@ OTHERS = {f"project {p} {m}" for p in QUICK_PRECISIONS for m in ("channels_last"
 ROWS = ("aug tensor two_views, 1 thread(s)", "aug pil per image, 1 process(es)", "aug ratio tensor/pil, 1 thread(s)",
         "step naive", "step project ", *sorted(f"step {v}" for v in OTHERS), "step ratio project/naive",
         "step fastest project variant", "step --bn_stats joint", "step --bn_stats per_view",
-        "step ratio per_view/joint", "step --no-online_probe", "step --online_probe", "step ratio probe on/off",
+        "step ratio per_view/joint", "step --bn_stats per_view --view_passes 1",
+        "step ratio view a pass/one pass, paired", "step --no-online_probe", "step --online_probe", "step ratio probe on/off",
         "== dense rates of", "conv3x3 16ch 8x8 b4 channels-last fp32", "matmul 64x64 bf16", "== where the time goes",
         "end to end (main.py's step)", "model forward+backward", "of which --bn_stats per_view over joint",
         "what is left", "pipeline around the model", "== profile of main.py's step", "convolution backward",
@@ -93,6 +94,9 @@ def test_quick_run_figures_are_positive_and_consistent(quick_run):
     for key in ("joint_seconds_per_step", "per_view_seconds_per_step", "ratio", "paired_ratio"):
         assert positive(bn[key]), (key, bn[key])
     assert bn["ratio"] == pytest.approx(bn["per_view_seconds_per_step"] / bn["joint_seconds_per_step"])
+    # on a CPU main.py runs per-view BatchNorm a view a pass: the section times it against one pass too
+    assert bn["per_view_passes"] == 2
+    assert positive(bn["per_view_one_pass_seconds_per_step"]) and positive(bn["view_a_pass_over_one_pass_paired"])
 
     probe = record["online_probe"]
     for key in ("off_seconds_per_step", "on_seconds_per_step", "ratio", "paired_ratio"):
