@@ -333,7 +333,7 @@ def bn_stats_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch:
         return run
 
     runs = {"joint": timed_step(joint), "per_view": timed_step(per_view)}
-    passes = as_main_py_runs(per_view, device)
+    passes = view_passes(0, device, "per_view", distributed=False)  # main.py's auto, as timed_step ran it
     if passes == 2:  # main.py runs a view a pass here: time per-view BatchNorm in one pass beside it
         runs["per_view one pass"] = timed_step(per_view_batchnorm(copy.deepcopy(joint)), one_pass=True)
     times = interleaved_times(runs, warmup, steps)
@@ -352,11 +352,13 @@ def bn_stats_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch:
 
 
 def interleaved_times(runs: dict[str, Callable[[int], None]], warmup: int, steps: int) -> dict[str, list[float]]:
-    """Seconds of each timed step of every variant, the variants interleaved in alternating order (neither always
-    runs right after the other), the first `warmup` iterations untimed."""
+    """Seconds of each timed step of every variant, the variants interleaved in a rotating order (each iteration
+    starts one variant later: with two, alternating; no variant always runs after the same one), the first
+    `warmup` iterations untimed."""
     times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for i in range(warmup + steps):
-        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+        for name in names[i % len(names):] + names[:i % len(names)]:
             t0 = time.perf_counter()
             runs[name](i)
             if i >= warmup:

@@ -170,6 +170,18 @@ def test_op_kinds_of_profiler_names():
                      "aten::threshold_backward": "element-wise", "aten::randperm": "other"}
 
 
+def test_interleaved_times_rotates_the_order_and_times_every_step_after_warmup():
+    calls = []
+    runs = {name: (lambda i, name=name: calls.append((i, name))) for name in "abc"}
+    times = benchmark.interleaved_times(runs, warmup=1, steps=4)
+    assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+    orders = ["".join(name for j, name in calls if j == i) for i in range(5)]
+    assert orders == ["abc", "bca", "cab", "abc", "bca"]  # no variant always runs after the same one
+    two = []
+    benchmark.interleaved_times({n: (lambda i, n=n: two.append(n)) for n in "xy"}, warmup=0, steps=3)
+    assert "".join(two) == "xyyxxy"  # with two variants: alternating
+
+
 def test_rate_arithmetic_against_a_hand_computation():
     from simclr.engine import _conv_linear_macs
     from simclr.rates import conv_flops, datasheet_tflops, gflops, matmul_flops, percent, step_flops
