@@ -320,12 +320,10 @@ def bn_stats_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch:
     # the augmentation is the same work in both modes: made once, outside the timed step
     views = [two_views(data[i * batch:(i + 1) * batch], cfg, generator) for i in range(max(1, data.shape[0] // batch))]
 
-    def timed_step(net: torch.nn.Module, one_pass: bool = False) -> Callable[[int], None]:
+    def timed_step(net: torch.nn.Module, passes: int = 0) -> Callable[[int], None]:
+        """`passes` 0: as main.py runs `net` here; 1: both views in one pass (a fresh model's BatchNorm is set so)."""
         optimizer = build_optimizer(net, name="adam", lr=LR, weight_decay=WEIGHT_DECAY)
-        passes = as_main_py_runs(net, device)
-        if one_pass:                                          # per-view statistics, both views in one pass
-            one_view_per_pass(net, False)
-            passes = 1
+        passes = passes or as_main_py_runs(net, device)
 
         def run(i: int) -> None:
             train_step(net, optimizer, views[i % len(views)], method=METHOD, runtime=runtime, passes=passes)
@@ -335,7 +333,7 @@ def bn_stats_section(arch: str, images: torch.Tensor, cfg: AugmentConfig, batch:
     runs = {"joint": timed_step(joint), "per_view": timed_step(per_view)}
     passes = view_passes(0, device, "per_view", distributed=False)  # main.py's auto, as timed_step ran it
     if passes == 2:  # main.py runs a view a pass here: time per-view BatchNorm in one pass beside it
-        runs["per_view one pass"] = timed_step(per_view_batchnorm(copy.deepcopy(joint)), one_pass=True)
+        runs["per_view one pass"] = timed_step(per_view_batchnorm(copy.deepcopy(joint)), passes=1)
     times = interleaved_times(runs, warmup, steps)
     joint_s, per_view_s = median(times["joint"]), median(times["per_view"])
     # on a shared machine the load drifts: the ratio of the two steps of one iteration cancels most of it
@@ -377,7 +375,7 @@ def report_pair(title: str, record: dict, rows: tuple[tuple[str, str], ...], rat
 
 def report_bn_stats(bn: dict) -> list[str]:
     """Print the per-view vs joint table; returns target lines."""
-    passes = " (a view a pass)" if bn.get("per_view_passes") == 2 else ""
+    passes = " (a view a pass)" if bn["per_view_passes"] == 2 else ""
     report_pair("BatchNorm statistics", record=bn, rows=(("step --bn_stats joint", "joint_seconds_per_step"),
                                              (f"step --bn_stats per_view{passes}", "per_view_seconds_per_step")),
                 ratio_name="per_view/joint")
